@@ -1,0 +1,5 @@
+import sys
+
+from convnext_cifar.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""Command line: typed configs in, calls out. The one place a UserError becomes exit code 2.
+
+    convnext-cifar train [--preset NAME | --config FILE] [--section.option VALUE ...]
+    convnext-cifar eval CKPT [--data.root DIR] [--json]
+
+Heavy modules (torch, timm) are imported only inside the commands, so `--help` is quick.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import tyro
+
+from convnext_cifar.config import PRESETS, TrainConfig, load_config_file
+from convnext_cifar.errors import UserError
+
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+
+
+def _option_value(args: list[str], flag: str) -> str | None:
+    """The value given to `flag` (as `--flag V` or `--flag=V`), if any; the last one wins."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def starting_config(args: list[str]) -> TrainConfig:
+    """The defaults that command-line overrides apply on top of: a preset or a config.json."""
+    preset, config = _option_value(args, "--preset"), _option_value(args, "--config")
+    if preset is not None and config is not None:
+        raise UserError("give either --preset or --config, not both")
+    if config is not None:
+        return load_config_file(Path(config))
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset or next(iter(PRESETS))]()
+
+
+def _train_command(default: TrainConfig):
+    def train(
+        cfg: Annotated[TrainConfig, tyro.conf.arg(name="")] = default,
+        preset: Annotated[PresetName, tyro.conf.arg(  # type: ignore[valid-type]
+            help="Experiment to start from: cifar10 (the reference) or smoke (a quick CPU run)."
+        )] = next(iter(PRESETS)),
+        config: Annotated[Optional[Path], tyro.conf.arg(
+            help="Start from a saved config.json (e.g. a run's own); options given override it."
+        )] = None,
+    ) -> int:
+        """Fine-tune ConvNeXt-V2; default: the reference CIFAR-10 experiment."""
+        from convnext_cifar.engine import fit
+
+        fit(cfg)
+        return 0
+
+    return train
+
+
+def eval_command(
+    ckpt: tyro.conf.Positional[Path],
+    data_root: Annotated[Optional[Path], tyro.conf.arg(name="data.root")] = None,
+    download: Annotated[Optional[bool], tyro.conf.arg(name="data.download")] = None,
+    device: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
+) -> int:
+    """Evaluate a checkpoint on the test split: top-1, top-5, per-class accuracy, confusion.
+
+    Args:
+        ckpt: A .safetensors file written by `train` (e.g. work_dirs/NAME/best.safetensors).
+        data_root: Folder holding cifar-10-batches-py/ (default: the one recorded in the checkpoint).
+        download: Download CIFAR-10 when missing (default: as recorded in the checkpoint).
+        device: Torch device (default: as recorded; auto picks cuda when available).
+        batch_size: Evaluation batch size (default: as recorded).
+        json_output: Print one JSON object instead of tables.
+    """
+    from convnext_cifar.engine import evaluate_checkpoint
+    from convnext_cifar.report import print_eval
+
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"invalid --batch-size {batch_size}: must be >= 1")
+    result = evaluate_checkpoint(ckpt, data_root, download, device, batch_size)
+    if json_output:
+        print(json.dumps(result))
+    else:
+        print_eval(result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        default = starting_config(args) if args[:1] == ["train"] else PRESETS["cifar10"]()
+        commands = {"train": _train_command(default), "eval": eval_command}
+        return tyro.extras.subcommand_cli_from_dict(commands, prog="convnext-cifar", args=args)
+    except UserError as e:
+        print(f"convnext-cifar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convnext-cifar: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,370 @@
+"""Typed, frozen configuration: one dataclass per concern, presets as subclasses.
+
+MMPretrain layered dict files through `_base_`; here a preset is a subclass that changes defaults:
+
+    ModelConfig -> ConvNeXtV2Tiny         (_base_/models/convnext_v2/tiny.py)
+    DataConfig  -> CIFAR10Data            (_base_/datasets/cifar10_bs16.py)
+    TrainConfig -> CIFAR10FineTune        (the reference experiment, default of `train`)
+                -> CIFAR10Smoke           (a quick CPU run: atto, no download of weights)
+
+Every value is checked when the object is built; a bad one raises `UserError` naming the option.
+This module must not import torch or timm: `--help` has to answer fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from convnext_cifar.errors import UserError
+
+CONVNEXTV2_MODELS = (
+    "convnextv2_atto",
+    "convnextv2_femto",
+    "convnextv2_pico",
+    "convnextv2_nano",
+    "convnextv2_tiny",
+    "convnextv2_base",
+    "convnextv2_large",
+    "convnextv2_huge",
+)
+DATASET_CLASSES = {"cifar10": 10}
+CIFAR10_MEAN = (125.307, 122.961, 113.8575)
+CIFAR10_STD = (51.5865, 50.847, 51.255)
+
+
+def _check(ok: bool, option: str, value: Any, must: str) -> None:
+    if not ok:
+        flag = "--" + option.replace("_", "-")
+        raise UserError(f"invalid {flag} {value!r}: {must}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network to build and how to initialise it."""
+
+    name: str = "convnextv2_tiny"
+    """timm ConvNeXt-V2 variant: convnextv2_{atto,femto,pico,nano,tiny,base,large,huge}."""
+    pretrained: str = "none"
+    """Initial weights: 'none', a timm tag (e.g. convnextv2_tiny.fcmae) or a local .safetensors/.pth file."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth rate of the residual blocks."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy training loss."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in CONVNEXTV2_MODELS, "model.name", self.name,
+               "must be one of " + ", ".join(CONVNEXTV2_MODELS))
+        _check(bool(self.pretrained), "model.pretrained", self.pretrained,
+               "give 'none', a timm tag or a file path")
+        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate,
+               "must be in [0, 1)")
+        _check(0.0 <= self.label_smoothing < 1.0, "model.label_smoothing", self.label_smoothing,
+               "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ConvNeXtV2Tiny(ModelConfig):
+    """ConvNeXt-V2-Tiny as MMPretrain's _base_/models/convnext_v2/tiny.py defines it."""
+
+    name: str = "convnextv2_tiny"
+    """timm ConvNeXt-V2 variant: convnextv2_{atto,femto,pico,nano,tiny,base,large,huge}."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth rate of the residual blocks."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy training loss."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how training batches are augmented."""
+
+    dataset: Literal["cifar10"] = "cifar10"
+    """Dataset, read from its standard python-pickle layout under --data.root."""
+    root: Path = Path("data")
+    """Folder holding (or receiving) cifar-10-batches-py/."""
+    download: bool = True
+    """Download the official archive (checksum verified) when the data is missing."""
+    batch_size: int = 128
+    """Training batch size."""
+    eval_batch_size: int = 256
+    """Evaluation batch size."""
+    padding: int = 4
+    """Zero padding on each side before the random crop (0 turns the crop off)."""
+    flip_prob: float = 0.5
+    """Probability of a horizontal flip."""
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    """Per-channel mean subtracted from 0-255 pixels."""
+    std: tuple[float, float, float] = CIFAR10_STD
+    """Per-channel std dividing 0-255 pixels."""
+    image_size: int = 32
+    """Input size fed to the model; larger than 32 upsamples on the device (bilinear)."""
+    drop_last: bool = False
+    """Drop the last incomplete training batch of each epoch."""
+    limit_train: int = 0
+    """Use only the first N training images (0: all); for quick runs."""
+    limit_val: int = 0
+    """Use only the first N test images (0: all); for quick runs."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size,
+               "must be >= 1")
+        _check(self.padding >= 0, "data.padding", self.padding, "must be >= 0")
+        _check(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", self.flip_prob, "must be in [0, 1]")
+        _check(len(self.mean) == 3, "data.mean", self.mean, "needs 3 values")
+        _check(len(self.std) == 3 and all(s > 0 for s in self.std), "data.std", self.std,
+               "needs 3 values > 0")
+        _check(self.image_size >= 32, "data.image_size", self.image_size, "must be >= 32")
+        _check(self.limit_train >= 0, "data.limit_train", self.limit_train, "must be >= 0")
+        _check(self.limit_val >= 0, "data.limit_val", self.limit_val, "must be >= 0")
+
+    @property
+    def num_classes(self) -> int:
+        return DATASET_CLASSES[self.dataset]
+
+
+@dataclass(frozen=True)
+class CIFAR10Data(DataConfig):
+    """CIFAR-10 as MMPretrain's _base_/datasets/cifar10_bs16.py defines it."""
+
+    batch_size: int = 16
+    """Training batch size."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, its decay groups and gradient clipping."""
+
+    lr: float = 1e-3
+    """Peak learning rate (reached at the end of warmup)."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay of conv/linear weights; norms, biases and GRN never decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad_norm: float | None = None
+    """Clip the global gradient L2 norm to this value (None: no clipping; the norm is logged anyway)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               self.betas, "needs 2 values in [0, 1)")
+        _check(self.eps > 0, "optim.eps", self.eps, "must be > 0")
+        _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "optim.clip_grad_norm",
+               self.clip_grad_norm, "must be > 0 (or None to turn clipping off)")
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    """Learning-rate schedule: linear warmup, then cosine decay."""
+
+    epochs: int = 100
+    """Training length in epochs."""
+    warmup_epochs: int = 10
+    """Epochs of linear warmup from start_factor * lr to lr."""
+    start_factor: float = 1e-3
+    """Warmup starts at start_factor * lr."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine."""
+    per_epoch: bool = False
+    """Change the LR once per epoch exactly as MMEngine does (to compare with MMPretrain runs)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "sched.epochs", self.epochs, "must be >= 1")
+        _check(0 <= self.warmup_epochs < self.epochs, "sched.warmup_epochs", self.warmup_epochs,
+               f"must be >= 0 and shorter than --sched.epochs {self.epochs}")
+        _check(0 < self.start_factor <= 1, "sched.start_factor", self.start_factor,
+               "must be in (0, 1]")
+        _check(self.min_lr >= 0, "sched.min_lr", self.min_lr, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run: the sections plus the run settings."""
+
+    name: str = "run"
+    """Experiment name; the default work dir is work_dirs/<name>."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Network."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset and augmentation."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser."""
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    """Learning-rate schedule."""
+    work_dir: Path | None = None
+    """Where config.json, metrics.jsonl and checkpoints go (default: work_dirs/<name>)."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision; auto: bf16 on CUDA with bf16, fp16 + GradScaler on older CUDA, fp32 on CPU."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the model; auto: on for CUDA, off for CPU."""
+    channels_last: bool = True
+    """Keep the model and its inputs in channels_last memory format."""
+    seed: int = 0
+    """Seed for weights init, data order, augmentation and drop-path."""
+    val_interval: int = 1
+    """Validate every N epochs (and after the last one)."""
+    ckpt_interval: int = 1
+    """Write epoch_N.safetensors every N epochs (and after the last one)."""
+    log_interval: int = 100
+    """Log training loss, lr, grad norm and img/s every N steps."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name", self.name,
+               "must be a non-empty name without '/'")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+               "device", self.device, "use auto, cpu, cuda or cuda:N")
+        for option in ("val_interval", "ckpt_interval", "log_interval"):
+            _check(getattr(self, option) >= 1, option, getattr(self, option), "must be >= 1")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work_dir if self.work_dir is not None else Path("work_dirs") / self.name
+
+
+@dataclass(frozen=True)
+class CIFAR10FineTune(TrainConfig):
+    """Reference experiment: FCMAE ConvNeXt-V2-Tiny fine-tuned on CIFAR-10 at 32x32."""
+
+    name: str = "convnextv2-tiny_cifar10"
+    """Experiment name; the default work dir is work_dirs/<name>."""
+    model: ModelConfig = field(default_factory=lambda: ConvNeXtV2Tiny(
+        pretrained="convnextv2_tiny.fcmae", drop_path_rate=0.2, label_smoothing=0.2))
+    """Network."""
+    data: DataConfig = field(default_factory=lambda: CIFAR10Data(batch_size=128))
+    """Dataset and augmentation."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=4e-3, weight_decay=0.05, clip_grad_norm=5.0))
+    """Optimiser."""
+    sched: SchedConfig = field(default_factory=lambda: SchedConfig(
+        epochs=100, warmup_epochs=10, start_factor=1e-3, min_lr=0.0))
+    """Learning-rate schedule."""
+    ckpt_interval: int = 10
+    """Write epoch_N.safetensors every N epochs (and after the last one)."""
+    log_interval: int = 50
+    """Log training loss, lr, grad norm and img/s every N steps."""
+
+
+@dataclass(frozen=True)
+class CIFAR10Smoke(CIFAR10FineTune):
+    """A quick CPU check of the whole path: atto from scratch, 5k images, 3 epochs."""
+
+    name: str = "convnextv2-atto_cifar10-smoke"
+    """Experiment name; the default work dir is work_dirs/<name>."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        name="convnextv2_atto", pretrained="none", drop_path_rate=0.0, label_smoothing=0.2))
+    """Network."""
+    data: DataConfig = field(default_factory=lambda: CIFAR10Data(
+        batch_size=128, limit_train=5000, limit_val=2000))
+    """Dataset and augmentation."""
+    sched: SchedConfig = field(default_factory=lambda: SchedConfig(epochs=3, warmup_epochs=1))
+    """Learning-rate schedule."""
+    ckpt_interval: int = 1
+    """Write epoch_N.safetensors every N epochs (and after the last one)."""
+    log_interval: int = 10
+    """Log training loss, lr, grad norm and img/s every N steps."""
+
+
+PRESETS: dict[str, type[TrainConfig]] = {"cifar10": CIFAR10FineTune, "smoke": CIFAR10Smoke}
+"""Presets selectable with `train --preset NAME`; the first is the default."""
+
+
+# ---- JSON round trip (config.json, checkpoint metadata, --config) -------------------------------
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-ready dict of a config (paths as strings, tuples as lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build `cls` from a dict made by `to_dict`, refusing unknown fields and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{where or 'top level'}' must be a JSON object")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown config field(s) {', '.join(where + k for k in unknown)}; "
+                        "remove them or check the spelling against `train --help`")
+    kwargs = {k: _coerce(v, hints[k], where + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = UserError(f"config field {name} = {value!r} is not a valid {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, name + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, name)
+    if origin is Literal:
+        if value not in args:
+            raise bad
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp in (str, Path):
+        if not isinstance(value, str):
+            raise bad
+        return tp(value)
+    raise bad
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def load_config_file(path: Path) -> TrainConfig:
+    """Read a config.json written by a run (or by hand) into a TrainConfig."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: cannot read it ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config {path}: not valid JSON ({e})") from None
+    return from_dict(TrainConfig, data)
+
+
+def config_json(cfg: TrainConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=False)

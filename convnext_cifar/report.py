@@ -1,0 +1,105 @@
+"""What a run tells the user: a rich progress bar on a terminal, plain lines elsewhere, and
+metrics.jsonl (one JSON object per log point and per validation)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from convnext_cifar.errors import UserError
+
+
+class MetricsLog:
+    """Appends one JSON object per line; each line is flushed as it is written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"could not write {self.path}: {e.strerror or e}") from None
+
+
+def _fmt_train(r: dict[str, Any]) -> str:
+    return (f"loss {r['loss']:.4f}  lr {r['lr']:.3e}  grad_norm {r['grad_norm']:.3f}  "
+            f"{r['img_per_s']:.0f} img/s")
+
+
+class Progress:
+    """Per-epoch progress; a live bar when stdout is a terminal, log lines otherwise."""
+
+    def __init__(self, epochs: int, live: bool | None = None):
+        self.epochs = epochs
+        self.live = sys.stdout.isatty() if live is None else live
+        self._bar = None
+        self._task = None
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        if not self.live:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self._bar = Bar(TextColumn(f"epoch {epoch}/{self.epochs}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                        transient=False)
+        self._bar.start()
+        self._task = self._bar.add_task("train", total=steps, info="")
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def log_train(self, record: dict[str, Any], steps_in_epoch: int, index: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, info=_fmt_train(record))
+        else:
+            print(f"epoch {record['epoch']}/{self.epochs} [{index}/{steps_in_epoch}] "
+                  f"step {record['step']}  {_fmt_train(record)}", flush=True)
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def log_val(self, record: dict[str, Any], best: float) -> None:
+        print(f"epoch {record['epoch']}/{self.epochs} val  loss {record['val_loss']:.4f}  "
+              f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}  (best {best:.2f})",
+              flush=True)
+
+    def message(self, text: str) -> None:
+        print(text, flush=True)
+
+
+def print_eval(result: dict[str, Any]) -> None:
+    """Top-1/top-5, per-class accuracy and the confusion matrix as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    summary = Table(title=f"{result['checkpoint']} (epoch {result['epoch']})")
+    for col in ("images", "top-1 %", "top-5 %", "loss"):
+        summary.add_column(col, justify="right")
+    summary.add_row(str(result["num_images"]), f"{result['top1']:.2f}", f"{result['top5']:.2f}",
+                    f"{result['loss']:.4f}")
+    console.print(summary)
+    classes = list(result["per_class"])
+    per_class = Table(title="per-class accuracy")
+    per_class.add_column("class")
+    per_class.add_column("top-1 %", justify="right")
+    for name, acc in result["per_class"].items():
+        per_class.add_row(name, f"{acc:.2f}")
+    console.print(per_class)
+    confusion = Table(title="confusion matrix (rows: true class, columns: predicted)")
+    confusion.add_column("true \\ predicted")
+    for i in range(len(classes)):
+        confusion.add_column(str(i), justify="right")
+    for i, (name, row) in enumerate(zip(classes, result["confusion"])):
+        confusion.add_row(f"{i} {name}", *(str(v) for v in row))
+    console.print(confusion)
