@@ -79,7 +79,7 @@ def load_weights(path: Path) -> Checkpoint:
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        raise UserError(f"{path} is a directory; give a .safetensors file, e.g. {path}/best.safetensors")
+        raise UserError(f"{path} is a directory; give a file in it, e.g. {path}/best.safetensors")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty")
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import tyro
 
@@ -19,6 +19,7 @@ from convnext_cifar.config import PRESETS, TrainConfig, load_config_file
 from convnext_cifar.errors import UserError
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+DEFAULT_PRESET = next(iter(PRESETS))
 
 
 def _option_value(args: list[str], flag: str) -> str | None:
@@ -41,7 +42,7 @@ def starting_config(args: list[str]) -> TrainConfig:
         return load_config_file(Path(config))
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[preset or next(iter(PRESETS))]()
+    return PRESETS[preset or DEFAULT_PRESET]()
 
 
 def _train_command(default: TrainConfig):
@@ -49,8 +50,8 @@ def _train_command(default: TrainConfig):
         cfg: Annotated[TrainConfig, tyro.conf.arg(name="")] = default,
         preset: Annotated[PresetName, tyro.conf.arg(  # type: ignore[valid-type]
             help="Experiment to start from: cifar10 (the reference) or smoke (a quick CPU run)."
-        )] = next(iter(PRESETS)),
-        config: Annotated[Optional[Path], tyro.conf.arg(
+        )] = DEFAULT_PRESET,
+        config: Annotated[Path | None, tyro.conf.arg(
             help="Start from a saved config.json (e.g. a run's own); options given override it."
         )] = None,
     ) -> int:
@@ -65,18 +66,18 @@ def _train_command(default: TrainConfig):
 
 def eval_command(
     ckpt: tyro.conf.Positional[Path],
-    data_root: Annotated[Optional[Path], tyro.conf.arg(name="data.root")] = None,
-    download: Annotated[Optional[bool], tyro.conf.arg(name="data.download")] = None,
-    device: Optional[str] = None,
-    batch_size: Optional[int] = None,
+    data_root: Annotated[Path | None, tyro.conf.arg(name="data.root")] = None,
+    download: Annotated[bool, tyro.conf.arg(name="data.download")] = True,
+    device: str | None = None,
+    batch_size: int | None = None,
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
 ) -> int:
     """Evaluate a checkpoint on the test split: top-1, top-5, per-class accuracy, confusion.
 
     Args:
         ckpt: A .safetensors file written by `train` (e.g. work_dirs/NAME/best.safetensors).
-        data_root: Folder holding cifar-10-batches-py/ (default: the one recorded in the checkpoint).
-        download: Download CIFAR-10 when missing (default: as recorded in the checkpoint).
+        data_root: Folder holding cifar-10-batches-py/ (default: as recorded in the checkpoint).
+        download: Download CIFAR-10 (checksum verified) when it is missing.
         device: Torch device (default: as recorded; auto picks cuda when available).
         batch_size: Evaluation batch size (default: as recorded).
         json_output: Print one JSON object instead of tables.
@@ -97,7 +98,7 @@ def eval_command(
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        default = starting_config(args) if args[:1] == ["train"] else PRESETS["cifar10"]()
+        default = starting_config(args) if args[:1] == ["train"] else PRESETS[DEFAULT_PRESET]()
         commands = {"train": _train_command(default), "eval": eval_command}
         return tyro.extras.subcommand_cli_from_dict(commands, prog="convnext-cifar", args=args)
     except UserError as e:

@@ -51,7 +51,7 @@ class ModelConfig:
     name: str = "convnextv2_tiny"
     """timm ConvNeXt-V2 variant: convnextv2_{atto,femto,pico,nano,tiny,base,large,huge}."""
     pretrained: str = "none"
-    """Initial weights: 'none', a timm tag (e.g. convnextv2_tiny.fcmae) or a local .safetensors/.pth file."""
+    """Initial weights: 'none', a timm tag (convnextv2_tiny.fcmae) or a .safetensors/.pth file."""
     drop_path_rate: float = 0.0
     """Stochastic depth rate of the residual blocks."""
     label_smoothing: float = 0.0
@@ -150,7 +150,7 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     clip_grad_norm: float | None = None
-    """Clip the global gradient L2 norm to this value (None: no clipping; the norm is logged anyway)."""
+    """Clip the global gradient L2 norm to this (None: no clipping; the norm is logged anyway)."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
@@ -205,7 +205,7 @@ class TrainConfig:
     device: str = "auto"
     """Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast precision; auto: bf16 on CUDA with bf16, fp16 + GradScaler on older CUDA, fp32 on CPU."""
+    """Autocast; auto: bf16 on CUDA with bf16, fp16 + GradScaler on older CUDA, fp32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the model; auto: on for CUDA, off for CPU."""
     channels_last: bool = True

@@ -14,9 +14,9 @@ import pickle
 import sys
 import tarfile
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +177,8 @@ class Dataset:
     classes: list[str]
 
 
-def load_cifar10(cfg: DataConfig, device: torch.device | str = "cpu", train: bool = True) -> Dataset:
+def load_cifar10(cfg: DataConfig, device: torch.device | str = "cpu",
+                 train: bool = True) -> Dataset:
     """Read the splits once and move them to `device` (the train split only when `train`)."""
     folder = cifar10_folder(cfg.root, cfg.download)
     _warn_if_unofficial(folder)
@@ -259,7 +260,8 @@ class DeviceLoader:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of `epoch` (0-based); the same seed and epoch give the same batches."""
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.images), generator=self.generator, device=self.images.device)
+        order = torch.randperm(len(self.images), generator=self.generator,
+                               device=self.images.device)
         b = self.cfg.batch_size
         for i in range(len(self)):
             idx = order[i * b:(i + 1) * b]

@@ -213,7 +213,8 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None) -> dict[str, Any]:
     model, forward = prepare_model(build_model(cfg.model, cfg.data.num_classes), rt)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     step_fn = TrainStep(forward, optimizer, rt, cfg.model.label_smoothing, cfg.optim.clip_grad_norm)
-    loader = DeviceLoader(data.train_images, data.train_labels, cfg.data, cfg.seed, rt.channels_last)
+    loader = DeviceLoader(data.train_images, data.train_labels, cfg.data, cfg.seed,
+                          rt.channels_last)
     normalize = Normalize(cfg.data, rt.device, rt.channels_last)
     log = MetricsLog(run_dir / "metrics.jsonl")
 

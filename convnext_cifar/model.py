@@ -128,6 +128,10 @@ class LoadReport:
                 f"ignored: {names(self.ignored) or 'nothing'}")
 
 
+def _same_but_unit_dims(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.numel() == b.numel() and a.squeeze().shape == b.squeeze().shape
+
+
 def load_backbone(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> LoadReport:
     """Load `state_dict` (timm layout): the whole backbone, the head where it fits.
 
@@ -139,8 +143,8 @@ def load_backbone(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -
     loaded, fresh, missing, mismatched = {}, [], [], []
     for key, target in own.items():
         source = state_dict.get(key)
-        if source is not None and source.shape != target.shape and \
-                source.numel() == target.numel() and source.squeeze().shape == target.squeeze().shape:
+        if source is not None and source.shape != target.shape and _same_but_unit_dims(
+                source, target):
             source = source.reshape(target.shape)
         if source is not None and source.shape == target.shape:
             loaded[key] = source

@@ -42,8 +42,14 @@ class Progress:
     def start_epoch(self, epoch: int, steps: int) -> None:
         if not self.live:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as Bar
 
         self._bar = Bar(TextColumn(f"epoch {epoch}/{self.epochs}"), BarColumn(),
                         MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

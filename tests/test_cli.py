@@ -1,0 +1,111 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from convnext_cifar import cli, engine
+from convnext_cifar.config import CIFAR10Smoke, config_json
+
+PUBLIC_OPTIONS = [
+    "--data.root", "--data.download", "--data.no-download", "--data.batch-size", "--model.name",
+    "--model.pretrained", "--model.drop-path-rate", "--optim.lr", "--sched.epochs",
+    "--sched.warmup-epochs", "--work-dir", "--seed", "--device", "--val-interval",
+    "--ckpt-interval", "--log-interval", "--config", "--preset",
+]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "convnext_cifar", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    seen = []
+    monkeypatch.setattr(engine, "fit", lambda cfg: seen.append(cfg))
+    return seen
+
+
+def test_overrides_reach_the_config(captured):
+    rc = cli.main(["train", "--optim.lr", "1e-3", "--data.batch-size", "64", "--sched.epochs",
+                   "20", "--sched.warmup-epochs", "2", "--model.name", "convnextv2_atto",
+                   "--model.pretrained", "none", "--model.drop-path-rate", "0.1", "--data.root",
+                   "/d", "--data.no-download", "--work-dir", "/w", "--seed", "3", "--device",
+                   "cpu", "--val-interval", "2", "--ckpt-interval", "5", "--log-interval", "7"])
+    assert rc == 0
+    (c,) = captured
+    assert (c.optim.lr, c.data.batch_size, c.sched.epochs, c.sched.warmup_epochs) == (
+        1e-3, 64, 20, 2)
+    assert (c.model.name, c.model.pretrained, c.model.drop_path_rate) == (
+        "convnextv2_atto", "none", 0.1)
+    assert (str(c.data.root), c.data.download, str(c.work_dir), c.seed, c.device) == (
+        "/d", False, "/w", 3, "cpu")
+    assert (c.val_interval, c.ckpt_interval, c.log_interval) == (2, 5, 7)
+    assert c.model.label_smoothing == 0.2 and c.optim.clip_grad_norm == 5.0  # untouched
+
+
+def test_default_train_is_the_reference_and_presets_are_selectable(captured):
+    assert cli.main(["train"]) == 0 and captured[-1].name == "convnextv2-tiny_cifar10"
+    assert cli.main(["train", "--preset", "smoke", "--seed", "4"]) == 0
+    assert captured[-1].model.name == "convnextv2_atto" and captured[-1].seed == 4
+
+
+def test_config_file_then_overrides_on_top(captured, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(config_json(CIFAR10Smoke(seed=11)))
+    assert cli.main(["train", "--config", str(path), "--optim.lr", "2e-3"]) == 0
+    c = captured[-1]
+    assert c.seed == 11 and c.optim.lr == 2e-3 and c.model.name == "convnextv2_atto"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--optim.lr", "0"], "invalid --optim.lr 0.0: must be > 0"),
+    (["train", "--sched.warmup-epochs", "200"], "--sched.warmup-epochs"),
+    (["train", "--model.name", "resnet18"], "--model.name"),
+    (["train", "--preset", "smoke", "--config", "x.json"], "either --preset or --config"),
+    (["train", "--config", "/nonexistent/config.json"], "no such file"),
+])
+def test_bad_options_end_in_one_line_and_exit_2(captured, capsys, args, message):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not captured
+
+
+def test_help_documents_every_public_option_quickly():
+    out = run_cli("train", "--help")
+    assert out.returncode == 0
+    for option in PUBLIC_OPTIONS:
+        assert option in out.stdout, option
+    top = run_cli("--help")
+    assert top.returncode == 0 and "train" in top.stdout and "eval" in top.stdout
+
+
+def test_missing_data_through_the_real_cli(tmp_path):
+    out = run_cli("train", "--preset", "smoke", "--data.root", str(tmp_path / "nothing"),
+                  "--data.no-download", "--work-dir", str(tmp_path / "w"), "--device", "cpu")
+    assert out.returncode == 2
+    assert out.stderr.startswith("convnext-cifar: error: CIFAR-10 not found")
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_eval_of_missing_checkpoint_is_one_line(tmp_path):
+    out = run_cli("eval", str(tmp_path / "best.safetensors"))
+    assert out.returncode == 2 and "does not exist" in out.stderr and out.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(shutil.which("convnext-cifar") is None, reason="package not installed")
+def test_console_script_is_installed():
+    out = subprocess.run(["convnext-cifar", "train", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0 and "--optim.lr" in out.stdout
+
+
+def test_saved_config_reproduces_the_run_config(tmp_path, captured):
+    path = tmp_path / "config.json"
+    path.write_text(config_json(CIFAR10Smoke(seed=2)))
+    cli.main(["train", "--config", str(path)])
+    assert json.loads(config_json(captured[-1])) == json.loads(path.read_text())

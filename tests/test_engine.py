@@ -1,0 +1,208 @@
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from conftest import small_run_args
+from safetensors import safe_open
+
+from convnext_cifar import cli
+from convnext_cifar.config import DataConfig, OptimConfig, SchedConfig, TrainConfig
+from convnext_cifar.data import DeviceLoader
+from convnext_cifar.engine import Runtime, TrainStep, prepare_model, train_one_epoch
+from convnext_cifar.optim import build_optimizer
+from convnext_cifar.report import MetricsLog, Progress
+
+CPU = Runtime(torch.device("cpu"), "fp32", compile=False, channels_last=True)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("convnextv2_atto", depths=(1, 1, 1, 1), dims=(8, 16, 32, 64),
+                             num_classes=10)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(cifar_root, tmp_path_factory):
+    """A 3-epoch atto run on the learnable generated data, through the real CLI entry."""
+    work = tmp_path_factory.mktemp("run")
+    assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "3")) == 0
+    return work
+
+
+def test_short_run_learns_far_above_chance(trained):
+    val = [r for r in read_jsonl(trained / "metrics.jsonl") if "top1" in r]
+    assert [r["epoch"] for r in val] == [1, 2, 3]
+    assert max(r["top1"] for r in val) > 60.0  # chance is 10 %
+    train = [r for r in read_jsonl(trained / "metrics.jsonl") if "loss" in r]
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_run_writes_config_metrics_and_checkpoints(trained):
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["model"]["name"] == "convnextv2_atto" and cfg["work_dir"] == str(trained)
+    records = read_jsonl(trained / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "top1" in r]
+    assert set(train[0]) == {"epoch", "step", "loss", "lr", "grad_norm", "img_per_s"}
+    assert set(val[0]) == {"epoch", "val_loss", "top1", "top5"}
+    # 1000 images / batch 50 = 20 steps an epoch, logged every 5 steps
+    assert [r["step"] for r in train if r["epoch"] == 1] == [5, 10, 15, 20]
+    assert train[-1]["step"] == 60 and train[-1]["lr"] < 1e-4
+    assert sorted(p.name for p in trained.glob("*.safetensors")) == [
+        "best.safetensors", "epoch_1.safetensors", "epoch_2.safetensors", "epoch_3.safetensors"]
+    best = max(val, key=lambda r: r["top1"])
+    with safe_open(str(trained / "best.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["metrics"])["top1"] == best["top1"]
+    assert int(meta["epoch"]) == best["epoch"]
+    assert json.loads(meta["classes"])[0] == "airplane"
+    assert json.loads(meta["config"]) == cfg
+
+
+def test_eval_of_best_reproduces_recorded_top1(trained, cifar_root, capsys):
+    capsys.readouterr()
+    assert cli.main(["eval", str(trained / "best.safetensors"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    recorded = max((r for r in read_jsonl(trained / "metrics.jsonl") if "top1" in r),
+                   key=lambda r: r["top1"])
+    assert result["top1"] == recorded["top1"] and result["top5"] == recorded["top5"]
+    assert result["num_images"] == 300 and len(result["per_class"]) == 10
+    assert sum(map(sum, result["confusion"])) == 300
+    assert cli.main(["eval", str(trained / "best.safetensors"), "--data.root",
+                     str(cifar_root)]) == 0
+    assert "per-class accuracy" in capsys.readouterr().out
+
+
+def test_same_seed_same_run(cifar_root, tmp_path):
+    args = ("--sched.epochs", "1", "--sched.warmup-epochs", "0", "--data.limit-train", "200")
+    runs = []
+    for name in ("a", "b"):
+        assert cli.main(small_run_args(cifar_root, tmp_path / name) + list(args)) == 0
+        with safe_open(str(tmp_path / name / "best.safetensors"), "pt") as f:
+            runs.append({k: f.get_tensor(k) for k in f.keys()})
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    strip = [[{k: v for k, v in r.items() if k != "img_per_s"}
+              for r in read_jsonl(tmp_path / n / "metrics.jsonl")] for n in ("a", "b")]
+    assert strip[0] == strip[1]
+
+
+def test_train_step_logs_preclip_norm_and_clips():
+    model, fwd = prepare_model(tiny_model(), CPU)
+    opt = build_optimizer(model, OptimConfig(lr=1e-3), CPU.device)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+    ref = copy.deepcopy(model)
+    torch.nn.functional.cross_entropy(ref(x), y, label_smoothing=0.1).backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
+    step = TrainStep(fwd, opt, CPU, label_smoothing=0.1, clip_grad_norm=1e-3)
+    loss, norm = step(x, y)
+    torch.testing.assert_close(norm, expected)
+    clipped = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_epoch_syncs_only_at_log_points(monkeypatch, tmp_path):
+    model, fwd = prepare_model(tiny_model(), CPU)
+    cfg = TrainConfig(data=DataConfig(batch_size=4), sched=SchedConfig(epochs=2, warmup_epochs=1),
+                      log_interval=5)
+    step = TrainStep(fwd, build_optimizer(model, cfg.optim, CPU.device), CPU, 0.0, 5.0)
+    loader = DeviceLoader(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8),
+                          torch.randint(0, 10, (40,)), cfg.data, 0, True)
+    step(*next(loader.epoch(1)))  # creates AdamW's step counters: host-side by design
+    counters = {id(s["step"]) for s in step.optimizer.state.values()}
+    calls = []
+    real_item = torch.Tensor.item
+
+    def counting_item(t):
+        if id(t) not in counters:
+            calls.append(t)
+        return real_item(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    end = train_one_epoch(step, loader, 0, 0, cfg, MetricsLog(tmp_path / "m.jsonl"),
+                          Progress(2, live=False))
+    assert end == 10 and len(calls) == 2 * 2  # loss and grad norm, at steps 5 and 10 only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_epoch_has_no_host_sync(tmp_path):
+    rt = Runtime(torch.device("cuda"), "bf16", compile=False, channels_last=True)
+    model, fwd = prepare_model(tiny_model(), rt)
+    cfg = TrainConfig(data=DataConfig(batch_size=4), log_interval=1000)
+    step = TrainStep(fwd, build_optimizer(model, cfg.optim, rt.device), rt, 0.0, 5.0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    loader = DeviceLoader(images, torch.randint(0, 10, (40,), device="cuda"), cfg.data, 0, True)
+    step(*next(loader.epoch(1)))
+    batches = list(loader.epoch(0))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y in batches[:-1]:
+            step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_train_step_matches_eager():
+    results = []
+    for compiled in (False, True):
+        rt = Runtime(torch.device("cpu"), "fp32", compile=compiled, channels_last=True)
+        model, fwd = prepare_model(tiny_model(), rt)
+        step = TrainStep(fwd, build_optimizer(model, OptimConfig(), rt.device), rt, 0.1, 1.0)
+        torch.manual_seed(1)
+        x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (8,))
+        results.append([step(x, y)[0] for _ in range(3)])
+        if compiled:
+            assert fwd is not model and hasattr(fwd, "_orig_mod")
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+    assert results[1][2] < results[1][0]
+
+
+def test_runtime_defaults_per_device(monkeypatch):
+    from convnext_cifar.engine import resolve_runtime
+    from convnext_cifar.errors import UserError
+
+    rt = resolve_runtime(TrainConfig(device="cpu"))
+    assert (rt.precision, rt.compile, rt.autocast_dtype) == ("fp32", False, None)
+    assert resolve_runtime(TrainConfig(device="cpu", compile="on")).compile
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_runtime(TrainConfig()).device.type == "cpu"
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_runtime(TrainConfig(device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    rt = resolve_runtime(TrainConfig(device="cuda"))
+    assert (rt.precision, rt.compile) == ("bf16", True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_runtime(TrainConfig(device="cuda")).precision == "fp16"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_run_and_fp16_uses_a_grad_scaler(precision):
+    rt = Runtime(torch.device("cpu"), precision, compile=False, channels_last=True)
+    model, fwd = prepare_model(tiny_model(), rt)
+    step = TrainStep(fwd, build_optimizer(model, OptimConfig(), rt.device), rt, 0.1, 5.0)
+    assert (step.scaler is not None) == (precision == "fp16")
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+    before = model.stem[0].weight.detach().clone()
+    losses = [step(x, y)[0] for _ in range(3)]
+    assert all(torch.isfinite(v) for v in losses) and losses[0].dtype == torch.float32
+    weight = model.stem[0].weight
+    assert not torch.equal(before, weight) and weight.dtype == torch.float32
+
+
+def test_default_work_dir_is_named_after_the_experiment():
+    from pathlib import Path
+
+    from convnext_cifar.config import CIFAR10FineTune
+
+    assert CIFAR10FineTune().run_dir == Path("work_dirs/convnextv2-tiny_cifar10")
+    assert TrainConfig(work_dir=Path("/x")).run_dir == Path("/x")
