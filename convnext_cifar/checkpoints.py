@@ -41,6 +41,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def require_file(path: Path, what: str) -> Path:
+    """`path` as a Path if it is a non-empty file; otherwise one clear UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a file in it")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} {path} is empty")
+    return path
+
+
 def save_weights(path: Path, model: torch.nn.Module, cfg: TrainConfig, classes: list[str],
                  epoch: int, metrics: dict[str, float], runtime: dict[str, Any]) -> None:
     """Model weights (contiguous, on the CPU) plus config, classes, epoch and metrics."""
@@ -75,13 +87,7 @@ def load_weights(path: Path) -> Checkpoint:
     """Read a file written by `save_weights`, with one clear error for anything else."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; give a file in it, e.g. {path}/best.safetensors")
-    if path.stat().st_size == 0:
-        raise UserError(f"checkpoint {path} is empty")
+    path = require_file(path, "checkpoint")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from convnext_cifar.checkpoints import require_file
 from convnext_cifar.config import ModelConfig
 from convnext_cifar.errors import UserError
 
@@ -45,12 +46,7 @@ def read_pretrained(spec: str, model: torch.nn.Module) -> dict[str, torch.Tensor
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or .pth file, unwrapped from common checkpoint containers."""
-    if not path.exists():
-        raise UserError(f"weights file {path} does not exist")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; give the weights file inside it")
-    if path.stat().st_size == 0:
-        raise UserError(f"weights file {path} is empty")
+    path = require_file(path, "weights file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

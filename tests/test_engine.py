@@ -206,3 +206,15 @@ def test_default_work_dir_is_named_after_the_experiment():
 
     assert CIFAR10FineTune().run_dir == Path("work_dirs/convnextv2-tiny_cifar10")
     assert TrainConfig(work_dir=Path("/x")).run_dir == Path("/x")
+
+
+def test_live_progress_shows_epoch_loss_and_speed(capsys):
+    progress = Progress(epochs=2, live=True)
+    progress.start_epoch(1, steps=4)
+    for _ in range(4):
+        progress.advance()
+    progress.log_train({"epoch": 1, "step": 4, "loss": 1.25, "lr": 1e-3, "grad_norm": 2.0,
+                        "img_per_s": 321.0}, 4, 4)
+    progress.end_epoch()
+    out = capsys.readouterr().out
+    assert "epoch 1/2" in out and "4/4" in out and "loss 1.2500" in out and "321 img/s" in out
