@@ -46,15 +46,13 @@ class Progress:
             BarColumn,
             MofNCompleteColumn,
             TextColumn,
-            TimeElapsedColumn,
             TimeRemainingColumn,
         )
         from rich.progress import Progress as Bar
 
-        self._bar = Bar(TextColumn(f"epoch {epoch}/{self.epochs}"), BarColumn(),
+        self._bar = Bar(TextColumn(f"epoch {epoch}/{self.epochs}"), BarColumn(bar_width=16),
                         MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                        transient=False)
+                        TextColumn("eta"), TimeRemainingColumn(), transient=False)
         self._bar.start()
         self._task = self._bar.add_task("train", total=steps, info="")
 
@@ -64,7 +62,8 @@ class Progress:
 
     def log_train(self, record: dict[str, Any], steps_in_epoch: int, index: int) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, info=_fmt_train(record))
+            self._bar.update(self._task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                                              f"{record['img_per_s']:.0f} img/s")
         else:
             print(f"epoch {record['epoch']}/{self.epochs} [{index}/{steps_in_epoch}] "
                   f"step {record['step']}  {_fmt_train(record)}", flush=True)

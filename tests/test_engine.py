@@ -218,3 +218,4 @@ def test_live_progress_shows_epoch_loss_and_speed(capsys):
     progress.end_epoch()
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "4/4" in out and "loss 1.2500" in out and "321 img/s" in out
+    assert "eta" in out
