@@ -2,6 +2,7 @@
 
     convnext-cifar train [--preset NAME | --config FILE] [--section.option VALUE ...]
     convnext-cifar eval CKPT [--data.root DIR] [--json]
+    convnext-cifar convert SRC DST.safetensors [--model.name NAME] [--prefix P]
 
 Heavy modules (torch, timm) are imported only inside the commands, so `--help` is quick.
 """
@@ -65,7 +66,7 @@ def _train_command(default: TrainConfig):
 
 
 def eval_command(
-    ckpt: tyro.conf.Positional[Path],
+    ckpt: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="CKPT")],
     data_root: Annotated[Path | None, tyro.conf.arg(name="data.root")] = None,
     download: Annotated[bool, tyro.conf.arg(name="data.download")] = True,
     device: str | None = None,
@@ -95,11 +96,36 @@ def eval_command(
     return 0
 
 
+def convert_command(
+    src: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="SRC")],
+    dst: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="DST")],
+    model_name: Annotated[str | None, tyro.conf.arg(name="model.name")] = None,
+    prefix: str = "",
+    layout: Annotated[Literal["auto", "timm", "mmpretrain", "official"],
+                      tyro.conf.arg(name="format")] = "auto",
+) -> int:
+    """Convert MMPretrain, official ConvNeXt-V2 or timm weights into a timm safetensors file.
+
+    Args:
+        src: Weights file: MMPretrain/MMEngine .pth, official ConvNeXt-V2 .pth/.pt, or timm.
+        dst: Output .safetensors in timm's layout (timm.create_model / load_state_dict load it).
+        model_name: timm convnextv2_* name; inferred from the weights if not given, else checked.
+        prefix: Take only the keys under this prefix (e.g. backbone), like MMPretrain's init_cfg.
+        layout: Layout of SRC; auto tells it from the keys.
+    """
+    from convnext_cifar.model import convert_to_timm
+
+    name, report = convert_to_timm(str(src), dst, model_name, layout, prefix)
+    print(f"{src} -> {dst} ({name}): {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         default = starting_config(args) if args[:1] == ["train"] else PRESETS[DEFAULT_PRESET]()
-        commands = {"train": _train_command(default), "eval": eval_command}
+        commands = {"train": _train_command(default), "eval": eval_command,
+                    "convert": convert_command}
         return tyro.extras.subcommand_cli_from_dict(commands, prog="convnext-cifar", args=args)
     except UserError as e:
         print(f"convnext-cifar: error: {e}", file=sys.stderr)

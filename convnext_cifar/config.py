@@ -52,6 +52,10 @@ class ModelConfig:
     """timm ConvNeXt-V2 variant: convnextv2_{atto,femto,pico,nano,tiny,base,large,huge}."""
     pretrained: str = "none"
     """Initial weights: 'none', a timm tag (convnextv2_tiny.fcmae) or a .safetensors/.pth file."""
+    pretrained_format: Literal["auto", "timm", "mmpretrain", "official"] = "auto"
+    """Layout of a --model.pretrained file; auto tells it from the keys."""
+    pretrained_prefix: str = ""
+    """Take only the weights under this key prefix (e.g. backbone); empty: all."""
     drop_path_rate: float = 0.0
     """Stochastic depth rate of the residual blocks."""
     label_smoothing: float = 0.0

@@ -7,19 +7,18 @@ line says what was loaded, what was left fresh and what was ignored.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from convnext_cifar.checkpoints import require_file
 from convnext_cifar.config import ModelConfig
 from convnext_cifar.errors import UserError
+from convnext_cifar.formats import SourceWeights, infer_variant, load_source
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 HEAD_PREFIX = "head."  # timm's NormMlpClassifierHead: final norm (head.norm) and head.fc
+BACKBONE_PREFIXES = ("stem.", "stages.")
 
 
 def build_model(cfg: ModelConfig, num_classes: int, verbose: bool = True) -> torch.nn.Module:
@@ -29,55 +28,25 @@ def build_model(cfg: ModelConfig, num_classes: int, verbose: bool = True) -> tor
     model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes,
                               drop_path_rate=cfg.drop_path_rate)
     if cfg.pretrained.lower() != "none":
-        state_dict = read_pretrained(cfg.pretrained, model)
-        report = load_backbone(model, state_dict)
+        source = read_pretrained(cfg, model)
+        report = load_backbone(model, source.state_dict, source.ignored)
         if verbose:
-            print(f"pretrained {cfg.pretrained}: {report}", flush=True)
+            print(f"pretrained {cfg.pretrained} ({source.layout} layout): {report}", flush=True)
     return model
 
 
-def read_pretrained(spec: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict in timm's layout from a local file or a timm pretrained tag."""
-    path = Path(spec).expanduser()
-    if path.exists() or spec.endswith(WEIGHT_SUFFIXES) or "/" in spec:
-        return read_weights_file(path)
-    return _timm_hub_state_dict(spec, model)
-
-
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or .pth file, unwrapped from common checkpoint containers."""
-    path = require_file(path, "weights file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{path} is not a readable safetensors file ({e})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} needs arbitrary code to unpickle and was refused, not run "
-                        f"({first[:200]}); convert it to safetensors where you trust it") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({e}); it may be "
-                        "truncated or of another kind") from None
-    return _unwrap_state_dict(obj, path)
-
-
-def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(
-            isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path} holds no state dict of tensors; is it a model checkpoint?")
-    if all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+def read_pretrained(cfg: ModelConfig, model: torch.nn.Module) -> SourceWeights:
+    """Weights in timm's layout from a local file (any supported layout) or a timm tag."""
+    spec = cfg.pretrained
+    if Path(spec).expanduser().exists() or spec.endswith(WEIGHT_SUFFIXES) or "/" in spec:
+        source = load_source(spec, cfg.pretrained_format, cfg.pretrained_prefix)
+    else:
+        source = SourceWeights(_timm_hub_state_dict(spec, model), "timm", spec)
+    variant = infer_variant(source.state_dict)
+    if variant is not None and variant != cfg.name:
+        raise UserError(f"--model.pretrained {spec} holds {variant} weights but --model.name is "
+                        f"{cfg.name}; make them match")
+    return source
 
 
 def _timm_hub_state_dict(tag: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -112,15 +81,17 @@ def _timm_hub_state_dict(tag: str, model: torch.nn.Module) -> dict[str, torch.Te
 
 @dataclass
 class LoadReport:
-    loaded: list[str]
+    """What a load did: tensors loaded (fitted to the model), left fresh, and set aside."""
+
+    tensors: dict[str, torch.Tensor]
     fresh: list[str]
-    ignored: list[str]
+    ignored: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         def names(keys: list[str]) -> str:
-            return ", ".join(keys[:6]) + (f", ... ({len(keys)} keys)" if len(keys) > 6 else "")
+            return ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
 
-        return (f"loaded {len(self.loaded)} tensors; fresh: {names(self.fresh) or 'nothing'}; "
+        return (f"loaded {len(self.tensors)} tensors; fresh: {names(self.fresh) or 'nothing'}; "
                 f"ignored: {names(self.ignored) or 'nothing'}")
 
 
@@ -128,12 +99,14 @@ def _same_but_unit_dims(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() == b.numel() and a.squeeze().shape == b.squeeze().shape
 
 
-def load_backbone(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> LoadReport:
-    """Load `state_dict` (timm layout): the whole backbone, the head where it fits.
+def fit_to_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                 ignored: list[str] | None = None) -> LoadReport:
+    """Match a timm-layout state dict to `model`: the whole backbone, the head where it fits.
 
     Head tensors that are absent or shaped for another class count stay fresh; a backbone tensor
-    that is absent or of another shape is an error naming it. Tensors that differ from the
-    model's only by size-1 dimensions (timm's 1x1-conv MLP of the small variants) are reshaped.
+    that is absent or of another shape, or a backbone tensor the model has no place for, is an
+    error naming it. Tensors that differ from the model's only by size-1 dimensions (timm's
+    1x1-conv MLP of the small variants against Linear weights) are reshaped.
     """
     own = model.state_dict()
     loaded, fresh, missing, mismatched = {}, [], [], []
@@ -143,19 +116,68 @@ def load_backbone(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -
                 source, target):
             source = source.reshape(target.shape)
         if source is not None and source.shape == target.shape:
-            loaded[key] = source
+            loaded[key] = source.to(target.dtype)
         elif key.startswith(HEAD_PREFIX):
             fresh.append(key)
         elif source is None:
             missing.append(key)
         else:
             mismatched.append(f"{key} {tuple(source.shape)} vs {tuple(target.shape)}")
-    if missing or mismatched:
-        problems = [f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
-                    ] if missing else []
-        problems += [f"shape {', '.join(mismatched[:5])}"] if mismatched else []
-        raise UserError("pretrained weights do not fit the model ("
-                        + "; ".join(problems) + "); check --model.name against the weights")
-    model.load_state_dict({**own, **loaded})
-    ignored = sorted(set(state_dict) - set(own))
-    return LoadReport(sorted(loaded), fresh, ignored)
+    extra = sorted(k for k in set(state_dict) - set(own) if k.startswith(BACKBONE_PREFIXES))
+    if missing or mismatched or extra:
+        problems = []
+        for label, keys in (("missing", missing), ("shape", mismatched), ("unexpected", extra)):
+            if keys:
+                more = " ..." if len(keys) > 4 else ""
+                problems.append(f"{label} {', '.join(keys[:4])}{more}")
+        raise UserError("pretrained weights do not fit the model (" + "; ".join(problems)
+                        + "); check --model.name against the weights")
+    ignored = list(ignored or []) + sorted(set(state_dict) - set(own))
+    return LoadReport(loaded, fresh, ignored)
+
+
+def load_backbone(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                  ignored: list[str] | None = None) -> LoadReport:
+    """Load a timm-layout state dict into `model` as `fit_to_model` allows; report what it did."""
+    report = fit_to_model(model, state_dict, ignored)
+    model.load_state_dict({**model.state_dict(), **report.tensors})
+    return report
+
+
+def convert_to_timm(src: str, dst: Path, name: str | None = None, layout: str = "auto",
+                    prefix: str = "") -> tuple[str, LoadReport]:
+    """Write `src` (any supported layout) as a timm-layout safetensors file that timm loads.
+
+    The ConvNeXt-V2 size is inferred from the weights (and checked against `name` when given);
+    every tensor is verified against the timm model and saved in its exact shape.
+    """
+    import timm
+    from safetensors.torch import save
+
+    from convnext_cifar import __version__
+    from convnext_cifar.checkpoints import atomic_write_bytes
+
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise UserError(f"convert writes safetensors: give a DST ending in .safetensors, not {dst}")
+    source = load_source(src, layout, prefix)
+    variant = infer_variant(source.state_dict)
+    if name is None and variant is None:
+        raise UserError(f"{src}: the weights match no timm convnextv2_* size; pass --model.name")
+    if name is not None and variant is not None and name != variant:
+        raise UserError(f"{src} holds {variant} weights, not {name}; drop --model.name or fix it")
+    name = name or variant
+    head = source.state_dict.get("head.fc.weight")
+    num_classes = head.shape[0] if head is not None else 0
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    report = fit_to_model(model, source.state_dict, source.ignored)
+    metadata = {"format": "timm", "model": name, "num_classes": str(num_classes),
+                "source_layout": source.layout, "source_file": str(Path(src).resolve()),
+                "converted_by": f"convnext-cifar {__version__}"}
+    tensors = {k: v.contiguous() for k, v in report.tensors.items()}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write_bytes(dst, save(tensors, metadata=metadata))
+    except OSError as e:
+        raise UserError(f"could not write {dst}: {e.strerror or e}") from None
+    return name, report

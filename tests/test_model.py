@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from convnext_cifar.config import ModelConfig
 from convnext_cifar.errors import UserError
-from convnext_cifar.model import build_model, load_backbone, read_weights_file
+from convnext_cifar.formats import read_file
+from convnext_cifar.model import build_model, load_backbone
 
 
 def _source(name="convnextv2_atto", num_classes=1000, seed=1):
@@ -97,22 +98,26 @@ def test_bad_weight_files(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    evil = tmp_path / "evil.pth"
-    with open(evil, "wb") as f:
+    evil = tmp_path / "evil.pth"  # torch.save's zip format
+    torch.save({"state_dict": _source(), "hook": Payload()}, evil)
+    with pytest.raises(UserError, match=r"\(posix.system\); refused, nothing in it was run"):
+        read_file(evil)
+    legacy = tmp_path / "legacy.pth"  # a plain pickle
+    with open(legacy, "wb") as f:
         pickle.dump({"state_dict": Payload()}, f)
-    with pytest.raises(UserError, match="refused, not run"):
-        read_weights_file(evil)
+    with pytest.raises(UserError, match="refused, nothing in it was run"):
+        read_file(legacy)
     assert not marker.exists()
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(UserError, match="empty"):
-        read_weights_file(empty)
+        read_file(empty)
     save_file(_source(), tmp_path / "ok.safetensors")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes((tmp_path / "ok.safetensors").read_bytes()[:5000])
     with pytest.raises(UserError, match="not a readable safetensors"):
-        read_weights_file(cut)
+        read_file(cut)
     with pytest.raises(UserError, match="does not exist"):
-        read_weights_file(tmp_path / "nope.pth")
+        read_file(tmp_path / "nope.pth")
     with pytest.raises(UserError, match="directory"):
-        read_weights_file(tmp_path)
+        read_file(tmp_path)

@@ -1,0 +1,296 @@
+"""Checkpoint layouts of other toolboxes, read safely and turned into timm's ConvNeXt-V2 layout.
+
+    timm        stem.0 / stages.i.blocks.j.{conv_dw,norm,mlp.fc1,mlp.grn,mlp.fc2} / head.{norm,fc}
+    mmpretrain  backbone.downsample_layers / backbone.stages.i.j.{depthwise_conv,norm,
+                pointwise_conv1,grn.gamma|beta,pointwise_conv2} / backbone.norm3 / head.fc
+    official    facebookresearch/ConvNeXt-V2: downsample_layers / stages.i.j.{dwconv,norm,pwconv1,
+                grn.gamma|beta,pwconv2} / norm / head; raw FCMAE dumps add `encoder.` and sparse
+                `kernel` tensors, which are made dense the way that repository's fine-tuning does.
+
+Nothing in a checkpoint is executed: `.pth` files go through `torch.load(weights_only=True)`;
+classes of the toolboxes that write checkpoints (MMEngine's HistoryBuffer, numpy scalars, ...)
+become inert placeholders, and any other global refuses the file.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from convnext_cifar.checkpoints import require_file
+from convnext_cifar.errors import UserError
+
+LAYOUTS = ("timm", "mmpretrain", "official")
+# (dims, depths) of timm's convnextv2_* variants, for inferring the size from the weights
+VARIANTS = {
+    "convnextv2_atto": ((40, 80, 160, 320), (2, 2, 6, 2)),
+    "convnextv2_femto": ((48, 96, 192, 384), (2, 2, 6, 2)),
+    "convnextv2_pico": ((64, 128, 256, 512), (2, 2, 6, 2)),
+    "convnextv2_nano": ((80, 160, 320, 640), (2, 2, 8, 2)),
+    "convnextv2_tiny": ((96, 192, 384, 768), (3, 3, 9, 3)),
+    "convnextv2_base": ((128, 256, 512, 1024), (3, 3, 27, 3)),
+    "convnextv2_large": ((192, 384, 768, 1536), (3, 3, 27, 3)),
+    "convnextv2_huge": ((352, 704, 1408, 2816), (3, 3, 27, 3)),
+}
+# Globals that checkpoint writers pickle beside the weights; read as inert placeholders.
+INERT_PREFIXES = ("mmengine.", "mmcv.", "mmpretrain.", "mmcls.", "mmdet.", "mmseg.", "numpy.")
+INERT_NAMES = ("builtins.getattr",)  # numpy and MMEngine pickles use it; a placeholder never calls
+CONTAINER_KEYS = ("state_dict", "model", "module")
+FCMAE_ONLY = ("decoder", "mask_token", "proj.", "pred.")  # FCMAE pre-training parts, not encoder
+
+
+@dataclass
+class SourceWeights:
+    """A state dict already in timm's layout, and what was set aside on the way."""
+
+    state_dict: dict[str, torch.Tensor]
+    layout: str
+    origin: str
+    ignored: list[str] = field(default_factory=list)
+
+
+# ---- reading files without executing them ----------------------------------------------------
+
+class _Inert:
+    """Stands in for a class the checkpoint names: takes any arguments and state, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _placeholders(names: list[str]) -> list[tuple[type, str]]:
+    out = []
+    for name in names:
+        module, _, qualname = name.rpartition(".")
+        out.append((type(qualname, (_Inert,), {"__module__": module}), name))
+    return out
+
+
+def _is_inert(name: str) -> bool:
+    return name.startswith(INERT_PREFIXES) or name in INERT_NAMES
+
+
+def load_pth(path: Path) -> object:
+    """`torch.load(weights_only=True)`, with toolbox objects read as inert placeholders."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # not a zip checkpoint: nothing to inspect, refuse below
+            unsafe = []
+        refused = [n for n in unsafe if not _is_inert(n)]
+        if refused or not unsafe:
+            detail = ", ".join(refused) or _pickle_detail(e)
+            raise UserError(f"{path} needs arbitrary code to unpickle ({detail}); refused, "
+                            "nothing in it was run. Convert it where you trust it") from None
+        first_error = e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); it may "
+                        "be truncated or of another kind") from None
+    try:
+        with torch.serialization.safe_globals(_placeholders(unsafe)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"{path} could not be read safely ({_first_line(first_error)}); refused, "
+                        "nothing in it was run") from None
+
+
+def _pickle_detail(e: BaseException) -> str:
+    """The useful part of torch's weights_only refusal: the global or opcode it stopped at."""
+    text = str(e)
+    if names := re.findall(r"GLOBAL ([\w.]+)", text):
+        return ", ".join(dict.fromkeys(names))
+    after = text.split("WeightsUnpickler error:", 1)
+    if len(after) == 2 and after[1].strip():
+        return after[1].strip().splitlines()[0][:200]
+    return _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def read_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of a .safetensors or .pth file, unwrapped; plus the entries set aside."""
+    path = require_file(path, "weights file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path)), []
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    return _unwrap(load_pth(path), path)
+
+
+def _unwrap(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    ignored: list[str] = []
+    if isinstance(obj, dict):
+        for key in CONTAINER_KEYS:
+            if isinstance(obj.get(key), dict):
+                ignored = [k for k in obj if k != key]
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds no state dict (found {type(obj).__name__})")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    ignored += [k for k in obj if k not in tensors]
+    if not tensors:
+        raise UserError(f"{path} holds no tensors; is it a model checkpoint?")
+    if all(k.startswith("module.") for k in tensors):  # saved from DistributedDataParallel
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors, ignored
+
+
+# ---- layouts ----------------------------------------------------------------------------------
+
+def detect_layout(keys) -> str:
+    keys = list(keys)
+    if any(".depthwise_conv." in k or ".pointwise_conv1." in k for k in keys):
+        return "mmpretrain"
+    if any(".dwconv." in k or ".pwconv1." in k or k.startswith("encoder.") for k in keys):
+        return "official"
+    if any(".conv_dw." in k or k.startswith("stem.") for k in keys):
+        return "timm"
+    raise UserError("cannot tell the checkpoint layout from its keys (e.g. "
+                    f"{', '.join(keys[:3])}); pass --model.pretrained-format")
+
+
+_COMMON = [  # (pattern, replacement) shared by the official and MMPretrain layouts
+    (r"^downsample_layers\.0\.", "stem."),
+    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"\.grn\.gamma$", ".mlp.grn.weight"),
+    (r"\.grn\.beta$", ".mlp.grn.bias"),
+]
+_RENAMES = {
+    "mmpretrain": _COMMON + [
+        (r"\.depthwise_conv\.", ".conv_dw."),
+        (r"\.pointwise_conv1\.", ".mlp.fc1."),
+        (r"\.pointwise_conv2\.", ".mlp.fc2."),
+        (r"^norm3\.", "head.norm."),
+    ],
+    "official": _COMMON + [
+        (r"\.dwconv\.", ".conv_dw."),
+        (r"\.pwconv1\.", ".mlp.fc1."),
+        (r"\.pwconv2\.", ".mlp.fc2."),
+        (r"^norm\.", "head.norm."),
+        (r"^head\.(weight|bias)$", r"head.fc.\1"),
+    ],
+}
+_BACKBONE = re.compile(r"^(downsample_layers|stages)\.|^norm3?\.")
+
+
+def _rename(state_dict: dict[str, torch.Tensor], layout: str
+            ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    out, ignored = {}, []
+    for key, value in state_dict.items():
+        if not (_BACKBONE.match(key) or key.startswith("head.")):
+            ignored.append(key)  # e.g. MMPretrain's norms of other out_indices
+            continue
+        new = key
+        for pattern, repl in _RENAMES[layout]:
+            new = re.sub(pattern, repl, new)
+        if ".mlp.grn." in new:
+            value = value.reshape(-1)  # (C,), (1,C) and (1,1,1,C) all become (C,)
+        out[new] = value
+    return out, ignored
+
+
+def densify_fcmae(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A raw FCMAE pre-training dump -> the dense official layout (official remap rules).
+
+    Drops `encoder.`, turns sparse `kernel` tensors into dense conv weights, removes the `.ln.` /
+    `.linear.` levels of Minkowski layers and flattens (1, C) biases; decoder parts are set aside.
+    """
+    out, ignored = {}, []
+    for key, value in state_dict.items():
+        if key.startswith("encoder."):
+            key = key[len("encoder."):]
+        elif key.startswith(FCMAE_ONLY):
+            ignored.append(key)
+            continue
+        if key.endswith(".kernel"):
+            key = key[: -len(".kernel")] + ".weight"
+            if value.ndim == 3:  # (k*k, in, out) sparse conv -> (out, in, k, k)
+                kk, cin, cout = value.shape
+                k = math.isqrt(kk)
+                value = value.permute(2, 1, 0).reshape(cout, cin, k, k).transpose(3, 2)
+            elif value.ndim == 2:  # (k*k, C) depthwise -> (C, 1, k, k)
+                kk, dim = value.shape
+                k = math.isqrt(kk)
+                value = value.permute(1, 0).reshape(dim, 1, k, k).transpose(3, 2)
+        elif ".ln." in key or ".linear." in key:
+            key = key.replace(".ln.", ".").replace(".linear.", ".")
+        if key.endswith(".bias") and value.ndim != 1:
+            value = value.reshape(-1)
+        out[key] = value.contiguous()
+    return out, ignored
+
+
+def to_timm(state_dict: dict[str, torch.Tensor], layout: str = "auto", prefix: str = ""
+            ) -> tuple[dict[str, torch.Tensor], str, list[str]]:
+    """A state dict of any supported layout in timm's: returns (state dict, layout, set aside).
+
+    `prefix` keeps only the keys under it (like MMPretrain's init_cfg prefix='backbone').
+    """
+    ignored: list[str] = []
+    if prefix:
+        dotted = prefix.rstrip(".") + "."
+        ignored = [k for k in state_dict if not k.startswith(dotted)]
+        state_dict = {k[len(dotted):]: v for k, v in state_dict.items() if k.startswith(dotted)}
+        if not state_dict:
+            raise UserError(f"no keys start with prefix '{dotted}' in the weights")
+    if layout == "auto":
+        layout = detect_layout(state_dict)
+    if layout == "timm":
+        return dict(state_dict), layout, ignored
+    if layout == "mmpretrain":
+        state_dict = {k[len("backbone."):] if k.startswith("backbone.") else k: v
+                      for k, v in state_dict.items()}
+    if layout == "official" and any(k.startswith("encoder.") or k.endswith(".kernel")
+                                    for k in state_dict):
+        state_dict, dropped = densify_fcmae(state_dict)
+        ignored += dropped
+    out, dropped = _rename(state_dict, layout)
+    if not out:
+        raise UserError(f"no ConvNeXt-V2 tensors found for layout '{layout}'; check "
+                        "--model.pretrained-format and the prefix")
+    return out, layout, ignored + dropped
+
+
+def infer_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The timm convnextv2_* name whose dims and depths the (timm-layout) weights have."""
+    if "stem.0.weight" not in state_dict:
+        return None
+    dims, depths = [], []
+    for i in range(4):
+        blocks = {int(m.group(1)) for k in state_dict
+                  if (m := re.match(rf"stages\.{i}\.blocks\.(\d+)\.", k))}
+        depths.append(max(blocks) + 1 if blocks else 0)
+        dw = state_dict.get(f"stages.{i}.blocks.0.conv_dw.weight")
+        dims.append(dw.shape[0] if dw is not None else 0)
+    for name, (v_dims, v_depths) in VARIANTS.items():
+        if tuple(dims) == v_dims and tuple(depths) == v_depths:
+            return name
+    return None
+
+
+def load_source(spec: str, layout: str = "auto", prefix: str = "") -> SourceWeights:
+    """Read a local weights file of any supported layout into timm's layout."""
+    path = Path(spec).expanduser()
+    raw, ignored = read_file(path)
+    state_dict, layout, dropped = to_timm(raw, layout, prefix)
+    return SourceWeights(state_dict, layout, str(path), ignored + dropped)
