@@ -6,8 +6,10 @@ final name never holds a half-written file.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,3 +106,88 @@ def load_weights(path: Path) -> Checkpoint:
                           int(metadata["epoch"]), json.loads(metadata["metrics"]))
     except (KeyError, ValueError) as e:
         raise UserError(f"{path} has damaged metadata ({e})") from None
+
+
+# ---- full training state, for exact resume ------------------------------------------------------
+
+STATE_FORMAT = "convnext-cifar/state-v1"
+STATE_PATTERN = re.compile(r"^state_(\d{8})\.pt$")
+
+
+def state_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"state_{step:08d}.pt"
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save `state` atomically; it holds only tensors and plain containers."""
+    buf = io.BytesIO()
+    torch.save({"format": STATE_FORMAT, **state}, buf)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        raise UserError(f"could not write training state {path}: {e.strerror or e}; earlier "
+                        "files are intact; free space or fix permissions and resume") from None
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A state written by `save_state`; refuses anything else, running nothing."""
+    from convnext_cifar.formats import load_pth
+
+    path = require_file(path, "training state")
+    state = load_pth(path)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"{path} is not a convnext-cifar training state; give a state_*.pt "
+                        "file of a run, or --resume auto")
+    return state
+
+
+def find_states(run_dir: Path) -> list[Path]:
+    """The training states in `run_dir`, oldest first."""
+    if not Path(run_dir).is_dir():
+        return []
+    return sorted(p for p in Path(run_dir).iterdir() if STATE_PATTERN.match(p.name))
+
+
+def prune_states(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
+    """Delete all but the newest `keep_last` states, never the one at step `keep_step`."""
+    states = find_states(run_dir)
+    for path in states[:-keep_last] if keep_last else states:
+        if keep_step is None or int(STATE_PATTERN.match(path.name).group(1)) != keep_step:
+            path.unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """Temporary files left by a process killed while writing (never under a final name)."""
+    for path in Path(run_dir).glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+class WorkDirLock:
+    """An exclusive lock on a work dir: a second run refuses; a dead process holds nothing."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> WorkDirLock:
+        import fcntl
+
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.path.read_text().strip() or "another process"
+            os.close(self.fd)
+            raise UserError(f"work dir {self.path.parent} is in use by a running training "
+                            f"({holder}); wait for it or pick another --work-dir") from None
+        except OSError as e:
+            raise UserError(f"cannot use work dir {self.path.parent}: {e.strerror or e}; "
+                            "pick another with --work-dir") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()}".encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None

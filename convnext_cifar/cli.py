@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import tyro
 
 from convnext_cifar.config import PRESETS, TrainConfig, load_config_file
-from convnext_cifar.errors import UserError
+from convnext_cifar.errors import Interrupted, UserError
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 DEFAULT_PRESET = next(iter(PRESETS))
@@ -55,11 +55,18 @@ def _train_command(default: TrainConfig):
         config: Annotated[Path | None, tyro.conf.arg(
             help="Start from a saved config.json (e.g. a run's own); options given override it."
         )] = None,
+        resume: Annotated[str | None, tyro.conf.arg(
+            help="Continue a run: 'auto' (the newest training state in the work dir, or a fresh "
+                 "start if there is none) or the path of a state_*.pt file."
+        )] = None,
+        resume_allow_changes: Annotated[bool, tyro.conf.arg(
+            help="Resume even if the model, data, optimiser or schedule options differ."
+        )] = False,
     ) -> int:
         """Fine-tune ConvNeXt-V2; default: the reference CIFAR-10 experiment."""
         from convnext_cifar.engine import fit
 
-        fit(cfg)
+        fit(cfg, resume=resume, allow_changes=resume_allow_changes)
         return 0
 
     return train
@@ -129,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         return tyro.extras.subcommand_cli_from_dict(commands, prog="convnext-cifar", args=args)
     except UserError as e:
         print(f"convnext-cifar: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
-        print("convnext-cifar: interrupted", file=sys.stderr)
+        print("convnext-cifar: interrupted; nothing more was written", file=sys.stderr)
         return 130
+    except Interrupted as e:
+        print(f"convnext-cifar: {e}", file=sys.stderr)
+        return e.exit_code

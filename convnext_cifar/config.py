@@ -222,13 +222,18 @@ class TrainConfig:
     """Write epoch_N.safetensors every N epochs (and after the last one)."""
     log_interval: int = 100
     """Log training loss, lr, grad norm and img/s every N steps."""
+    state_interval: int = 1
+    """Write a resumable training state every N epochs (and at the end and on interruption)."""
+    keep_last: int = 2
+    """Keep the newest N training states (plus the one of the best epoch)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", self.name,
                "must be a non-empty name without '/'")
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                "device", self.device, "use auto, cpu, cuda or cuda:N")
-        for option in ("val_interval", "ckpt_interval", "log_interval"):
+        for option in ("val_interval", "ckpt_interval", "log_interval", "state_interval",
+                       "keep_last"):
             _check(getattr(self, option) >= 1, option, getattr(self, option), "must be >= 1")
 
     @property

@@ -257,13 +257,20 @@ class DeviceLoader:
         n, b = len(self.images), self.cfg.batch_size
         return n // b if self.cfg.drop_last and n >= b else math.ceil(n / b)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of `epoch` (0-based); the same seed and epoch give the same batches."""
+    def epoch(self, epoch: int, start: int = 0, rng_state: torch.Tensor | None = None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` (0-based); the same seed and epoch give the same batches.
+
+        `start` and `rng_state` (this loader's `generator.get_state()` after batch start-1)
+        continue an epoch where an interrupted run left it, batch for batch.
+        """
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.images), generator=self.generator,
                                device=self.images.device)
+        if rng_state is not None:
+            self.generator.set_state(rng_state)
         b = self.cfg.batch_size
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             idx = order[i * b:(i + 1) * b]
             x = crop_flip(self.images[idx], self.cfg.padding, self.cfg.flip_prob, self.generator)
             yield self.normalize(x), self.labels[idx]

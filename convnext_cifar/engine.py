@@ -10,6 +10,9 @@ import contextlib
 import dataclasses
 import json
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +21,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from convnext_cifar.checkpoints import atomic_write_bytes, load_weights, save_weights
-from convnext_cifar.config import TrainConfig, config_json
+from convnext_cifar.checkpoints import (
+    WorkDirLock,
+    atomic_write_bytes,
+    find_states,
+    load_state,
+    load_weights,
+    prune_states,
+    remove_stale_temp_files,
+    save_state,
+    save_weights,
+    state_path,
+)
+from convnext_cifar.config import TrainConfig, config_json, to_dict
 from convnext_cifar.data import DeviceLoader, Normalize, eval_batches, load_cifar10
-from convnext_cifar.errors import UserError
+from convnext_cifar.errors import Interrupted, TrainingDiverged, UserError
 from convnext_cifar.model import build_model
 from convnext_cifar.optim import build_optimizer, lr_at, set_lr
 from convnext_cifar.report import MetricsLog, Progress
@@ -155,90 +169,353 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
                       confusion.view(num_classes, num_classes).tolist())
 
 
-def train_one_epoch(step_fn: TrainStep, loader: DeviceLoader, epoch: int, step: int,
-                    cfg: TrainConfig, log: MetricsLog, progress: Progress) -> int:
-    """Train `epoch` (0-based) starting at global step `step`; returns the step after it."""
+class Window:
+    """Sums of loss and gradient norm between two log points, kept on the device."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.norm = torch.zeros((), device=device)
+        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, norm: torch.Tensor, images: int) -> None:
+        self.loss += loss
+        self.norm += norm
+        self.steps += 1
+        self.images += images
+
+    def flush(self, epoch: int, step: int, lr: float) -> dict[str, Any]:
+        """The log record of the window (syncs), then an empty window."""
+        record = {"epoch": epoch, "step": step, "loss": self.loss.item() / self.steps, "lr": lr,
+                  "grad_norm": self.norm.item() / self.steps,
+                  "img_per_s": self.images / (time.perf_counter() - self.t0)}
+        self.loss.zero_()
+        self.norm.zero_()
+        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.cpu(), "norm": self.norm.cpu(), "steps": self.steps,
+                "images": self.images}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.copy_(state["loss"])
+        self.norm.copy_(state["norm"])
+        self.steps, self.images = state["steps"], state["images"]
+
+
+class Guard:
+    """Watches loss and gradient norm for non-finite values on the device; read at log points.
+
+    With fp16 a GradScaler skips steps with inf gradients by design: only a streak of
+    `patience` such steps in a row counts. Otherwise the first non-finite step counts.
+    """
+
+    def __init__(self, device: torch.device, step: int, patience: int):
+        self.patience = patience
+        self.count = torch.full((), step, dtype=torch.int64, device=device)
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.tripped_at = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def update(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        self.count += 1
+        self.streak.add_(1).mul_(bad)
+        hit = (self.streak >= self.patience) & (self.tripped_at < 0)
+        self.tripped_at.copy_(torch.where(hit, self.count, self.tripped_at))
+
+    def check(self, steps_per_epoch: int, run_dir: Path) -> None:
+        step = int(self.tripped_at.item())
+        if step >= 0:
+            states = find_states(run_dir)
+            last = str(states[-1]) if states else "none yet"
+            raise TrainingDiverged(
+                f"non-finite loss or gradient norm at epoch {(step - 1) // steps_per_epoch + 1}, "
+                f"step {step}; stopped without saving. Last good state: {last}. Lower "
+                "--optim.lr or check the data, then resume with --resume auto or PATH")
+
+
+class StopSignals:
+    """SIGTERM or a first Ctrl-C ask the loop to stop after the current step; a second Ctrl-C
+    raises KeyboardInterrupt at once (nothing more is written)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a resumable "
+              "state (Ctrl-C again to quit at once, without it)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class RunState:
+    """Where a run is, besides the tensors of model and optimizer."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in the current epoch (non-zero only after an interruption)
+    step: int = 0  # optimizer steps done
+    best_top1: float = -1.0
+    best_epoch: int = 0
+
+
+def train_one_epoch(step_fn: TrainStep, loader: DeviceLoader, run: RunState, cfg: TrainConfig,
+                    log: MetricsLog, progress: Progress, window: Window, guard: Guard,
+                    stop: StopSignals | None = None, rng_state: torch.Tensor | None = None) -> bool:
+    """Train epoch `run.epoch` from batch `run.batch`, updating `run`.
+
+    Returns False when a stop was requested before the epoch's end (run.batch says where).
+    """
     step_fn.forward.train()
     steps = len(loader)
-    dev = loader.images.device
-    loss_sum = torch.zeros((), device=dev)
-    norm_sum = torch.zeros((), device=dev)
-    window_steps, window_images, t0 = 0, 0, time.perf_counter()
-    progress.start_epoch(epoch + 1, steps)
-    for i, (x, y) in enumerate(loader.epoch(epoch)):
-        lr = lr_at(step, cfg.optim.lr, cfg.sched, steps)
+    progress.start_epoch(run.epoch + 1, steps, done=run.batch)
+    for x, y in loader.epoch(run.epoch, start=run.batch, rng_state=rng_state):
+        lr = lr_at(run.step, cfg.optim.lr, cfg.sched, steps)
         set_lr(step_fn.optimizer, lr)
         loss, grad_norm = step_fn(x, y)
-        loss_sum += loss
-        norm_sum += grad_norm
-        step += 1
-        window_steps += 1
-        window_images += len(y)
+        window.add(loss, grad_norm, len(y))
+        guard.update(loss, grad_norm)
+        run.step += 1
+        run.batch += 1
         progress.advance()
-        if (i + 1) % cfg.log_interval == 0 or i + 1 == steps:
-            record = {"epoch": epoch + 1, "step": step,
-                      "loss": loss_sum.item() / window_steps, "lr": lr,
-                      "grad_norm": norm_sum.item() / window_steps}
-            record["img_per_s"] = window_images / (time.perf_counter() - t0)
+        if run.batch % cfg.log_interval == 0 or run.batch == steps:
+            guard.check(steps, cfg.run_dir)
+            record = window.flush(run.epoch + 1, run.step, lr)
             log.write(record)
-            progress.log_train(record, steps, i + 1)
-            loss_sum.zero_()
-            norm_sum.zero_()
-            window_steps, window_images, t0 = 0, 0, time.perf_counter()
+            progress.log_train(record, steps, run.batch)
+        if stop is not None and stop.requested and run.batch < steps:
+            progress.end_epoch()
+            guard.check(steps, cfg.run_dir)
+            return False
     progress.end_epoch()
-    return step
+    run.epoch, run.batch = run.epoch + 1, 0
+    return True
 
 
-def prepare_work_dir(cfg: TrainConfig) -> Path:
+# Options that may differ between a run and its resumption: where and how fast, not what.
+RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "channels_last",
+                     "val_interval", "ckpt_interval", "log_interval", "state_interval",
+                     "keep_last", "data.root", "data.download", "data.eval_batch_size",
+                     "model.pretrained", "model.pretrained_format", "model.pretrained_prefix")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
+    """The options that differ between a saved config and `new` and change what the run does."""
+    a, b = _flat(old), _flat(to_dict(new))
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]
+
+
+def find_resume_state(cfg: TrainConfig, resume: str | None,
+                      allow_changes: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The training state to resume from (`auto`: the newest readable one), checked."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = None
+        for path in reversed(find_states(cfg.run_dir)):
+            try:
+                found = path, load_state(path)
+                break
+            except UserError as e:
+                print(f"warning: skipping {path}: {e}", file=sys.stderr)
+        if found is None:
+            print(f"no training state in {cfg.run_dir}; starting fresh", file=sys.stderr)
+            return None
+    else:
+        found = Path(resume), load_state(Path(resume))
+    path, state = found
+    changes = config_changes(json.loads(state["config"]), cfg)
+    if changes and not allow_changes:
+        raise UserError(f"cannot resume {path}: the config differs in " + ", ".join(changes)
+                        + "; resume with the run's own config.json (--config) or pass "
+                        "--resume-allow-changes")
+    return found
+
+
+def save_training_state(run_dir: Path, cfg: TrainConfig, run: RunState, model: torch.nn.Module,
+                        step_fn: TrainStep, loader: DeviceLoader, window: Window,
+                        log: MetricsLog) -> Path:
+    """Everything an exact resume needs, atomically; then prune old states."""
+    device = loader.images.device
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+           "data": loader.generator.get_state()}
+    path = state_path(run_dir, run.step)
+    save_state(path, {
+        "config": config_json(cfg), "run": dataclasses.asdict(run),
+        "model": model.state_dict(), "optimizer": step_fn.optimizer.state_dict(),
+        "scaler": step_fn.scaler.state_dict() if step_fn.scaler is not None else None,
+        "rng": rng, "window": window.state_dict(), "metrics_bytes": log.size()})
+    best_step = run.best_epoch * len(loader) if run.best_epoch else None
+    prune_states(run_dir, cfg.keep_last, keep_step=best_step)
+    return path
+
+
+def restore_training_state(state: dict[str, Any], path: Path, run: RunState,
+                           model: torch.nn.Module, step_fn: TrainStep, loader: DeviceLoader,
+                           window: Window, log: MetricsLog) -> torch.Tensor:
+    """Put a run back where `state` left it; returns the data generator state to continue with
+    (None at an epoch boundary)."""
+    try:
+        model.load_state_dict(state["model"])
+        step_fn.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path} does not fit this model or optimiser ({_short(e)}); resume "
+                        "with the run's own config.json") from None
+    if step_fn.scaler is not None and state.get("scaler"):
+        step_fn.scaler.load_state_dict(state["scaler"])
+    for k, v in state["run"].items():
+        setattr(run, k, v)
+    window.load_state_dict(state["window"])
+    log.truncate(state["metrics_bytes"])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and loader.images.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], loader.images.device)
+    # Mid-epoch, the augmentation draws continue from where they were; a new epoch reseeds.
+    return state["rng"]["data"] if run.batch else None
+
+
+def _short(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def _best_on_disk(path: Path) -> float:
+    """Top-1 recorded in an existing best.safetensors (-1 when there is none)."""
+    if not path.exists():
+        return -1.0
+    try:
+        return float(load_weights(path).metrics.get("top1", -1.0))
+    except UserError:
+        return -1.0
+
+
+def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None = None,
+        allow_changes: bool = False) -> dict[str, Any]:
+    """Run the whole training described by `cfg` (or continue it); returns the best top-1."""
+    cfg = dataclasses.replace(cfg, work_dir=cfg.run_dir)
+    rt = resolve_runtime(cfg)
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.json", config_json(cfg).encode())
     except OSError as e:
-        raise UserError(f"cannot write to work dir {run_dir}: {e.strerror or e}; "
-                        "pick another with --work-dir") from None
-    return run_dir
+        raise UserError(f"cannot create work dir {run_dir}: {e.strerror or e}; pick another "
+                        "with --work-dir") from None
+    with WorkDirLock(run_dir):
+        remove_stale_temp_files(run_dir)
+        found = find_resume_state(cfg, resume, allow_changes)
+        if found is None and find_states(run_dir):
+            raise UserError(f"work dir {run_dir} holds the training states of an earlier run "
+                            f"({find_states(run_dir)[-1].name}); continue it with --resume auto "
+                            "or start a new run with another --work-dir")
+        write_config(cfg)
+        return _train(cfg, rt, found, live_progress)
 
 
-def fit(cfg: TrainConfig, live_progress: bool | None = None) -> dict[str, Any]:
-    """Run the whole training described by `cfg`; returns the best top-1 and where it is."""
-    cfg = dataclasses.replace(cfg, work_dir=cfg.run_dir)
-    rt = resolve_runtime(cfg)
-    run_dir = prepare_work_dir(cfg)
+def _train(cfg: TrainConfig, rt: Runtime, found: tuple[Path, dict[str, Any]] | None,
+           live_progress: bool | None) -> dict[str, Any]:
+    run_dir = cfg.run_dir
     progress = Progress(cfg.sched.epochs, live_progress)
     progress.message(f"run {cfg.name}: {json.dumps(rt.as_dict())} -> {run_dir}")
     seed_everything(cfg.seed)
-
     data = load_cifar10(cfg.data, rt.device)
-    model, forward = prepare_model(build_model(cfg.model, cfg.data.num_classes), rt)
+    # A resumed run takes its weights from the state: no download of pretrained weights.
+    model_cfg = cfg.model if found is None else dataclasses.replace(cfg.model, pretrained="none")
+    model, forward = prepare_model(build_model(model_cfg, cfg.data.num_classes), rt)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     step_fn = TrainStep(forward, optimizer, rt, cfg.model.label_smoothing, cfg.optim.clip_grad_norm)
     loader = DeviceLoader(data.train_images, data.train_labels, cfg.data, cfg.seed,
                           rt.channels_last)
     normalize = Normalize(cfg.data, rt.device, rt.channels_last)
     log = MetricsLog(run_dir / "metrics.jsonl")
+    run, window, rng_state = RunState(), Window(rt.device), None
+    if found is None:
+        log.truncate(0)
+    else:
+        rng_state = restore_training_state(found[1], found[0], run, model, step_fn, loader,
+                                           window, log)
+        run.best_top1 = max(run.best_top1, _best_on_disk(run_dir / "best.safetensors"))
+        progress.message(f"resumed from {found[0]} at epoch {run.epoch + 1}, batch {run.batch}, "
+                         f"step {run.step}")
+    guard = Guard(rt.device, run.step, patience=50 if rt.precision == "fp16" else 1)
+    epochs = cfg.sched.epochs
 
-    step, best_top1, best_epoch = 0, -1.0, 0
-    for epoch in range(cfg.sched.epochs):
-        step = train_one_epoch(step_fn, loader, epoch, step, cfg, log, progress)
-        last = epoch + 1 == cfg.sched.epochs
-        metrics: dict[str, float] = {}
-        if (epoch + 1) % cfg.val_interval == 0 or last:
-            res = evaluate(forward, data.test_images, data.test_labels, cfg.data.eval_batch_size,
-                           normalize, rt, cfg.data.num_classes)
-            metrics = {"val_loss": res.loss, "top1": res.top1, "top5": res.top5}
-            log.write({"epoch": epoch + 1, **metrics})
-            if res.top1 > best_top1:
-                best_top1, best_epoch = res.top1, epoch + 1
-                save_weights(run_dir / "best.safetensors", model, cfg, data.classes, epoch + 1,
-                             metrics, rt.as_dict())
-            progress.log_val({"epoch": epoch + 1, **metrics}, best_top1)
-        if (epoch + 1) % cfg.ckpt_interval == 0 or last:
-            save_weights(run_dir / f"epoch_{epoch + 1}.safetensors", model, cfg, data.classes,
-                         epoch + 1, metrics, rt.as_dict())
-    progress.message(f"done: best top1 {best_top1:.2f} at epoch {best_epoch}: "
+    def save(weights_name: str | None = None, metrics: dict[str, float] | None = None) -> Path:
+        if weights_name is not None:
+            save_weights(run_dir / weights_name, model, cfg, data.classes, run.epoch,
+                         metrics or {}, rt.as_dict())
+        return save_training_state(run_dir, cfg, run, model, step_fn, loader, window, log)
+
+    with StopSignals() as stop:
+        while run.epoch < epochs:
+            if not train_one_epoch(step_fn, loader, run, cfg, log, progress, window, guard,
+                                   stop, rng_state):
+                raise _interrupted(stop, save(), run, cfg)
+            rng_state = None
+            epoch, last = run.epoch, run.epoch == epochs
+            metrics: dict[str, float] = {}
+            if epoch % cfg.val_interval == 0 or last:
+                res = evaluate(forward, data.test_images, data.test_labels,
+                               cfg.data.eval_batch_size, normalize, rt, cfg.data.num_classes)
+                metrics = {"val_loss": res.loss, "top1": res.top1, "top5": res.top5}
+                log.write({"epoch": epoch, **metrics})
+                if res.top1 > run.best_top1:
+                    run.best_top1, run.best_epoch = res.top1, epoch
+                    save_weights(run_dir / "best.safetensors", model, cfg, data.classes, epoch,
+                                 metrics, rt.as_dict())
+                progress.log_val({"epoch": epoch, **metrics}, run.best_top1)
+            if epoch % cfg.ckpt_interval == 0 or last:
+                save_weights(run_dir / f"epoch_{epoch}.safetensors", model, cfg, data.classes,
+                             epoch, metrics, rt.as_dict())
+            if epoch % cfg.state_interval == 0 or last or stop.requested:
+                path = save()
+                if stop.requested and not last:
+                    raise _interrupted(stop, path, run, cfg)
+    progress.message(f"done: best top1 {run.best_top1:.2f} at epoch {run.best_epoch}: "
                      f"{run_dir / 'best.safetensors'}")
-    return {"best_top1": best_top1, "best_epoch": best_epoch, "work_dir": str(run_dir)}
+    return {"best_top1": run.best_top1, "best_epoch": run.best_epoch, "work_dir": str(run_dir)}
+
+
+def _interrupted(stop: StopSignals, path: Path, run: RunState, cfg: TrainConfig) -> Interrupted:
+    where = (f"epoch {run.epoch + 1}, batch {run.batch}" if run.batch
+             else f"the end of epoch {run.epoch}")
+    return Interrupted(
+        f"{signal.Signals(stop.signum).name}: stopped at {where} (step {run.step}); state saved "
+        f"to {path}. Resume with: convnext-cifar train --config {cfg.run_dir / 'config.json'} "
+        "--resume auto", 128 + stop.signum)
+
+
+def write_config(cfg: TrainConfig) -> None:
+    try:
+        atomic_write_bytes(cfg.run_dir / "config.json", config_json(cfg).encode())
+    except OSError as e:
+        raise UserError(f"cannot write to work dir {cfg.run_dir}: {e.strerror or e}; "
+                        "pick another with --work-dir") from None
 
 
 def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: bool | None = None,

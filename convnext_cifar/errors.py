@@ -3,3 +3,17 @@
 
 class UserError(Exception):
     """A request that cannot be done; the message says what is wrong and what to do."""
+
+
+class TrainingDiverged(UserError):
+    """Loss or gradient norm became non-finite; the run stopped without saving."""
+
+    exit_code = 1
+
+
+class Interrupted(Exception):
+    """The run stopped on SIGINT/SIGTERM after writing a resumable state (exit 128 + signal)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

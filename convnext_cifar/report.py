@@ -4,6 +4,7 @@ metrics.jsonl (one JSON object per log point and per validation)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,17 +13,29 @@ from convnext_cifar.errors import UserError
 
 
 class MetricsLog:
-    """Appends one JSON object per line; each line is flushed as it is written."""
+    """Appends one JSON object per line, each with a single write (a kill never tears a line)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def write(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record) + "\n").encode()
         try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise UserError(f"could not write {self.path}: {e.strerror or e}") from None
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def truncate(self, size: int) -> None:
+        """Cut the log back to `size` bytes: what a resumed run will write again goes."""
+        if self.path.exists() and self.path.stat().st_size > size:
+            os.truncate(self.path, size)
 
 
 def _fmt_train(r: dict[str, Any]) -> str:
@@ -39,7 +52,7 @@ class Progress:
         self._bar = None
         self._task = None
 
-    def start_epoch(self, epoch: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
         if not self.live:
             return
         from rich.progress import (
@@ -54,7 +67,7 @@ class Progress:
                         MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TextColumn("eta"), TimeRemainingColumn(), transient=False)
         self._bar.start()
-        self._task = self._bar.add_task("train", total=steps, info="")
+        self._task = self._bar.add_task("train", total=steps, completed=done, info="")
 
     def advance(self) -> None:
         if self._bar is not None:

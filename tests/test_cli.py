@@ -25,7 +25,7 @@ def run_cli(*args, cwd=None):
 @pytest.fixture
 def captured(monkeypatch):
     seen = []
-    monkeypatch.setattr(engine, "fit", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(engine, "fit", lambda cfg, **kw: seen.append(cfg))
     return seen
 
 

@@ -10,7 +10,15 @@ from safetensors import safe_open
 from convnext_cifar import cli
 from convnext_cifar.config import DataConfig, OptimConfig, SchedConfig, TrainConfig
 from convnext_cifar.data import DeviceLoader
-from convnext_cifar.engine import Runtime, TrainStep, prepare_model, train_one_epoch
+from convnext_cifar.engine import (
+    Guard,
+    RunState,
+    Runtime,
+    TrainStep,
+    Window,
+    prepare_model,
+    train_one_epoch,
+)
 from convnext_cifar.optim import build_optimizer
 from convnext_cifar.report import MetricsLog, Progress
 
@@ -125,9 +133,11 @@ def test_epoch_syncs_only_at_log_points(monkeypatch, tmp_path):
         return real_item(t)
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
-    end = train_one_epoch(step, loader, 0, 0, cfg, MetricsLog(tmp_path / "m.jsonl"),
-                          Progress(2, live=False))
-    assert end == 10 and len(calls) == 2 * 2  # loss and grad norm, at steps 5 and 10 only
+    run = RunState()
+    assert train_one_epoch(step, loader, run, cfg, MetricsLog(tmp_path / "m.jsonl"),
+                           Progress(2, live=False), Window(CPU.device), Guard(CPU.device, 0, 1))
+    assert (run.step, run.epoch, run.batch) == (10, 1, 0)
+    assert len(calls) == 2 * 3  # loss, grad norm and the non-finite guard, at steps 5 and 10
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,0 +1,292 @@
+"""Never lose a run: exact resume, interruption, atomic files, guards."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import small_run_args
+from safetensors import safe_open
+
+from convnext_cifar import checkpoints, cli, engine
+from convnext_cifar.checkpoints import WorkDirLock, find_states, load_state, load_weights
+from convnext_cifar.engine import Guard, StopSignals
+
+EXACT = ("--sched.epochs", "3", "--sched.warmup-epochs", "1", "--data.limit-train", "200",
+         "--data.limit-val", "100", "--model.drop-path-rate", "0.1", "--keep-last", "10",
+         "--log-interval", "3")  # 4 steps an epoch: log points fall mid-epoch too
+
+
+def run(root, work, *extra):
+    return cli.main(small_run_args(root, work, *EXACT, *extra))
+
+
+def weights(path):
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta.pop("config"))
+    config.pop("work_dir")
+    return tensors, meta, config
+
+
+def records(work):
+    return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
+            for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a, b):
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert names == sorted(p.name for p in b.glob("*.safetensors"))
+    for name in names:
+        ta, ma, ca = weights(a / name)
+        tb, mb, cb = weights(b / name)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+        assert ma == mb and ca == cb, name
+    assert records(a) == records(b)
+    sa, sb = load_state(find_states(a)[-1]), load_state(find_states(b)[-1])
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+
+@pytest.fixture(scope="module")
+def reference(cifar_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("uninterrupted")
+    assert run(cifar_root, work) == 0
+    return work
+
+
+@pytest.mark.parametrize("crash_after_state", [1, 2])
+def test_crash_after_any_checkpoint_then_resume_is_bit_exact(
+        cifar_root, tmp_path, reference, monkeypatch, crash_after_state):
+    real_save, saved = engine.save_training_state, []
+
+    def save_then_die(*args, **kwargs):  # a hard kill right after the k-th state is on disk
+        path = real_save(*args, **kwargs)
+        saved.append(path)
+        if len(saved) == crash_after_state:
+            raise SystemExit("killed")
+        return path
+
+    monkeypatch.setattr(engine, "save_training_state", save_then_die)
+    with pytest.raises(SystemExit):
+        run(cifar_root, tmp_path)
+    monkeypatch.setattr(engine, "save_training_state", real_save)
+    assert len(find_states(tmp_path)) == crash_after_state
+    assert run(cifar_root, tmp_path, "--resume", "auto") == 0
+    assert_same_run(reference, tmp_path)
+
+
+@pytest.mark.parametrize("signum, at_step, code", [
+    (signal.SIGTERM, 6, 143),  # mid-epoch 2, between log points
+    (signal.SIGINT, 8, 130),  # on the last step of epoch 2
+])
+def test_signal_writes_a_state_and_resume_is_bit_exact(
+        cifar_root, tmp_path, reference, monkeypatch, capsys, signum, at_step, code):
+    real_call, calls = engine.TrainStep.__call__, []
+
+    def step_then_signal(self, x, y):
+        out = real_call(self, x, y)
+        calls.append(1)
+        if len(calls) == at_step:
+            os.kill(os.getpid(), signum)  # the real handler, through the real signal
+        return out
+
+    monkeypatch.setattr(engine.TrainStep, "__call__", step_then_signal)
+    assert run(cifar_root, tmp_path) == code
+    err = capsys.readouterr().err
+    assert f"(step {at_step}); state saved to" in err and "--resume auto" in err
+    assert find_states(tmp_path)[-1].name == f"state_{at_step:08d}.pt"
+    monkeypatch.setattr(engine.TrainStep, "__call__", real_call)
+    assert run(cifar_root, tmp_path, "--resume", "auto") == 0
+    assert_same_run(reference, tmp_path)
+
+
+def test_second_ctrl_c_quits_at_once():
+    stop = StopSignals()
+    stop._handle(signal.SIGINT, None)
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
+def test_states_are_pruned_but_the_best_epoch_state_is_kept(cifar_root, tmp_path, monkeypatch):
+    real_evaluate = engine.evaluate
+
+    def best_at_first_epoch(*args, **kwargs):  # make epoch 1 the best one
+        res = real_evaluate(*args, **kwargs)
+        res.top1 = 90.0 if not best_at_first_epoch.calls else 10.0
+        best_at_first_epoch.calls += 1
+        return res
+
+    best_at_first_epoch.calls = 0
+    monkeypatch.setattr(engine, "evaluate", best_at_first_epoch)
+    assert cli.main(small_run_args(cifar_root, tmp_path, *EXACT[:-6], "--sched.epochs", "5",
+                                   "--keep-last", "2")) == 0
+    assert [p.name for p in find_states(tmp_path)] == [
+        "state_00000004.pt", "state_00000016.pt", "state_00000020.pt"]
+    assert load_weights(tmp_path / "best.safetensors").epoch == 1
+
+
+def test_best_checkpoint_across_resume(cifar_root, tmp_path, monkeypatch):
+    real_save, saved = engine.save_training_state, []
+
+    def save_then_die(*args, **kwargs):
+        saved.append(real_save(*args, **kwargs))
+        if len(saved) == 1:
+            raise SystemExit("killed")
+        return saved[-1]
+
+    monkeypatch.setattr(engine, "save_training_state", save_then_die)
+    with pytest.raises(SystemExit):
+        run(cifar_root, tmp_path)
+    monkeypatch.setattr(engine, "save_training_state", real_save)
+    best = tmp_path / "best.safetensors"
+    ckpt = load_weights(best)
+    # An old best that no resumed epoch can beat: it must stay byte for byte.
+    from safetensors.torch import save
+
+    unbeatable = save(ckpt.state_dict, metadata={
+        **safe_open(str(best), "pt").metadata(), "metrics": json.dumps({"top1": 100.5})})
+    best.write_bytes(unbeatable)
+    assert run(cifar_root, tmp_path, "--resume", "auto") == 0
+    assert best.read_bytes() == unbeatable
+
+
+def test_resume_refuses_changed_run_options_unless_allowed(cifar_root, tmp_path, capsys):
+    assert run(cifar_root, tmp_path, "--sched.epochs", "2") == 0
+    capsys.readouterr()
+    assert run(cifar_root, tmp_path, "--resume", "auto", "--optim.lr", "1e-3",
+               "--data.batch-size", "20") == 2
+    err = capsys.readouterr().err
+    assert "optim.lr (0.004 -> 0.001)" in err and "data.batch_size (50 -> 20)" in err
+    assert "--resume-allow-changes" in err and err.count("\n") == 1
+    assert run(cifar_root, tmp_path, "--resume", "auto", "--log-interval", "2",
+               "--sched.epochs", "2") == 0  # how often to log does not change the run
+    assert run(cifar_root, tmp_path, "--resume", str(find_states(tmp_path)[-1]), "--optim.lr",
+               "1e-3", "--resume-allow-changes") == 0
+
+
+def test_fresh_start_in_a_used_work_dir_is_refused(cifar_root, tmp_path, capsys):
+    assert run(cifar_root, tmp_path, "--sched.epochs", "2") == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert run(cifar_root, tmp_path, "--sched.epochs", "2") == 2
+    assert "holds the training states of an earlier run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_second_run_on_the_same_work_dir_is_refused_until_the_first_dies(tmp_path, cifar_root):
+    with WorkDirLock(tmp_path):
+        out = subprocess.run([sys.executable, "-m", "convnext_cifar",
+                              *small_run_args(cifar_root, tmp_path)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "is in use by a running training (pid" in out.stderr
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from convnext_cifar.checkpoints import WorkDirLock\n"
+        f"l = WorkDirLock({str(tmp_path)!r}).__enter__(); print('locked', flush=True); "
+        "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    with WorkDirLock(tmp_path):  # a killed holder leaves nothing behind
+        pass
+
+
+def test_guard_counts_fp16_skips_only_in_a_row():
+    guard = Guard(torch.device("cpu"), step=0, patience=3)
+    nan, ok = torch.tensor(float("nan")), torch.tensor(1.0)
+    for loss in (nan, nan, ok, nan, nan):
+        guard.update(ok, loss)
+    assert guard.tripped_at.item() == -1
+    guard.update(ok, nan)
+    assert guard.tripped_at.item() == 6
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step(cifar_root, tmp_path, monkeypatch, capsys):
+    real_call, calls = engine.TrainStep.__call__, []
+
+    def nan_at_step_6(self, x, y):
+        loss, norm = real_call(self, x, y)
+        calls.append(1)
+        return (loss * float("nan"), norm) if len(calls) == 6 else (loss, norm)
+
+    monkeypatch.setattr(engine.TrainStep, "__call__", nan_at_step_6)
+    assert run(cifar_root, tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient norm at epoch 2, step 6" in err
+    assert "state_00000004.pt" in err and err.count("\n") == 1
+    assert [p.name for p in find_states(tmp_path)] == ["state_00000004.pt"]
+
+
+def test_failed_write_reports_path_and_keeps_earlier_files(cifar_root, tmp_path, monkeypatch,
+                                                           capsys):
+    real_write, writes = checkpoints.atomic_write_bytes, []
+
+    def disk_full_on_second_state(path, data):
+        if path.name.startswith("state_"):
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write(path, data)
+
+    monkeypatch.setattr(checkpoints, "atomic_write_bytes", disk_full_on_second_state)
+    assert run(cifar_root, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"could not write training state {tmp_path / 'state_00000008.pt'}" in err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert [p.name for p in find_states(tmp_path)] == ["state_00000004.pt"]
+    load_state(tmp_path / "state_00000004.pt")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _final_files_load(work):
+    for path in work.iterdir():
+        if path.name == "config.json":
+            json.loads(path.read_text())
+        elif path.name == "metrics.jsonl":
+            [json.loads(line) for line in path.read_text().splitlines()]
+        elif path.suffix == ".safetensors":
+            load_weights(path)
+        elif path.name.startswith("state_"):
+            load_state(path)
+
+
+def test_kill_9_at_random_moments_never_loses_the_run(cifar_root, tmp_path):
+    args = [sys.executable, "-m", "convnext_cifar", *small_run_args(
+        cifar_root, tmp_path, "--sched.epochs", "40", "--sched.warmup-epochs", "1",
+        "--data.limit-train", "100", "--data.limit-val", "50", "--ckpt-interval", "1",
+        "--keep-last", "2", "--resume", "auto")]
+    rng = __import__("random").Random(0)
+    kills = during_save = 0
+    while kills < 12:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        start = time.monotonic()
+        target_save = kills % 2 == 1  # every other kill aims at a checkpoint being written
+        delay = rng.uniform(0.5, 3.0)
+        while proc.poll() is None and time.monotonic() - start < 60:
+            if target_save and list(tmp_path.glob(".*.tmp")) and time.monotonic() - start > 3:
+                during_save += 1
+                break
+            if not target_save and time.monotonic() - start > 3 + delay:
+                break
+            time.sleep(0.001)
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read().decode()
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        _final_files_load(tmp_path)
+    assert kills >= 10 and during_save >= 3
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    _final_files_load(tmp_path)
+    steps = [r["step"] for r in records(tmp_path) if "step" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 40 * 2  # each step logged once
+    assert load_state(find_states(tmp_path)[-1])["run"]["epoch"] == 40
+    shutil.rmtree(tmp_path)
