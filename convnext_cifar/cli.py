@@ -9,8 +9,11 @@ Heavy modules (torch, timm) are imported only inside the commands, so `--help` i
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -64,10 +67,14 @@ def _train_command(default: TrainConfig):
         )] = False,
     ) -> int:
         """Fine-tune ConvNeXt-V2; default: the reference CIFAR-10 experiment."""
-        from convnext_cifar.engine import fit
 
-        fit(cfg, resume=resume, allow_changes=resume_allow_changes)
-        return 0
+        def run() -> int:
+            from convnext_cifar.engine import fit
+
+            fit(cfg, resume=resume, allow_changes=resume_allow_changes)
+            return 0
+
+        return run
 
     return train
 
@@ -90,17 +97,21 @@ def eval_command(
         batch_size: Evaluation batch size (default: as recorded).
         json_output: Print one JSON object instead of tables.
     """
-    from convnext_cifar.engine import evaluate_checkpoint
-    from convnext_cifar.report import print_eval
-
     if batch_size is not None and batch_size < 1:
         raise UserError(f"invalid --batch-size {batch_size}: must be >= 1")
-    result = evaluate_checkpoint(ckpt, data_root, download, device, batch_size)
-    if json_output:
-        print(json.dumps(result))
-    else:
-        print_eval(result)
-    return 0
+
+    def run() -> int:
+        from convnext_cifar.engine import evaluate_checkpoint
+        from convnext_cifar.report import print_eval
+
+        result = evaluate_checkpoint(ckpt, data_root, download, device, batch_size)
+        if json_output:
+            print(json.dumps(result))
+        else:
+            print_eval(result)
+        return 0
+
+    return run
 
 
 def convert_command(
@@ -120,11 +131,44 @@ def convert_command(
         prefix: Take only the keys under this prefix (e.g. backbone), like MMPretrain's init_cfg.
         layout: Layout of SRC; auto tells it from the keys.
     """
-    from convnext_cifar.model import convert_to_timm
 
-    name, report = convert_to_timm(str(src), dst, model_name, layout, prefix)
-    print(f"{src} -> {dst} ({name}): {report}")
-    return 0
+    def run() -> int:
+        from convnext_cifar.model import convert_to_timm
+
+        name, report = convert_to_timm(str(src), dst, model_name, layout, prefix)
+        print(f"{src} -> {dst} ({name}): {report}")
+        return 0
+
+    return run
+
+
+def parse(commands: dict[str, Callable], args: list[str]) -> Callable[[], int] | int:
+    """The command to run, or an exit code after --help; tyro's error boxes become one line."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.extras.subcommand_cli_from_dict(commands, prog="convnext-cifar", args=args)
+    except SystemExit as e:
+        if e.code in (0, None):
+            sys.stderr.write(captured.getvalue())
+            return 0
+        raise UserError(_one_line(captured.getvalue(), args)) from None
+
+
+def _one_line(box: str, args: list[str]) -> str:
+    """The message of a tyro error box, without its frame and help text."""
+    lines = []
+    for raw in box.splitlines():
+        line = raw.strip(" │╭╮╰╯").strip()
+        if line.startswith("─"):  # the frame's title or a separator: the message is above
+            if lines:
+                break
+            continue
+        if line:
+            lines.append(line)
+    command = " " + args[0] if args and args[0] in ("train", "eval", "convert") else ""
+    message = " ".join(lines) or "invalid command line"
+    return f"{message} (see convnext-cifar{command} --help)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         default = starting_config(args) if args[:1] == ["train"] else PRESETS[DEFAULT_PRESET]()
         commands = {"train": _train_command(default), "eval": eval_command,
                     "convert": convert_command}
-        return tyro.extras.subcommand_cli_from_dict(commands, prog="convnext-cifar", args=args)
+        command = parse(commands, args)
+        return command() if callable(command) else command
     except UserError as e:
         print(f"convnext-cifar: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)

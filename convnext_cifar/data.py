@@ -181,7 +181,6 @@ def load_cifar10(cfg: DataConfig, device: torch.device | str = "cpu",
                  train: bool = True) -> Dataset:
     """Read the splits once and move them to `device` (the train split only when `train`)."""
     folder = cifar10_folder(cfg.root, cfg.download)
-    _warn_if_unofficial(folder)
     meta = _read_pickle(folder / "batches.meta") if (folder / "batches.meta").exists() else {}
     classes = [str(c) for c in meta.get("label_names", [])] or [str(i) for i in range(10)]
     if len(classes) != cfg.num_classes:
@@ -204,6 +203,7 @@ def load_cifar10(cfg: DataConfig, device: torch.device | str = "cpu",
         train_images = torch.empty(0, 3, 32, 32, dtype=torch.uint8, device=device)
         train_labels = torch.empty(0, dtype=torch.int64, device=device)
     test_images, test_labels = split(TEST_FILES, cfg.limit_val)
+    _warn_if_unofficial(folder)  # only once the files read well: an error stays one line
     return Dataset(train_images, train_labels, test_images, test_labels, classes)
 
 

@@ -36,7 +36,7 @@ from convnext_cifar.checkpoints import (
 from convnext_cifar.config import TrainConfig, config_json, to_dict
 from convnext_cifar.data import DeviceLoader, Normalize, eval_batches, load_cifar10
 from convnext_cifar.errors import Interrupted, TrainingDiverged, UserError
-from convnext_cifar.model import build_model
+from convnext_cifar.model import build_model, layout_mismatch
 from convnext_cifar.optim import build_optimizer, lr_at, set_lr
 from convnext_cifar.report import MetricsLog, Progress
 
@@ -381,12 +381,15 @@ def restore_training_state(state: dict[str, Any], path: Path, run: RunState,
                            window: Window, log: MetricsLog) -> torch.Tensor:
     """Put a run back where `state` left it; returns the data generator state to continue with
     (None at an epoch boundary)."""
+    if problem := layout_mismatch(model, state["model"]):
+        raise UserError(f"{path} does not fit this model ({problem}); resume with the run's "
+                        "own config.json")
+    model.load_state_dict(state["model"])
     try:
-        model.load_state_dict(state["model"])
         step_fn.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} does not fit this model or optimiser ({_short(e)}); resume "
-                        "with the run's own config.json") from None
+        raise UserError(f"{path} does not fit this optimiser ({_short(e)}); resume with the "
+                        "run's own config.json") from None
     if step_fn.scaler is not None and state.get("scaler"):
         step_fn.scaler.load_state_dict(state["scaler"])
     for k, v in state["run"].items():
@@ -443,10 +446,10 @@ def _train(cfg: TrainConfig, rt: Runtime, found: tuple[Path, dict[str, Any]] | N
     progress = Progress(cfg.sched.epochs, live_progress)
     progress.message(f"run {cfg.name}: {json.dumps(rt.as_dict())} -> {run_dir}")
     seed_everything(cfg.seed)
-    data = load_cifar10(cfg.data, rt.device)
     # A resumed run takes its weights from the state: no download of pretrained weights.
     model_cfg = cfg.model if found is None else dataclasses.replace(cfg.model, pretrained="none")
     model, forward = prepare_model(build_model(model_cfg, cfg.data.num_classes), rt)
+    data = load_cifar10(cfg.data, rt.device)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     step_fn = TrainStep(forward, optimizer, rt, cfg.model.label_smoothing, cfg.optim.clip_grad_norm)
     loader = DeviceLoader(data.train_images, data.train_labels, cfg.data, cfg.seed,
@@ -529,10 +532,10 @@ def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: boo
                               device=device or cfg.device)
     rt = resolve_runtime(cfg)
     model = build_model(dataclasses.replace(cfg.model, pretrained="none"), cfg.data.num_classes)
-    try:
-        model.load_state_dict(ckpt.state_dict)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not match the model its metadata describes ({e})") from None
+    if problem := layout_mismatch(model, ckpt.state_dict):
+        raise UserError(f"{path} does not match the model its metadata describes ({problem}); "
+                        "the file is damaged or was edited")
+    model.load_state_dict(ckpt.state_dict)
     model, forward = prepare_model(model, rt)
     data = load_cifar10(cfg.data, rt.device, train=False)
     normalize = Normalize(cfg.data, rt.device, rt.channels_last)

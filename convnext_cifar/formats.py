@@ -117,8 +117,9 @@ def _pickle_detail(e: BaseException) -> str:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message (torch's go on for a paragraph)."""
     text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+    return (text.splitlines()[0].split(". ")[0] if text else type(e).__name__)[:200]
 
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:

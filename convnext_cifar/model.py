@@ -95,6 +95,17 @@ class LoadReport:
                 f"ignored: {names(self.ignored) or 'nothing'}")
 
 
+def layout_mismatch(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> str:
+    """'' when `state_dict` fits `model` exactly; else the first differing keys, for a message."""
+    own = model.state_dict()
+    problems = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                if k in state_dict and state_dict[k].shape != v.shape]
+    problems += [f"missing {k}" for k in own if k not in state_dict]
+    problems += [f"unexpected {k}" for k in state_dict if k not in own]
+    more = f" ... ({len(problems)} in all)" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
+
+
 def _same_but_unit_dims(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() == b.numel() and a.squeeze().shape == b.squeeze().shape
 

@@ -1,0 +1,176 @@
+"""Every mistake a user can make ends in one line on stderr, exit code 2, and no lost checkpoint.
+
+Each case runs the real CLI in a subprocess next to a finished run whose files must not change.
+"""
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from cifar_files import dump_py3
+from conftest import small_run_args
+from safetensors.torch import save
+
+from convnext_cifar import cli
+from convnext_cifar.checkpoints import find_states
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (__import__("os").system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def finished(cifar_root, tmp_path_factory):
+    """A finished run: its files are the 'existing checkpoints' no case may touch."""
+    work = tmp_path_factory.mktemp("finished")
+    assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "2", "--sched.warmup-epochs",
+                                   "0", "--data.limit-train", "100", "--data.limit-val", "50")) == 0
+    return work
+
+
+def damaged_data(root, tmp, damage):
+    copy = tmp / "data"
+    shutil.copytree(root, copy)
+    damage(copy / "cifar-10-batches-py")
+    return copy
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _femto_with_our_metadata(finished, tmp, name="convnextv2_femto", classes=10):
+    from safetensors import safe_open
+
+    with safe_open(str(finished / "best.safetensors"), "pt") as f:
+        meta = f.metadata()
+    torch.manual_seed(0)
+    sd = timm.create_model(name, num_classes=classes).state_dict()
+    return _write(tmp / "other.safetensors", save({k: v.contiguous() for k, v in sd.items()},
+                                                  metadata=meta))
+
+
+def _pth(tmp, obj, name="w.pth"):
+    torch.save(obj, tmp / name)
+    return tmp / name
+
+
+CASES = {
+    "missing dataset, no download": (
+        lambda c: ["--data.root", str(c.tmp / "nowhere")], "CIFAR-10 not found"),
+    "missing batch file": (
+        lambda c: ["--data.root", str(damaged_data(c.root, c.tmp, lambda d: (
+            d / "data_batch_3").unlink()))], "missing"),
+    "truncated batch file": (
+        lambda c: ["--data.root", str(damaged_data(c.root, c.tmp, lambda d: (
+            d / "data_batch_2").write_bytes((d / "data_batch_2").read_bytes()[:999])))],
+        "cannot read"),
+    "wrongly shaped batch file": (
+        lambda c: ["--data.root", str(damaged_data(c.root, c.tmp, lambda d: dump_py3(
+            {"data": np.zeros((5, 1024), np.uint8), "labels": [0] * 5}, d / "test_batch")))],
+        "expected uint8 (N, 3072)"),
+    "labels out of range": (
+        lambda c: ["--data.root", str(damaged_data(c.root, c.tmp, lambda d: dump_py3(
+            {"data": np.zeros((2, 3072), np.uint8), "labels": [3, 12]}, d / "data_batch_1")))],
+        "labels must be in [0, 9]"),
+    "eval: no such checkpoint": (
+        lambda c: ["eval", str(c.tmp / "best.safetensors")], "does not exist"),
+    "eval: a directory": (lambda c: ["eval", str(c.finished)], "is a directory"),
+    "eval: empty file": (
+        lambda c: ["eval", str(_write(c.tmp / "e.safetensors", b""))], "is empty"),
+    "eval: truncated checkpoint": (
+        lambda c: ["eval", str(_write(c.tmp / "t.safetensors", (
+            c.finished / "best.safetensors").read_bytes()[:20000]))],
+        "not a readable safetensors checkpoint"),
+    "eval: not a checkpoint": (
+        lambda c: ["eval", str(_write(c.tmp / "notes.safetensors", b"hello " * 100))],
+        "not a readable safetensors checkpoint"),
+    "eval: weights of another tool": (
+        lambda c: ["eval", str(_write(c.tmp / "timm.safetensors", save(
+            {"w": torch.zeros(2)})))], "was not written by convnext-cifar"),
+    "eval: another architecture": (
+        lambda c: ["eval", str(_femto_with_our_metadata(c.finished, c.tmp))],
+        "does not match the model its metadata describes"),
+    "eval: another class count": (
+        lambda c: ["eval", str(_femto_with_our_metadata(c.finished, c.tmp, "convnextv2_atto",
+                                                        100))],
+        "does not match the model its metadata describes"),
+    "pretrained: another architecture": (
+        lambda c: ["--model.pretrained", str(_pth(c.tmp, {"state_dict": timm.create_model(
+            "convnextv2_femto").state_dict()}))],
+        "holds convnextv2_femto weights but --model.name is convnextv2_atto"),
+    "pretrained: executable pickle": (
+        lambda c: ["--model.pretrained", str(_pth(c.tmp, {"state_dict": {}, "x": Payload(
+            c.tmp / "pwned")}))], "refused, nothing in it was run"),
+    "pretrained: truncated": (
+        lambda c: ["--model.pretrained", str(_write(c.tmp / "cut.pth", _pth(c.tmp, {
+            "w": torch.zeros(1000)}).read_bytes()[:700]))], "not a readable PyTorch checkpoint"),
+    "resume: no such state": (
+        lambda c: ["--resume", str(c.tmp / "state_00000001.pt")], "does not exist"),
+    "resume: not a training state": (
+        lambda c: ["--resume", str(_pth(c.tmp, {"model": {"w": torch.zeros(1)}}))],
+        "not a convnext-cifar training state"),
+    "resume: executable pickle": (
+        lambda c: ["--resume", str(_pth(c.tmp, {"format": Payload(c.tmp / "pwned")}))],
+        "refused, nothing in it was run"),
+    "resume: truncated state": (
+        lambda c: ["--resume", str(_write(c.tmp / "state_00000002.pt", find_states(
+            c.finished)[-1].read_bytes()[:5000]))], "not a readable PyTorch checkpoint"),
+    "resume: another architecture": (
+        lambda c: ["--resume", str(find_states(c.finished)[-1]), "--model.name",
+                   "convnextv2_femto"], "model.name ('convnextv2_atto' -> 'convnextv2_femto')"),
+    "config: malformed JSON": (
+        lambda c: ["--config", str(_write(c.tmp / "c.json", b"{\"seed\": "))],
+        "not valid JSON"),
+    "config: unknown field": (
+        lambda c: ["--config", str(_write(c.tmp / "c.json", b'{"optim": {"lrr": 1}}'))],
+        "unknown config field(s) optim.lrr"),
+    "option out of range": (lambda c: ["--optim.lr", "-1"], "invalid --optim.lr -1.0"),
+    "option of the wrong type": (lambda c: ["--seed", "abc"], "Error parsing --seed"),
+    "unknown model name": (lambda c: ["--model.name", "resnet50"], "invalid --model.name"),
+    "unwritable work dir": (
+        lambda c: ["--work-dir", str(_write(c.tmp / "a_file", b"x") / "run")],
+        "cannot create work dir"),
+}
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, finished, cifar_root, tmp_path):
+    class Ctx:
+        root, tmp = cifar_root, tmp_path
+
+    Ctx.finished = finished
+    build, message = CASES[case]
+    extra = build(Ctx)
+    if extra[0] == "eval":
+        args = extra
+    elif extra[0] == "--config":
+        args = ["train", *extra, "--work-dir", str(tmp_path / "run")]
+    else:  # a training command aimed at a new work dir, or (resume) at the finished one
+        work = finished if "--resume" in extra and "another architecture" in case else \
+            tmp_path / "run"
+        args = small_run_args(cifar_root, work) + extra
+    before = digest(finished)
+    out = subprocess.run([sys.executable, "-m", "convnext_cifar", *args], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("convnext-cifar: error: ")
+    assert "Traceback" not in out.stderr and message in out.stderr, out.stderr
+    assert digest(finished) == before
+    assert not (tmp_path / "pwned").exists()
