@@ -1,23 +1,38 @@
-"""Training throughput of the project's real loop next to the bare model ceiling, in one process.
+"""Throughput of the project's real training and eval paths, a matrix of settings, and a
+typical-PyTorch baseline measured side by side in the same process.
 
-    python -m benchmarks.throughput --model convnextv2_tiny --batch-size 128
+    python -m benchmarks.throughput                 # the matrix for ConvNeXt-V2-Tiny, 32x32
+    python -m benchmarks.throughput --quick         # only the defaults `train` uses here
+    python -m benchmarks.throughput --quick --model convnextv2_atto --json --out r.jsonl
 
-`loop`: `engine.train_one_epoch` itself (seeded permutation, on-device crop/flip, normalise,
-LR schedule, forward, loss, backward, clip, AdamW) over device-resident synthetic uint8 images.
-`bare`: the same `TrainStep` on one resident, already normalised batch: no data work at all.
-Each figure is the median over `--windows` timed epochs of `--steps` steps after one warm-up epoch.
+Per configuration (precision x channels_last x compile):
+  data   `DeviceLoader` alone: permutation, gather, crop/flip, normalise
+  loop   `engine.train_one_epoch` itself: data + LR schedule + forward, loss, backward, clip,
+         AdamW, on-device metrics (exactly what `train` runs)
+  bare   the same `TrainStep` on one resident, normalised batch: the model ceiling
+  eval   `engine.evaluate` itself over resident test images
+Baseline: torchvision CIFAR10-style per-image PIL transforms (RandomCrop(32, padding=4),
+RandomHorizontalFlip, ToTensor, Normalize) through a DataLoader with worker processes, the same
+model and optimizer, eager fp32: the loop most PyTorch users write.
+
+Each figure is the median over --windows timed windows after one warm-up window (whose time,
+compile included, is reported as first_s), with min and max. CUDA windows are timed with events
+and synchronise only at window edges.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import resource
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tyro
 
@@ -28,35 +43,153 @@ class Args:
     """timm ConvNeXt-V2 variant."""
     batch_size: int = 128
     """Training batch size."""
-    steps: int = 10
-    """Steps per timed window."""
+    eval_batch_size: int = 256
+    """Evaluation batch size."""
+    image_size: int = 32
+    """Input size (32: CIFAR as stored; larger upsamples on the device, as --data.image-size)."""
+    steps: int = 8
+    """Training steps (eval batches) per timed window."""
     windows: int = 3
-    """Timed windows; the median is reported, with min and max."""
+    """Timed windows after the warm-up one; the median is reported, with min and max."""
     device: str = "auto"
     """Torch device (auto: cuda if available)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast precision, as in `train`."""
-    compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile, as in `train`."""
-    channels_last: bool = True
-    """channels_last memory format."""
+    quick: bool = False
+    """Only the configuration `train` uses by default on this device (and the baseline)."""
+    precision: tuple[Literal["fp32", "bf16", "fp16"], ...] | None = None
+    """Precisions of the matrix (default: fp32, plus bf16/fp16 where the device runs them fast)."""
+    baseline: bool = True
+    """Also measure the typical DataLoader + per-image transforms loop."""
+    baseline_workers: int = 2
+    """DataLoader worker processes of the baseline."""
     json: bool = False
-    """Print one JSON object instead of a line per figure."""
+    """Print one JSON object per configuration instead of the table."""
+    out: Path | None = None
+    """Also write the JSON objects (one per line) to this file."""
 
 
-def _sync(device) -> None:
+# ---- timing -----------------------------------------------------------------------------------
+
+class Clock:
+    """Window timing: CUDA events on a GPU (sync only at the window's end), perf_counter on CPU."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+
+    def time(self, fn) -> float:
+        if self.cuda:
+            start = self.torch.cuda.Event(enable_timing=True)
+            end = self.torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def windows(clock: Clock, fn, images: int, count: int) -> dict[str, float]:
+    """Run `fn` once to warm up, then `count` timed windows of `images` images each."""
+    first = clock.time(fn)
+    rates = [images / clock.time(fn) for _ in range(count)]
+    return {"img_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "first_s": first}
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                        transposed, _output_padding, _groups, output_mask, out_shape=None,
+                        **kwargs) -> int:
+    """Backward of a (grouped) conv: grad input and grad weight each cost one forward.
+
+    torch's own formula treats grad weight as a dense conv and over-counts depthwise
+    convolutions by their group count.
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape),
+                              transposed=transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def flops_per_image(model, step_fn, x, y) -> tuple[float, float]:
+    """(forward, training step) FLOPs per image, counted on one batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        with torch.no_grad():
+            model(x)
+    forward = counter.get_total_flops()
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        step_fn(x, y)
+    return forward / len(x), counter.get_total_flops() / len(x)
+
+
+def peak_matmul_flops(device, dtype) -> float:
+    """FLOP/s of a large square matmul on `device` in `dtype`: the ceiling utilisation refers to."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    clock = Clock(device)
+    reps = 50 if device.type == "cuda" else 8
+
+    def run():
+        for _ in range(reps):
+            a @ b
+
+    clock.time(run)
+    return 2 * n ** 3 * reps / min(clock.time(run) for _ in range(3))
 
 
-def main(args: Args) -> dict:
+# ---- the project's paths ----------------------------------------------------------------------
+
+def default_settings(device) -> tuple[str, bool, bool]:
+    """(precision, channels_last, compile) that `train` resolves to on `device`."""
+    from convnext_cifar.config import TrainConfig
+    from convnext_cifar.engine import resolve_runtime
+
+    rt = resolve_runtime(TrainConfig(device=str(device)))
+    return rt.precision, rt.channels_last, rt.compile
+
+
+def matrix(args: Args, device) -> list[tuple[str, bool, bool]]:
+    import torch
+
+    if args.quick:
+        return [default_settings(device)]
+    precisions = args.precision
+    if precisions is None:
+        precisions = ("fp32",)
+        if device.type == "cuda":
+            precisions += ("bf16", "fp16") if torch.cuda.is_bf16_supported() else ("fp16",)
+    return list(itertools.product(precisions, (True, False), (False, True)))
+
+
+def measure(args: Args, device, precision: str, channels_last: bool, compile_on: bool,
+            flops: dict[str, float]) -> dict[str, Any]:
     import torch
 
     from convnext_cifar.config import CIFAR10FineTune, ModelConfig
-    from convnext_cifar.data import DeviceLoader
-    from convnext_cifar.engine import TrainStep, prepare_model, resolve_runtime, train_one_epoch
+    from convnext_cifar.data import DeviceLoader, Normalize
+    from convnext_cifar.engine import (
+        Guard,
+        RunState,
+        Runtime,
+        TrainStep,
+        Window,
+        evaluate,
+        prepare_model,
+        train_one_epoch,
+    )
     from convnext_cifar.model import build_model
     from convnext_cifar.optim import build_optimizer
     from convnext_cifar.report import MetricsLog, Progress
@@ -65,69 +198,222 @@ def main(args: Args) -> dict:
     cfg = dataclasses.replace(
         base, model=ModelConfig(name=args.model, pretrained="none", drop_path_rate=0.2,
                                 label_smoothing=0.2),
-        data=dataclasses.replace(base.data, batch_size=args.batch_size, drop_last=True),
-        device=args.device, precision=args.precision, compile=args.compile,
-        channels_last=args.channels_last, log_interval=10**9)
-    rt = resolve_runtime(cfg)
+        data=dataclasses.replace(base.data, batch_size=args.batch_size, drop_last=True,
+                                 image_size=args.image_size, eval_batch_size=args.eval_batch_size),
+        log_interval=10 ** 9)
+    rt = Runtime(device, precision, compile_on, channels_last)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model, forward = prepare_model(build_model(cfg.model, 10, verbose=False), rt)
-    step_fn = TrainStep(forward, build_optimizer(model, cfg.optim, rt.device), rt,
+    step_fn = TrainStep(forward, build_optimizer(model, cfg.optim, device), rt,
                         cfg.model.label_smoothing, cfg.optim.clip_grad_norm)
     n = args.batch_size * args.steps
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=rt.device)
-    labels = torch.randint(0, 10, (n,), device=rt.device)
-    loader = DeviceLoader(images, labels, cfg.data, 0, rt.channels_last)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
+    labels = torch.randint(0, 10, (n,), generator=gen).to(device)
+    n_eval = args.eval_batch_size * args.steps
+    test_images = torch.randint(0, 256, (n_eval, 3, 32, 32), dtype=torch.uint8,
+                                generator=gen).to(device)
+    test_labels = torch.randint(0, 10, (n_eval,), generator=gen).to(device)
+    loader = DeviceLoader(images, labels, cfg.data, 0, channels_last)
+    normalize = Normalize(cfg.data, device, channels_last)
+    clock = Clock(device)
+    result: dict[str, Any] = {"precision": precision, "channels_last": channels_last,
+                              "compile": compile_on}
 
-    results = {"model": args.model, "batch_size": args.batch_size, **rt.as_dict(),
-               "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         log, quiet = MetricsLog(Path(tmp) / "m.jsonl"), Progress(1, live=False)
         quiet.log_train = lambda *a, **k: None  # the benchmark prints its own table
+        cfg = dataclasses.replace(cfg, work_dir=Path(tmp))
+        epoch = itertools.count()
 
-        def loop_window(i: int) -> None:
-            train_one_epoch(step_fn, loader, i, i * args.steps, cfg, log, quiet)
+        def data_window():
+            for _ in loader.epoch(next(epoch)):
+                pass
 
-        x, y = next(loader.epoch(0))
+        def loop_window():
+            run = RunState(epoch=next(epoch))
+            train_one_epoch(step_fn, loader, run, cfg, log, quiet, Window(device),
+                            Guard(device, 0, 1))
 
-        def bare_window(i: int) -> None:
+        x, y, _ = next(loader.epoch(0))
+
+        def bare_window():
             for _ in range(args.steps):
-                loss, _ = step_fn(x, y)
-            loss.item()
+                step_fn(x, y)
 
-        for name, window in (("loop", loop_window), ("bare", bare_window)):
-            t0 = time.perf_counter()
-            window(0)
-            _sync(rt.device)
-            results[f"{name}_first_window_s"] = time.perf_counter() - t0
-            rates = []
-            for i in range(1, args.windows + 1):
-                _sync(rt.device)
-                t0 = time.perf_counter()
-                window(i)
-                _sync(rt.device)
-                rates.append(n / (time.perf_counter() - t0))
-            results[f"{name}_img_per_s"] = statistics.median(rates)
-            results[f"{name}_img_per_s_min"] = min(rates)
-            results[f"{name}_img_per_s_max"] = max(rates)
-    results["loop_over_bare"] = results["loop_img_per_s"] / results["bare_img_per_s"]
+        def eval_window():
+            evaluate(forward, test_images, test_labels, args.eval_batch_size, normalize, rt, 10)
 
-    return results
+        for name, fn, count in (("data", data_window, n), ("loop", loop_window, n),
+                                ("bare", bare_window, n), ("eval", eval_window, n_eval)):
+            for key, value in windows(clock, fn, count, args.windows).items():
+                result[f"{name}_{key}"] = value
+        if not flops:  # counted on the eager model: the same arithmetic, without compile hooks
+            eager = TrainStep(model, step_fn.optimizer, dataclasses.replace(rt, compile=False),
+                              cfg.model.label_smoothing, cfg.optim.clip_grad_norm)
+            flops["forward"], flops["train"] = flops_per_image(model, eager, x, y)
+    result["loop_over_bare"] = result["loop_img_per_s"] / result["bare_img_per_s"]
+    result["train_flops_per_image"] = flops["train"]
+    result["forward_flops_per_image"] = flops["forward"]
+    result["achieved_tflops"] = flops["train"] * result["loop_img_per_s"] / 1e12
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return result
+
+
+# ---- the baseline -----------------------------------------------------------------------------
+
+def baseline(args: Args, device) -> dict[str, Any]:
+    """What most users write: per-image PIL transforms in DataLoader workers, eager fp32."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    from convnext_cifar.config import CIFAR10_MEAN, CIFAR10_STD, ModelConfig, OptimConfig
+    from convnext_cifar.model import build_model
+    from convnext_cifar.optim import build_optimizer
+
+    class CIFARLike(Dataset):
+        def __init__(self, images, labels, transform):
+            self.images, self.labels, self.transform = images, labels, transform
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+    n = args.batch_size * args.steps
+    rng = np.random.default_rng(0)
+    transform = transforms.Compose([
+        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+        *([transforms.Resize(args.image_size)] if args.image_size != 32 else []),
+        transforms.ToTensor(),
+        transforms.Normalize([m / 255 for m in CIFAR10_MEAN], [s / 255 for s in CIFAR10_STD])])
+    dataset = CIFARLike(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                        rng.integers(0, 10, n), transform)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.baseline_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.baseline_workers > 0)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=args.model, drop_path_rate=0.2), 10,
+                        verbose=False).to(device)
+    optimizer = build_optimizer(model, OptimConfig(lr=4e-3), device)
+    model.train()
+
+    def epoch():
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+
+    result = {"precision": "fp32", "channels_last": False, "compile": False,
+              "workers": args.baseline_workers}
+    for key, value in windows(Clock(device), epoch, n, args.windows).items():
+        result[f"loop_{key}"] = value
+    return result
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+def environment(device) -> dict[str, Any]:
+    import platform
+
+    import timm
+    import torch
+
+    env = {"device": str(device), "torch": torch.__version__, "timm": timm.__version__,
+           "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return env
+
+
+def print_table(rows: list[dict[str, Any]], env: dict[str, Any], args: Args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (f"{args.model} {args.image_size}x{args.image_size}, batch {args.batch_size} "
+             f"(eval {args.eval_batch_size}) on {env.get('gpu', env['device'])}, torch "
+             f"{env['torch']}, {env['threads']} threads")
+    table = Table(title=title)
+    for col in ("config", "data", "loop img/s", "bare", "loop/bare", "eval", "first s",
+                "TFLOP/s", "util %", "vs baseline"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        name = ("baseline" if r.get("kind") == "baseline" else
+                f"{r['precision']} {'cl' if r['channels_last'] else 'nchw'} "
+                f"{'compiled' if r['compile'] else 'eager'}")
+
+        def num(key: str, fmt: str = "{:.0f}", r: dict[str, Any] = r) -> str:
+            return fmt.format(r[key]) if key in r else "-"
+
+        spread = f"{r['loop_img_per_s']:.1f} ({r['loop_min']:.0f}-{r['loop_max']:.0f})"
+        table.add_row(name, num("data_img_per_s"), spread, num("bare_img_per_s", "{:.1f}"),
+                      num("loop_over_bare", "{:.2f}"), num("eval_img_per_s"),
+                      f"{r['loop_first_s']:.1f}", num("achieved_tflops", "{:.3f}"),
+                      num("utilisation_pct", "{:.1f}"), num("vs_baseline", "{:.2f}x"))
+    Console(width=max(Console().width, 150)).print(table)
+    if rows and "train_flops_per_image" in rows[0]:
+        print(f"FLOPs per image: forward {rows[0]['forward_flops_per_image'] / 1e9:.3f} G, "
+              f"training step {rows[0]['train_flops_per_image'] / 1e9:.3f} G; peak matmul "
+              f"{rows[0]['peak_tflops']:.2f} TFLOP/s")
+
+
+def main(args: Args) -> list[dict[str, Any]]:
+    import torch
+
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    env = environment(device)
+    rows: list[dict[str, Any]] = []
+    flops: dict[str, float] = {}
+    peaks: dict[str, float] = {}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for precision, channels_last, compile_on in matrix(args, device):
+        row = measure(args, device, precision, channels_last, compile_on, flops)
+        if precision not in peaks:
+            peaks[precision] = peak_matmul_flops(device, dtypes[precision])
+        row["peak_tflops"] = peaks[precision] / 1e12
+        row["utilisation_pct"] = 100 * row["achieved_tflops"] / row["peak_tflops"]
+        rows.append({"kind": "project", "model": args.model, "batch_size": args.batch_size,
+                     "image_size": args.image_size, **env, **row})
+        print(f"measured {precision} channels_last={channels_last} compile={compile_on}: "
+              f"loop {row['loop_img_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+    if args.baseline:
+        base = baseline(args, device)
+        rows.append({"kind": "baseline", "model": args.model, "batch_size": args.batch_size,
+                     "image_size": args.image_size, **env, **base})
+        for r in rows[:-1]:
+            r["vs_baseline"] = r["loop_img_per_s"] / base["loop_img_per_s"]
+    best_bare = max(r["bare_img_per_s"] for r in rows if r["kind"] == "project")
+    for r in rows:
+        if r["kind"] == "project":
+            r["loop_over_best_bare"] = r["loop_img_per_s"] / best_bare
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print_table(rows, env, args)
+    return rows
 
 
 def cli() -> None:
-    args = tyro.cli(Args)
-    res = main(args)
-    if args.json:
-        print(json.dumps(res))
-        return
-    print(f"{res['model']} batch {res['batch_size']} on {res['device']} ({res['precision']}, "
-          f"compile {res['compile']}, channels_last {res['channels_last']}, "
-          f"{res['threads']} threads, torch {res['torch']})")
-    for name in ("loop", "bare"):
-        print(f"  {name:5s} {res[f'{name}_img_per_s']:8.1f} img/s  (min "
-              f"{res[f'{name}_img_per_s_min']:.1f}, max {res[f'{name}_img_per_s_max']:.1f}; first "
-              f"window {res[f'{name}_first_window_s']:.1f} s)")
-    print(f"  loop / bare = {res['loop_over_bare']:.3f}")
+    main(tyro.cli(Args))
 
 
 if __name__ == "__main__":

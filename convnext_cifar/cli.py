@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -180,11 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         command = parse(commands, args)
         return command() if callable(command) else command
     except UserError as e:
-        print(f"convnext-cifar: error: {e}", file=sys.stderr)
+        _say(f"convnext-cifar: error: {e}")
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
-        print("convnext-cifar: interrupted; nothing more was written", file=sys.stderr)
+        _say("convnext-cifar: interrupted; nothing more was written")
         return 130
     except Interrupted as e:
-        print(f"convnext-cifar: {e}", file=sys.stderr)
+        _say(f"convnext-cifar: {e}")
         return e.exit_code
+
+
+def _say(line: str) -> None:
+    """One line on stderr; under torchrun only rank 0 speaks (every rank exits alike)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)

@@ -155,6 +155,10 @@ class OptimConfig:
     """AdamW epsilon."""
     clip_grad_norm: float | None = None
     """Clip the global gradient L2 norm to this (None: no clipping; the norm is logged anyway)."""
+    accum_steps: int = 1
+    """Split each global batch into N micro-batches whose gradients add up (less memory)."""
+    base_batch_size: int = 0
+    """Scale lr by data.batch_size / this (linear scaling rule); 0: use lr as given."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
@@ -164,6 +168,9 @@ class OptimConfig:
         _check(self.eps > 0, "optim.eps", self.eps, "must be > 0")
         _check(self.clip_grad_norm is None or self.clip_grad_norm > 0, "optim.clip_grad_norm",
                self.clip_grad_norm, "must be > 0 (or None to turn clipping off)")
+        _check(self.accum_steps >= 1, "optim.accum_steps", self.accum_steps, "must be >= 1")
+        _check(self.base_batch_size >= 0, "optim.base_batch_size", self.base_batch_size,
+               "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -211,7 +218,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast; auto: bf16 on CUDA with bf16, fp16 + GradScaler on older CUDA, fp32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the model; auto: on for CUDA, off for CPU."""
+    """torch.compile the model; auto: on for CUDA and CPU (measured faster on both), off else."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode; reduce-overhead/max-autotune use CUDA graphs on a GPU."""
     channels_last: bool = True
     """Keep the model and its inputs in channels_last memory format."""
     seed: int = 0
@@ -235,6 +245,8 @@ class TrainConfig:
         for option in ("val_interval", "ckpt_interval", "log_interval", "state_interval",
                        "keep_last"):
             _check(getattr(self, option) >= 1, option, getattr(self, option), "must be >= 1")
+        _check(self.data.batch_size % self.optim.accum_steps == 0, "optim.accum_steps",
+               self.optim.accum_steps, f"must divide --data.batch-size {self.data.batch_size}")
 
     @property
     def run_dir(self) -> Path:

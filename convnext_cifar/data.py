@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from convnext_cifar.config import DataConfig
+from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -178,7 +179,7 @@ class Dataset:
 
 
 def load_cifar10(cfg: DataConfig, device: torch.device | str = "cpu",
-                 train: bool = True) -> Dataset:
+                 train: bool = True, warn: bool = True) -> Dataset:
     """Read the splits once and move them to `device` (the train split only when `train`)."""
     folder = cifar10_folder(cfg.root, cfg.download)
     meta = _read_pickle(folder / "batches.meta") if (folder / "batches.meta").exists() else {}
@@ -203,23 +204,34 @@ def load_cifar10(cfg: DataConfig, device: torch.device | str = "cpu",
         train_images = torch.empty(0, 3, 32, 32, dtype=torch.uint8, device=device)
         train_labels = torch.empty(0, dtype=torch.int64, device=device)
     test_images, test_labels = split(TEST_FILES, cfg.limit_val)
-    _warn_if_unofficial(folder)  # only once the files read well: an error stays one line
+    if warn:  # only once the files read well: an error stays one line
+        _warn_if_unofficial(folder)
     return Dataset(train_images, train_labels, test_images, test_labels, classes)
 
 
 # ---- batched augmentation and normalisation ---------------------------------------------------
 
+def draw_crop_flip(n: int, padding: int, flip_prob: float, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop offsets (n, 2) in [0, 2*padding] and flip flags (n,) for a batch of n images."""
+    dev = generator.device
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=dev)
+    flips = torch.rand(n, generator=generator, device=dev) < flip_prob
+    return offsets, flips
+
+
 def crop_flip(images: torch.Tensor, padding: int, flip_prob: float,
-              generator: torch.Generator) -> torch.Tensor:
+              generator: torch.Generator, params: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor:
     """Random crop of each image from its zero-padded copy, then a random horizontal flip.
 
     One gather does both for the whole batch; the result is NCHW with channels_last strides.
+    `params` (offsets, flips) are drawn from `generator` unless given.
     """
     n, _, h, w = images.shape
     dev = images.device
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
-    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=dev)
-    flips = torch.rand(n, generator=generator, device=dev) < flip_prob
+    offsets, flips = params or draw_crop_flip(n, padding, flip_prob, generator)
     ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
     rows = offsets[:, :1] + ys  # (n, h)
     cols = offsets[:, 1:] + torch.where(flips[:, None], w - 1 - xs, xs)  # (n, w)
@@ -245,11 +257,17 @@ class Normalize:
 
 
 class DeviceLoader:
-    """Training batches from device-resident data: seeded permutation, batched augmentation."""
+    """Training batches from device-resident data: seeded permutation, batched augmentation.
+
+    With `dist`, every rank draws the same permutation and the same crop/flip parameters for the
+    whole global batch and takes its own slice of it, so N processes see exactly the images and
+    augmentations one process sees with the same global batch.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, seed: int,
-                 channels_last: bool):
+                 channels_last: bool, dist: Dist | None = None):
         self.images, self.labels, self.cfg, self.seed = images, labels, cfg, seed
+        self.dist = dist or Dist()
         self.normalize = Normalize(cfg, images.device, channels_last)
         self.generator = torch.Generator(device=images.device)
 
@@ -258,8 +276,9 @@ class DeviceLoader:
         return n // b if self.cfg.drop_last and n >= b else math.ceil(n / b)
 
     def epoch(self, epoch: int, start: int = 0, rng_state: torch.Tensor | None = None
-              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of `epoch` (0-based); the same seed and epoch give the same batches.
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(images, labels, global batch size) of `epoch` (0-based); the same seed and epoch give
+        the same batches.
 
         `start` and `rng_state` (this loader's `generator.get_state()` after batch start-1)
         continue an epoch where an interrupted run left it, batch for batch.
@@ -272,8 +291,12 @@ class DeviceLoader:
         b = self.cfg.batch_size
         for i in range(start, len(self)):
             idx = order[i * b:(i + 1) * b]
-            x = crop_flip(self.images[idx], self.cfg.padding, self.cfg.flip_prob, self.generator)
-            yield self.normalize(x), self.labels[idx]
+            offsets, flips = draw_crop_flip(len(idx), self.cfg.padding, self.cfg.flip_prob,
+                                            self.generator)
+            lo, hi = self.dist.shard(len(idx))
+            x = crop_flip(self.images[idx[lo:hi]], self.cfg.padding, self.cfg.flip_prob,
+                          self.generator, (offsets[lo:hi], flips[lo:hi]))
+            yield self.normalize(x), self.labels[idx[lo:hi]], len(idx)
 
 
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,

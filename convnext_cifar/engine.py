@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from convnext_cifar import distributed
 from convnext_cifar.checkpoints import (
     WorkDirLock,
     atomic_write_bytes,
@@ -35,9 +36,10 @@ from convnext_cifar.checkpoints import (
 )
 from convnext_cifar.config import TrainConfig, config_json, to_dict
 from convnext_cifar.data import DeviceLoader, Normalize, eval_batches, load_cifar10
+from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import Interrupted, TrainingDiverged, UserError
 from convnext_cifar.model import build_model, layout_mismatch
-from convnext_cifar.optim import build_optimizer, lr_at, set_lr
+from convnext_cifar.optim import build_optimizer, lr_at, peak_lr, set_lr
 from convnext_cifar.report import MetricsLog, Progress
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,6 +53,7 @@ class Runtime:
     precision: str
     compile: bool
     channels_last: bool
+    compile_mode: str = "default"
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -66,12 +69,14 @@ class Runtime:
                 "channels_last": self.channels_last, "torch": torch.__version__}
 
 
-def resolve_runtime(cfg: TrainConfig) -> Runtime:
+def resolve_runtime(cfg: TrainConfig, dist: Dist | None = None) -> Runtime:
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    if name == "cuda" and dist is not None and dist.enabled:
+        name = f"cuda:{dist.local_rank}"  # one process per GPU, as torchrun's LOCAL_RANK says
     device = torch.device(name)
     precision = cfg.precision
     if precision == "auto":
@@ -79,8 +84,9 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "fp32"  # CPUs without bf16 units run autocast ~100x slower
-    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    return Runtime(device, precision, compile_on, cfg.channels_last)
+    # Measured with benchmarks/throughput.py: compiling pays off on CUDA and on the CPU too.
+    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type in ("cuda", "cpu"))
+    return Runtime(device, precision, compile_on, cfg.channels_last, cfg.compile_mode)
 
 
 def seed_everything(seed: int) -> None:
@@ -92,32 +98,47 @@ def prepare_model(model: torch.nn.Module, rt: Runtime) -> tuple[torch.nn.Module,
     """Move to the device and memory format; return (model, the module to call: maybe compiled)."""
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
     model = model.to(rt.device, memory_format=memory_format)
-    return model, (torch.compile(model, dynamic=False) if rt.compile else model)
+    if not rt.compile:
+        return model, model
+    return model, torch.compile(model, dynamic=False, mode=rt.compile_mode)
 
 
 class TrainStep:
     """One optimizer step on one batch: forward under autocast, loss, backward, clip, step.
 
-    Returns the loss and the gradient norm as device tensors (no host sync).
+    The loss is the mean over the *global* batch of `n` images, however the batch is split over
+    ranks (DDP averages gradients across ranks) and over `accum_steps` micro-batches (DDP's
+    no_sync on all but the last). Returns this rank's share of that loss and the gradient norm
+    as device tensors (no host sync).
     """
 
     def __init__(self, forward: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime,
-                 label_smoothing: float, clip_grad_norm: float | None):
+                 label_smoothing: float, clip_grad_norm: float | None, accum_steps: int = 1,
+                 ddp: torch.nn.parallel.DistributedDataParallel | None = None, world: int = 1):
         self.forward, self.optimizer, self.rt = forward, optimizer, rt
         self.label_smoothing, self.clip = label_smoothing, clip_grad_norm
+        self.accum_steps, self.ddp, self.world = accum_steps, ddp, world
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.rt.autocast():
-            logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, n: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.world / (n or len(y))  # DDP divides the summed gradients by world
         self.optimizer.zero_grad(set_to_none=True)
+        micro = list(zip(x.tensor_split(self.accum_steps), y.tensor_split(self.accum_steps)))
+        loss = torch.zeros((), device=x.device)
+        for j, (xm, ym) in enumerate(micro):
+            last = j == len(micro) - 1
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                with self.rt.autocast():
+                    logits = self.forward(xm)
+                part = F.cross_entropy(logits.float(), ym, label_smoothing=self.label_smoothing,
+                                       reduction="sum") * scale
+                (self.scaler.scale(part) if self.scaler is not None else part).backward()
+            loss += part.detach()
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
         else:
@@ -128,7 +149,7 @@ class TrainStep:
             self.scaler.update()
         else:
             self.optimizer.step()
-        return loss.detach(), grad_norm.detach()
+        return loss / self.world, grad_norm.detach()
 
 
 @dataclass
@@ -146,9 +167,18 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int, normalize: Normalize, rt: Runtime, num_classes: int) -> EvalResult:
-    """Every test image once, in order; counts stay on the device until the end."""
+             batch_size: int, normalize: Normalize, rt: Runtime, num_classes: int,
+             dist: Dist | None = None) -> EvalResult:
+    """Every test image once, in order; counts stay on the device until the end.
+
+    Under DDP each rank takes a contiguous share of the images and the counts are added across
+    ranks, so every image is counted once and every rank gets the same result.
+    """
     forward.eval()
+    dist = dist or Dist()
+    n = len(images)
+    lo, hi = dist.shard(n)
+    images, labels = images[lo:hi], labels[lo:hi]
     dev = images.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     top1 = torch.zeros((), dtype=torch.int64, device=dev)
@@ -164,8 +194,10 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
         top1 += (topk[:, 0] == y).sum()
         top5 += (topk == y[:, None]).any(dim=1).sum()
         confusion += torch.bincount(y * num_classes + topk[:, 0], minlength=num_classes ** 2)
-    n = len(images)
-    return EvalResult(n, loss_sum.item() / n, 100.0 * top1.item() / n, 100.0 * top5.item() / n,
+    sums = dist.all_reduce_sum(torch.stack([loss_sum, top1.double(), top5.double()]))
+    confusion = dist.all_reduce_sum(confusion)
+    loss_total, top1_count, top5_count = sums.tolist()
+    return EvalResult(n, loss_total / n, 100.0 * int(top1_count) / n, 100.0 * int(top5_count) / n,
                       confusion.view(num_classes, num_classes).tolist())
 
 
@@ -183,9 +215,10 @@ class Window:
         self.steps += 1
         self.images += images
 
-    def flush(self, epoch: int, step: int, lr: float) -> dict[str, Any]:
-        """The log record of the window (syncs), then an empty window."""
-        record = {"epoch": epoch, "step": step, "loss": self.loss.item() / self.steps, "lr": lr,
+    def flush(self, epoch: int, step: int, lr: float, dist: Dist | None = None) -> dict[str, Any]:
+        """The log record of the window (syncs; sums the ranks' loss shares), then an empty one."""
+        loss = (dist or Dist()).all_reduce_sum(self.loss.clone())
+        record = {"epoch": epoch, "step": step, "loss": loss.item() / self.steps, "lr": lr,
                   "grad_norm": self.norm.item() / self.steps,
                   "img_per_s": self.images / (time.perf_counter() - self.t0)}
         self.loss.zero_()
@@ -282,25 +315,27 @@ def train_one_epoch(step_fn: TrainStep, loader: DeviceLoader, run: RunState, cfg
     """Train epoch `run.epoch` from batch `run.batch`, updating `run`.
 
     Returns False when a stop was requested before the epoch's end (run.batch says where).
+    Under DDP the ranks agree on stopping at a log point, where they synchronise anyway.
     """
     step_fn.forward.train()
-    steps = len(loader)
+    steps, dist, top_lr = len(loader), loader.dist, peak_lr(cfg.optim, cfg.data.batch_size)
     progress.start_epoch(run.epoch + 1, steps, done=run.batch)
-    for x, y in loader.epoch(run.epoch, start=run.batch, rng_state=rng_state):
-        lr = lr_at(run.step, cfg.optim.lr, cfg.sched, steps)
+    for x, y, n in loader.epoch(run.epoch, start=run.batch, rng_state=rng_state):
+        lr = lr_at(run.step, top_lr, cfg.sched, steps)
         set_lr(step_fn.optimizer, lr)
-        loss, grad_norm = step_fn(x, y)
-        window.add(loss, grad_norm, len(y))
+        loss, grad_norm = step_fn(x, y, n)
+        window.add(loss, grad_norm, n)
         guard.update(loss, grad_norm)
         run.step += 1
         run.batch += 1
         progress.advance()
-        if run.batch % cfg.log_interval == 0 or run.batch == steps:
+        at_log = run.batch % cfg.log_interval == 0 or run.batch == steps
+        if at_log:
             guard.check(steps, cfg.run_dir)
-            record = window.flush(run.epoch + 1, run.step, lr)
+            record = window.flush(run.epoch + 1, run.step, lr, dist)
             log.write(record)
             progress.log_train(record, steps, run.batch)
-        if stop is not None and stop.requested and run.batch < steps:
+        if stop is not None and run.batch < steps and _agree_to_stop(stop, dist, at_log, x.device):
             progress.end_epoch()
             guard.check(steps, cfg.run_dir)
             return False
@@ -309,8 +344,16 @@ def train_one_epoch(step_fn: TrainStep, loader: DeviceLoader, run: RunState, cfg
     return True
 
 
+def _agree_to_stop(stop: StopSignals, dist: Dist, at_log: bool, device: torch.device) -> bool:
+    """One process stops at once; DDP ranks decide together, at log points only."""
+    if not dist.enabled:
+        return stop.requested
+    return at_log and dist.any(stop.requested, device)
+
+
 # Options that may differ between a run and its resumption: where and how fast, not what.
-RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "channels_last",
+RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "compile_mode",
+                     "channels_last",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
                      "keep_last", "data.root", "data.download", "data.eval_batch_size",
                      "model.pretrained", "model.pretrained_format", "model.pretrained_prefix")
@@ -420,42 +463,64 @@ def _best_on_disk(path: Path) -> float:
 
 def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None = None,
         allow_changes: bool = False) -> dict[str, Any]:
-    """Run the whole training described by `cfg` (or continue it); returns the best top-1."""
+    """Run the whole training described by `cfg` (or continue it); returns the best top-1.
+
+    Under torchrun every process calls this; rank 0 alone writes into the work dir.
+    """
+    info = distributed.from_env()
     cfg = dataclasses.replace(cfg, work_dir=cfg.run_dir)
-    rt = resolve_runtime(cfg)
+    rt = resolve_runtime(cfg, info)
+    per_step = info.world * cfg.optim.accum_steps
+    if cfg.data.batch_size % per_step:
+        raise UserError(f"--data.batch-size {cfg.data.batch_size} is the global batch; it must "
+                        f"split evenly over {info.world} processes x {cfg.optim.accum_steps} "
+                        f"accumulation steps (a multiple of {per_step})")
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create work dir {run_dir}: {e.strerror or e}; pick another "
                         "with --work-dir") from None
-    with WorkDirLock(run_dir):
-        remove_stale_temp_files(run_dir)
-        found = find_resume_state(cfg, resume, allow_changes)
-        if found is None and find_states(run_dir):
-            raise UserError(f"work dir {run_dir} holds the training states of an earlier run "
-                            f"({find_states(run_dir)[-1].name}); continue it with --resume auto "
-                            "or start a new run with another --work-dir")
-        write_config(cfg)
-        return _train(cfg, rt, found, live_progress)
+    distributed.start(info, rt.device)
+    try:
+        with WorkDirLock(run_dir) if info.is_main else contextlib.nullcontext():
+            if info.is_main:
+                remove_stale_temp_files(run_dir)
+            found = find_resume_state(cfg, resume, allow_changes)
+            if found is None and find_states(run_dir):
+                raise UserError(f"work dir {run_dir} holds the training states of an earlier run "
+                                f"({find_states(run_dir)[-1].name}); continue it with --resume "
+                                "auto or start a new run with another --work-dir")
+            if info.is_main:
+                write_config(cfg)
+            return _train(cfg, rt, found, live_progress, info)
+    finally:
+        distributed.stop()
 
 
 def _train(cfg: TrainConfig, rt: Runtime, found: tuple[Path, dict[str, Any]] | None,
-           live_progress: bool | None) -> dict[str, Any]:
-    run_dir = cfg.run_dir
-    progress = Progress(cfg.sched.epochs, live_progress)
-    progress.message(f"run {cfg.name}: {json.dumps(rt.as_dict())} -> {run_dir}")
+           live_progress: bool | None, info: Dist) -> dict[str, Any]:
+    run_dir, main = cfg.run_dir, info.is_main
+    progress = Progress(cfg.sched.epochs, live_progress, enabled=main)
+    progress.message(f"run {cfg.name}: {json.dumps(rt.as_dict())} x {info.world} process(es) "
+                     f"-> {run_dir}")
     seed_everything(cfg.seed)
     # A resumed run takes its weights from the state: no download of pretrained weights.
     model_cfg = cfg.model if found is None else dataclasses.replace(cfg.model, pretrained="none")
-    model, forward = prepare_model(build_model(model_cfg, cfg.data.num_classes), rt)
-    data = load_cifar10(cfg.data, rt.device)
+    model, forward = prepare_model(build_model(model_cfg, cfg.data.num_classes, main), rt)
+    data = load_cifar10(cfg.data, rt.device, warn=main)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
-    step_fn = TrainStep(forward, optimizer, rt, cfg.model.label_smoothing, cfg.optim.clip_grad_norm)
+    ddp, train_forward = None, forward
+    if info.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+        train_forward = torch.compile(ddp, mode=rt.compile_mode) if rt.compile else ddp
+    step_fn = TrainStep(train_forward, optimizer, rt, cfg.model.label_smoothing,
+                        cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, info.world)
     loader = DeviceLoader(data.train_images, data.train_labels, cfg.data, cfg.seed,
-                          rt.channels_last)
+                          rt.channels_last, info)
     normalize = Normalize(cfg.data, rt.device, rt.channels_last)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     run, window, rng_state = RunState(), Window(rt.device), None
     if found is None:
         log.truncate(0)
@@ -468,36 +533,40 @@ def _train(cfg: TrainConfig, rt: Runtime, found: tuple[Path, dict[str, Any]] | N
     guard = Guard(rt.device, run.step, patience=50 if rt.precision == "fp16" else 1)
     epochs = cfg.sched.epochs
 
-    def save(weights_name: str | None = None, metrics: dict[str, float] | None = None) -> Path:
-        if weights_name is not None:
-            save_weights(run_dir / weights_name, model, cfg, data.classes, run.epoch,
-                         metrics or {}, rt.as_dict())
-        return save_training_state(run_dir, cfg, run, model, step_fn, loader, window, log)
+    def save_weights_as(name: str, metrics: dict[str, float]) -> None:
+        if main:
+            save_weights(run_dir / name, model, cfg, data.classes, run.epoch, metrics,
+                         rt.as_dict())
+
+    def save_state() -> Path:
+        if main:
+            return save_training_state(run_dir, cfg, run, model, step_fn, loader, window, log)
+        return state_path(run_dir, run.step)
 
     with StopSignals() as stop:
         while run.epoch < epochs:
             if not train_one_epoch(step_fn, loader, run, cfg, log, progress, window, guard,
                                    stop, rng_state):
-                raise _interrupted(stop, save(), run, cfg)
+                raise _interrupted(stop, save_state(), run, cfg)
             rng_state = None
             epoch, last = run.epoch, run.epoch == epochs
             metrics: dict[str, float] = {}
             if epoch % cfg.val_interval == 0 or last:
                 res = evaluate(forward, data.test_images, data.test_labels,
-                               cfg.data.eval_batch_size, normalize, rt, cfg.data.num_classes)
+                               cfg.data.eval_batch_size, normalize, rt, cfg.data.num_classes,
+                               info)
                 metrics = {"val_loss": res.loss, "top1": res.top1, "top5": res.top5}
                 log.write({"epoch": epoch, **metrics})
                 if res.top1 > run.best_top1:
                     run.best_top1, run.best_epoch = res.top1, epoch
-                    save_weights(run_dir / "best.safetensors", model, cfg, data.classes, epoch,
-                                 metrics, rt.as_dict())
+                    save_weights_as("best.safetensors", metrics)
                 progress.log_val({"epoch": epoch, **metrics}, run.best_top1)
             if epoch % cfg.ckpt_interval == 0 or last:
-                save_weights(run_dir / f"epoch_{epoch}.safetensors", model, cfg, data.classes,
-                             epoch, metrics, rt.as_dict())
-            if epoch % cfg.state_interval == 0 or last or stop.requested:
-                path = save()
-                if stop.requested and not last:
+                save_weights_as(f"epoch_{epoch}.safetensors", metrics)
+            stopping = info.any(stop.requested, rt.device)
+            if epoch % cfg.state_interval == 0 or last or stopping:
+                path = save_state()
+                if stopping and not last:
                     raise _interrupted(stop, path, run, cfg)
     progress.message(f"done: best top1 {run.best_top1:.2f} at epoch {run.best_epoch}: "
                      f"{run_dir / 'best.safetensors'}")
@@ -505,12 +574,13 @@ def _train(cfg: TrainConfig, rt: Runtime, found: tuple[Path, dict[str, Any]] | N
 
 
 def _interrupted(stop: StopSignals, path: Path, run: RunState, cfg: TrainConfig) -> Interrupted:
+    signum = stop.signum or signal.SIGTERM  # a rank that agreed to stop without the signal
     where = (f"epoch {run.epoch + 1}, batch {run.batch}" if run.batch
              else f"the end of epoch {run.epoch}")
     return Interrupted(
-        f"{signal.Signals(stop.signum).name}: stopped at {where} (step {run.step}); state saved "
+        f"{signal.Signals(signum).name}: stopped at {where} (step {run.step}); state saved "
         f"to {path}. Resume with: convnext-cifar train --config {cfg.run_dir / 'config.json'} "
-        "--resume auto", 128 + stop.signum)
+        "--resume auto", 128 + signum)
 
 
 def write_config(cfg: TrainConfig) -> None:

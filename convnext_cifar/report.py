@@ -13,12 +13,18 @@ from convnext_cifar.errors import UserError
 
 
 class MetricsLog:
-    """Appends one JSON object per line, each with a single write (a kill never tears a line)."""
+    """Appends one JSON object per line, each with a single write (a kill never tears a line).
 
-    def __init__(self, path: Path):
+    Only one process of a multi-process run writes (`enabled`).
+    """
+
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = Path(path)
+        self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         line = (json.dumps(record) + "\n").encode()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -34,7 +40,7 @@ class MetricsLog:
 
     def truncate(self, size: int) -> None:
         """Cut the log back to `size` bytes: what a resumed run will write again goes."""
-        if self.path.exists() and self.path.stat().st_size > size:
+        if self.enabled and self.path.exists() and self.path.stat().st_size > size:
             os.truncate(self.path, size)
 
 
@@ -46,14 +52,15 @@ def _fmt_train(r: dict[str, Any]) -> str:
 class Progress:
     """Per-epoch progress; a live bar when stdout is a terminal, log lines otherwise."""
 
-    def __init__(self, epochs: int, live: bool | None = None):
+    def __init__(self, epochs: int, live: bool | None = None, enabled: bool = True):
         self.epochs = epochs
         self.live = sys.stdout.isatty() if live is None else live
+        self.enabled = enabled  # False on the non-zero ranks of a multi-process run
         self._bar = None
         self._task = None
 
     def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
-        if not self.live:
+        if not (self.live and self.enabled):
             return
         from rich.progress import (
             BarColumn,
@@ -74,6 +81,8 @@ class Progress:
             self._bar.advance(self._task)
 
     def log_train(self, record: dict[str, Any], steps_in_epoch: int, index: int) -> None:
+        if not self.enabled:
+            return
         if self._bar is not None:
             self._bar.update(self._task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                                               f"{record['img_per_s']:.0f} img/s")
@@ -87,12 +96,15 @@ class Progress:
             self._bar = None
 
     def log_val(self, record: dict[str, Any], best: float) -> None:
+        if not self.enabled:
+            return
         print(f"epoch {record['epoch']}/{self.epochs} val  loss {record['val_loss']:.4f}  "
               f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}  (best {best:.2f})",
               flush=True)
 
     def message(self, text: str) -> None:
-        print(text, flush=True)
+        if self.enabled:
+            print(text, flush=True)
 
 
 def print_eval(result: dict[str, Any]) -> None:

@@ -23,4 +23,5 @@ def small_run_args(root: Path, work_dir: Path, *extra: str) -> list[str]:
     """`train` arguments for a quick CPU run of atto on the generated data."""
     return ["train", "--preset", "smoke", "--data.root", str(root), "--data.no-download",
             "--work-dir", str(work_dir), "--data.batch-size", "50", "--data.limit-train", "0",
-            "--data.limit-val", "0", "--log-interval", "5", "--device", "cpu", *extra]
+            "--data.limit-val", "0", "--log-interval", "5", "--device", "cpu", "--compile", "off",
+            *extra]

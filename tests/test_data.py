@@ -151,15 +151,16 @@ def test_loader_is_seeded_covers_each_image_once_per_epoch_and_reshuffles():
     loader = DeviceLoader(images, labels, c, seed=5, channels_last=True)
     assert len(loader) == 11
     batches = list(loader.epoch(0))
-    seen = torch.cat([y for _, y in batches])
-    assert sorted(seen.tolist()) == list(range(n)) and [len(y) for _, y in batches][-1] == 3
-    for x, y in batches:  # each image travels with its own label
+    seen = torch.cat([y for _, y, _ in batches])
+    assert sorted(seen.tolist()) == list(range(n)) and [len(y) for _, y, _ in batches][-1] == 3
+    assert [g for _, _, g in batches] == [10] * 10 + [3]
+    for x, y, _ in batches:  # each image travels with its own label
         assert torch.equal(x[:, 0, 0, 0].long(), y)
-    again = torch.cat([y for _, y in DeviceLoader(images, labels, c, 5, True).epoch(0)])
+    again = torch.cat([y for _, y, _ in DeviceLoader(images, labels, c, 5, True).epoch(0)])
     assert torch.equal(seen, again)
-    assert not torch.equal(seen, torch.cat([y for _, y in loader.epoch(1)]))
+    assert not torch.equal(seen, torch.cat([y for _, y, _ in loader.epoch(1)]))
     drop = DeviceLoader(images, labels, dataclasses.replace(c, drop_last=True), 5, True)
-    assert len(drop) == 10 and all(len(y) == 10 for _, y in drop.epoch(0))
+    assert len(drop) == 10 and all(len(y) == 10 for _, y, _ in drop.epoch(0))
 
 
 def test_eval_batches_cover_every_image_once_in_order():
@@ -168,3 +169,18 @@ def test_eval_batches_cover_every_image_once_in_order():
     norm = Normalize(DataConfig(), "cpu", True)
     ys = torch.cat([y for _, y in eval_batches(images, labels, 10, norm)])
     assert torch.equal(ys, labels)
+
+
+def test_sharded_loader_slices_the_same_global_batches_and_augmentations():
+    from convnext_cifar.distributed import Dist
+
+    images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(50)
+    c = DataConfig(batch_size=8)
+    whole = list(DeviceLoader(images, labels, c, 3, True).epoch(2))
+    parts = [list(DeviceLoader(images, labels, c, 3, True, Dist(r, 3)).epoch(2)) for r in range(3)]
+    for i, (x, y, n) in enumerate(whole):
+        assert torch.equal(torch.cat([p[i][0] for p in parts]), x)  # same crops and flips
+        assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
+        assert [p[i][2] for p in parts] == [n] * 3
+    assert [len(p[-1][1]) for p in parts] == [1, 1, 0]  # the last global batch holds 2 images

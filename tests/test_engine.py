@@ -153,8 +153,11 @@ def test_cuda_epoch_has_no_host_sync(tmp_path):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for x, y in batches[:-1]:
-            step(x, y)
+        window, guard = Window(rt.device), Guard(rt.device, 0, 1)
+        for x, y, n in batches[:-1]:
+            loss, norm = step(x, y, n)
+            window.add(loss, norm, n)
+            guard.update(loss, norm)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -180,8 +183,8 @@ def test_runtime_defaults_per_device(monkeypatch):
     from convnext_cifar.errors import UserError
 
     rt = resolve_runtime(TrainConfig(device="cpu"))
-    assert (rt.precision, rt.compile, rt.autocast_dtype) == ("fp32", False, None)
-    assert resolve_runtime(TrainConfig(device="cpu", compile="on")).compile
+    assert (rt.precision, rt.compile, rt.autocast_dtype) == ("fp32", True, None)
+    assert not resolve_runtime(TrainConfig(device="cpu", compile="off")).compile
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_runtime(TrainConfig()).device.type == "cpu"
     with pytest.raises(UserError, match="CUDA is not available"):

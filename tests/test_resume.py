@@ -90,8 +90,8 @@ def test_signal_writes_a_state_and_resume_is_bit_exact(
         cifar_root, tmp_path, reference, monkeypatch, capsys, signum, at_step, code):
     real_call, calls = engine.TrainStep.__call__, []
 
-    def step_then_signal(self, x, y):
-        out = real_call(self, x, y)
+    def step_then_signal(self, x, y, n=None):
+        out = real_call(self, x, y, n)
         calls.append(1)
         if len(calls) == at_step:
             os.kill(os.getpid(), signum)  # the real handler, through the real signal
@@ -210,8 +210,8 @@ def test_guard_counts_fp16_skips_only_in_a_row():
 def test_non_finite_loss_stops_naming_epoch_and_step(cifar_root, tmp_path, monkeypatch, capsys):
     real_call, calls = engine.TrainStep.__call__, []
 
-    def nan_at_step_6(self, x, y):
-        loss, norm = real_call(self, x, y)
+    def nan_at_step_6(self, x, y, n=None):
+        loss, norm = real_call(self, x, y, n)
         calls.append(1)
         return (loss * float("nan"), norm) if len(calls) == 6 else (loss, norm)
 

@@ -1,0 +1,70 @@
+"""Several processes under torchrun: PyTorch's own process group, nothing home-made.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; every process runs the same `train`. Rank 0 alone
+writes files; evaluation counts and logged sums are added across ranks at the points where the
+loop reads them anyway.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """[lo, hi) of this rank's contiguous share of n items (sizes differ by at most one)."""
+        base, extra = divmod(n, self.world)
+        lo = self.rank * base + min(self.rank, extra)
+        return lo, lo + base + (self.rank < extra)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when it is True on any (a collective: call it on all ranks)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def from_env() -> Dist:
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def start(info: Dist, device: torch.device) -> None:
+    """Join the process group: NCCL for CUDA devices, gloo for the CPU."""
+    if info.enabled and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

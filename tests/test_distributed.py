@@ -1,0 +1,118 @@
+"""DDP under torchrun on the CPU (gloo, 2 processes): the same run as one process, sharded eval,
+rank-0 writes, resume. Drop-path is 0: its masks are drawn per process."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import small_run_args
+
+from convnext_cifar import cli
+from convnext_cifar.checkpoints import find_states, load_state
+
+ARGS = ("--sched.epochs", "2", "--sched.warmup-epochs", "1", "--data.limit-train", "200",
+        "--data.limit-val", "299", "--model.drop-path-rate", "0", "--log-interval", "2")
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", str(nproc), "-m", "convnext_cifar", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def final_model(work):
+    return load_state(find_states(work)[-1])["model"]
+
+
+def records(work):
+    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close_runs(a, b, atol):
+    ma, mb = final_model(a), final_model(b)
+    worst = max((ma[k] - mb[k]).abs().max().item() for k in ma)
+    assert worst < atol, worst
+    ra, rb = records(a), records(b)
+    assert [sorted(r) for r in ra] == [sorted(r) for r in rb]
+    for x, y in zip(ra, rb):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-3), key
+        if "top5" in x:
+            assert abs(x["top1"] - y["top1"]) <= 100 / 299 + 1e-9  # at most one image flips
+
+
+@pytest.fixture(scope="module")
+def single(cifar_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("one")
+    assert cli.main(small_run_args(cifar_root, work, *ARGS)) == 0
+    return work
+
+
+@pytest.fixture(scope="module")
+def double(cifar_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("two")
+    out = torchrun(*small_run_args(cifar_root, work, *ARGS))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return work, out
+
+
+def test_two_processes_train_like_one(single, double):
+    assert_close_runs(single, double[0], atol=1e-4)
+
+
+def test_sharded_eval_counts_each_image_once(double):
+    work, out = double
+    val = [r for r in records(work) if "top1" in r]
+    for r in val:  # 299 images: a top-1 is a whole number of images out of 299
+        correct = r["top1"] * 299 / 100
+        assert abs(correct - round(correct)) < 1e-6
+    assert out.stdout.count("val  loss") == 2  # printed by rank 0 only
+
+
+def test_only_rank_0_writes(double):
+    work, out = double
+    names = sorted(p.name for p in work.iterdir())
+    assert names == [".lock", "best.safetensors", "config.json", "epoch_1.safetensors",
+                     "epoch_2.safetensors", "metrics.jsonl", "state_00000004.pt",
+                     "state_00000008.pt"]
+    steps = [r["step"] for r in records(work) if "step" in r]
+    assert steps == [2, 4, 6, 8]  # each log point once, not once per rank
+    assert out.stdout.count("done: best top1") == 1
+
+
+def test_accumulation_matches_the_full_batch(single, cifar_root, tmp_path):
+    assert cli.main(small_run_args(cifar_root, tmp_path, *ARGS, "--optim.accum-steps", "2")) == 0
+    assert_close_runs(single, tmp_path, atol=1e-4)
+
+
+def test_batch_must_split_over_processes(cifar_root, tmp_path):
+    out = torchrun(*small_run_args(cifar_root, tmp_path, *ARGS, "--data.batch-size", "51"))
+    assert out.returncode != 0
+    assert out.stderr.count("must split evenly over 2 processes") == 1  # rank 0 speaks
+
+
+def test_sigterm_under_torchrun_stops_all_ranks_and_resume_continues(cifar_root, tmp_path):
+    args = small_run_args(cifar_root, tmp_path, *ARGS[2:], "--sched.epochs", "30",
+                          "--data.limit-train", "100", "--log-interval", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", "-m", "convnext_cifar", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    while not find_states(tmp_path) and time.monotonic() - start < 120:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    stopped_at = load_state(find_states(tmp_path)[-1])["run"]
+    assert stopped_at["epoch"] < 30, "the run ended before the signal"
+    assert "state saved to" in err and "--resume auto" in err
+    out = torchrun(*args, "--resume", "auto")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert load_state(find_states(tmp_path)[-1])["run"]["epoch"] == 30
+    steps = [r["step"] for r in records(tmp_path) if "step" in r]
+    assert steps == list(range(1, 30 * 2 + 1))
+    assert torch.isfinite(final_model(tmp_path)["head.fc.weight"]).all()
