@@ -126,7 +126,7 @@ class TrainStep:
         scale = self.world / (n or len(y))  # DDP divides the summed gradients by world
         self.optimizer.zero_grad(set_to_none=True)
         micro = list(zip(x.tensor_split(self.accum_steps), y.tensor_split(self.accum_steps)))
-        loss = torch.zeros((), device=x.device)
+        loss = None
         for j, (xm, ym) in enumerate(micro):
             last = j == len(micro) - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
@@ -136,7 +136,7 @@ class TrainStep:
                 part = F.cross_entropy(logits.float(), ym, label_smoothing=self.label_smoothing,
                                        reduction="sum") * scale
                 (self.scaler.scale(part) if self.scaler is not None else part).backward()
-            loss += part.detach()
+            loss = part.detach() if loss is None else loss + part.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip is not None:
