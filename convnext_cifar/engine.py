@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -86,7 +88,19 @@ def resolve_runtime(cfg: TrainConfig, dist: Dist | None = None) -> Runtime:
             precision = "fp32"  # CPUs without bf16 units run autocast ~100x slower
     # Measured with benchmarks/throughput.py: compiling pays off on CUDA and on the CPU too.
     compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type in ("cuda", "cpu"))
+    if compile_on and device.type == "cpu" and not cpu_compiler_available():
+        if cfg.compile == "on":
+            raise UserError("--compile on: torch.compile on the CPU needs a C++ compiler (g++ or "
+                            "clang++, or $CXX); install one or pass --compile off")
+        print("note: no C++ compiler found, so the model runs uncompiled (slower); install g++ "
+              "to compile it", file=sys.stderr)
+        compile_on = False
     return Runtime(device, precision, compile_on, cfg.channels_last, cfg.compile_mode)
+
+
+def cpu_compiler_available() -> bool:
+    """Inductor's CPU backend builds C++: is there a compiler to build it with?"""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
 
 
 def seed_everything(seed: int) -> None:

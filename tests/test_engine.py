@@ -232,3 +232,16 @@ def test_live_progress_shows_epoch_loss_and_speed(capsys):
     out = capsys.readouterr().out
     assert "epoch 1/2" in out and "4/4" in out and "loss 1.2500" in out and "321 img/s" in out
     assert "eta" in out
+
+
+def test_cpu_compile_needs_a_compiler(monkeypatch, capsys):
+    from convnext_cifar import engine
+    from convnext_cifar.errors import UserError
+
+    monkeypatch.setattr(engine, "cpu_compiler_available", lambda: False)
+    assert not engine.resolve_runtime(TrainConfig(device="cpu")).compile  # auto: falls back
+    assert "no C++ compiler found" in capsys.readouterr().err
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
+        engine.resolve_runtime(TrainConfig(device="cpu", compile="on"))
+    monkeypatch.setattr(engine, "cpu_compiler_available", lambda: True)
+    assert engine.resolve_runtime(TrainConfig(device="cpu")).compile
