@@ -317,6 +317,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1}: nested config dicts as dotted option names."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
     """Build `cls` from a dict made by `to_dict`, refusing unknown fields and wrong types."""
     if not isinstance(data, dict):

@@ -36,10 +36,11 @@ from convnext_cifar.checkpoints import (
     save_weights,
     state_path,
 )
-from convnext_cifar.config import TrainConfig, config_json, to_dict
+from convnext_cifar.config import TrainConfig, config_json, flatten, to_dict
 from convnext_cifar.data import DeviceLoader, Normalize, eval_batches, load_cifar10
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import Interrupted, TrainingDiverged, UserError
+from convnext_cifar.formats import first_line
 from convnext_cifar.model import build_model, layout_mismatch
 from convnext_cifar.optim import build_optimizer, lr_at, peak_lr, set_lr
 from convnext_cifar.report import MetricsLog, Progress
@@ -373,16 +374,9 @@ RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "comp
                      "model.pretrained", "model.pretrained_format", "model.pretrained_prefix")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
     """The options that differ between a saved config and `new` and change what the run does."""
-    a, b = _flat(old), _flat(to_dict(new))
+    a, b = flatten(old), flatten(to_dict(new))
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
             if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]
 
@@ -445,7 +439,7 @@ def restore_training_state(state: dict[str, Any], path: Path, run: RunState,
     try:
         step_fn.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} does not fit this optimiser ({_short(e)}); resume with the "
+        raise UserError(f"{path} does not fit this optimiser ({first_line(e)}); resume with the "
                         "run's own config.json") from None
     if step_fn.scaler is not None and state.get("scaler"):
         step_fn.scaler.load_state_dict(state["scaler"])
@@ -459,10 +453,6 @@ def restore_training_state(state: dict[str, Any], path: Path, run: RunState,
         torch.cuda.set_rng_state(state["rng"]["cuda"], loader.images.device)
     # Mid-epoch, the augmentation draws continue from where they were; a new epoch reseeds.
     return state["rng"]["data"] if run.batch else None
-
-
-def _short(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def _best_on_disk(path: Path) -> float:

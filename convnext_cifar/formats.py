@@ -95,13 +95,13 @@ def load_pth(path: Path) -> object:
                             "nothing in it was run. Convert it where you trust it") from None
         first_error = e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); it may "
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}); it may "
                         "be truncated or of another kind") from None
     try:
         with torch.serialization.safe_globals(_placeholders(unsafe)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        raise UserError(f"{path} could not be read safely ({_first_line(first_error)}); refused, "
+        raise UserError(f"{path} could not be read safely ({first_line(first_error)}); refused, "
                         "nothing in it was run") from None
 
 
@@ -113,10 +113,10 @@ def _pickle_detail(e: BaseException) -> str:
     after = text.split("WeightsUnpickler error:", 1)
     if len(after) == 2 and after[1].strip():
         return after[1].strip().splitlines()[0][:200]
-    return _first_line(e)
+    return first_line(e)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The first sentence of an exception's message (torch's go on for a paragraph)."""
     text = str(e).strip()
     return (text.splitlines()[0].split(". ")[0] if text else type(e).__name__)[:200]

@@ -13,6 +13,7 @@ from convnext_cifar.config import (
     OptimConfig,
     SchedConfig,
     TrainConfig,
+    flatten,
     from_dict,
     load_config_file,
     to_dict,
@@ -20,18 +21,8 @@ from convnext_cifar.config import (
 from convnext_cifar.errors import UserError
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _diff(a, b):
-    fa, fb = _flat(to_dict(a)), _flat(to_dict(b))
+    fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
     return {k for k in fa if fa[k] != fb[k]}
 
 
