@@ -7,24 +7,22 @@
                 grn.gamma|beta,pwconv2} / norm / head; raw FCMAE dumps add `encoder.` and sparse
                 `kernel` tensors, which are made dense the way that repository's fine-tuning does.
 
-Nothing in a checkpoint is executed: `.pth` files go through `torch.load(weights_only=True)`;
-classes of the toolboxes that write checkpoints (MMEngine's HistoryBuffer, numpy scalars, ...)
-become inert placeholders, and any other global refuses the file.
+Nothing in a checkpoint is executed: `.pth` files go through `files.load_pth`
+(`torch.load(weights_only=True)`; classes of the toolboxes that write checkpoints, such as
+MMEngine's HistoryBuffer, become inert placeholders, and any other global refuses the file).
 """
 
 from __future__ import annotations
 
 import math
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from convnext_cifar.checkpoints import require_file
 from convnext_cifar.errors import UserError
+from convnext_cifar.files import load_pth, require_file
 
 LAYOUTS = ("timm", "mmpretrain", "official")
 # (dims, depths) of timm's convnextv2_* variants, for inferring the size from the weights
@@ -38,9 +36,6 @@ VARIANTS = {
     "convnextv2_large": ((192, 384, 768, 1536), (3, 3, 27, 3)),
     "convnextv2_huge": ((352, 704, 1408, 2816), (3, 3, 27, 3)),
 }
-# Globals that checkpoint writers pickle beside the weights; read as inert placeholders.
-INERT_PREFIXES = ("mmengine.", "mmcv.", "mmpretrain.", "mmcls.", "mmdet.", "mmseg.", "numpy.")
-INERT_NAMES = ("builtins.getattr",)  # numpy and MMEngine pickles use it; a placeholder never calls
 CONTAINER_KEYS = ("state_dict", "model", "module")
 FCMAE_ONLY = ("decoder", "mask_token", "proj.", "pred.")  # FCMAE pre-training parts, not encoder
 
@@ -53,73 +48,6 @@ class SourceWeights:
     layout: str
     origin: str
     ignored: list[str] = field(default_factory=list)
-
-
-# ---- reading files without executing them ----------------------------------------------------
-
-class _Inert:
-    """Stands in for a class the checkpoint names: takes any arguments and state, runs nothing."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def _placeholders(names: list[str]) -> list[tuple[type, str]]:
-    out = []
-    for name in names:
-        module, _, qualname = name.rpartition(".")
-        out.append((type(qualname, (_Inert,), {"__module__": module}), name))
-    return out
-
-
-def _is_inert(name: str) -> bool:
-    return name.startswith(INERT_PREFIXES) or name in INERT_NAMES
-
-
-def load_pth(path: Path) -> object:
-    """`torch.load(weights_only=True)`, with toolbox objects read as inert placeholders."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # not a zip checkpoint: nothing to inspect, refuse below
-            unsafe = []
-        refused = [n for n in unsafe if not _is_inert(n)]
-        if refused or not unsafe:
-            detail = ", ".join(refused) or _pickle_detail(e)
-            raise UserError(f"{path} needs arbitrary code to unpickle ({detail}); refused, "
-                            "nothing in it was run. Convert it where you trust it") from None
-        first_error = e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}); it may "
-                        "be truncated or of another kind") from None
-    try:
-        with torch.serialization.safe_globals(_placeholders(unsafe)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        raise UserError(f"{path} could not be read safely ({first_line(first_error)}); refused, "
-                        "nothing in it was run") from None
-
-
-def _pickle_detail(e: BaseException) -> str:
-    """The useful part of torch's weights_only refusal: the global or opcode it stopped at."""
-    text = str(e)
-    if names := re.findall(r"GLOBAL ([\w.]+)", text):
-        return ", ".join(dict.fromkeys(names))
-    after = text.split("WeightsUnpickler error:", 1)
-    if len(after) == 2 and after[1].strip():
-        return after[1].strip().splitlines()[0][:200]
-    return first_line(e)
-
-
-def first_line(e: BaseException) -> str:
-    """The first sentence of an exception's message (torch's go on for a paragraph)."""
-    text = str(e).strip()
-    return (text.splitlines()[0].split(". ")[0] if text else type(e).__name__)[:200]
 
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -1,7 +1,8 @@
-"""Every checkpoint layout against the real upstream files and outputs in shared/fixtures."""
+"""Every checkpoint layout against the real upstream files and outputs in tests/fixtures."""
 
-import os
+import hashlib
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -12,15 +13,20 @@ from safetensors.torch import load_file, save_file
 
 from convnext_cifar import cli
 from convnext_cifar.errors import UserError
-from convnext_cifar.formats import infer_variant, load_pth, load_source, to_timm
+from convnext_cifar.files import load_pth
+from convnext_cifar.formats import infer_variant, load_source, to_timm
 from convnext_cifar.model import load_backbone
 
-FIXTURES = Path(os.environ.get(
-    "CONVNEXT_CIFAR_FIXTURES",
-    Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "convnextv2_atto"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(),
-                                    reason=f"upstream fixtures not found at {FIXTURES}")
+FIXTURES = Path(__file__).parent / "fixtures" / "convnextv2_atto"
 HEAD = ["head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias"]
+
+
+def test_fixtures_are_the_upstream_files():
+    table = re.findall(r"\| `(\w+\.\w+)` \| [\d,]+ \| `([0-9a-f]{64})` \|",
+                       (FIXTURES / "README.md").read_text())
+    assert len(table) == 6
+    for name, sha in table:
+        assert hashlib.sha256((FIXTURES / name).read_bytes()).hexdigest() == sha, name
 
 
 def fixture_model():
@@ -29,7 +35,6 @@ def fixture_model():
     return timm.create_model("convnextv2_atto", num_classes=10, dims=dims).eval(), io
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name, layout, logits", [
     ("mmpretrain_full.pth", "mmpretrain", "logits_mmpretrain"),
     ("official_fb.pth", "official", "logits_official"),
@@ -46,7 +51,6 @@ def test_full_checkpoints_give_the_upstream_logits(name, layout, logits):
         torch.testing.assert_close(model(io["x"]), io["logits_mmpretrain"], atol=1e-5, rtol=0)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", ["mmpretrain_backbone.pth", "official_fcmae_backbone.pth"])
 def test_backbone_files_give_the_upstream_features_and_leave_norm_and_head_fresh(name):
     model, io = fixture_model()
@@ -58,7 +62,6 @@ def test_backbone_files_give_the_upstream_features_and_leave_norm_and_head_fresh
     torch.testing.assert_close(pooled, io["pooled_prenorm"], atol=1e-5, rtol=0)
 
 
-@needs_fixtures
 def test_mmengine_training_checkpoint_is_read_without_running_anything():
     path = FIXTURES / "mmpretrain_full.pth"
     with pytest.raises(pickle.UnpicklingError, match="HistoryBuffer"):
@@ -67,12 +70,11 @@ def test_mmengine_training_checkpoint_is_read_without_running_anything():
     assert set(obj) == {"meta", "state_dict", "message_hub", "optimizer", "param_schedulers"}
     hub = obj["message_hub"]["log_scalars"]["train/loss"]
     assert type(hub).__name__ == "HistoryBuffer"
-    assert type(hub).__mro__[1].__module__ == "convnext_cifar.formats"  # an inert placeholder
+    assert type(hub).__mro__[1].__module__ == "convnext_cifar.files"  # an inert placeholder
     source = load_source(str(path))
     assert {"meta", "message_hub", "optimizer", "param_schedulers"} <= set(source.ignored)
 
 
-@needs_fixtures
 def test_prefix_selects_the_backbone_like_mmpretrain_init_cfg():
     model, io = fixture_model()
     source = load_source(str(FIXTURES / "mmpretrain_full.pth"), prefix="backbone")
@@ -85,7 +87,6 @@ def test_prefix_selects_the_backbone_like_mmpretrain_init_cfg():
         load_source(str(FIXTURES / "mmpretrain_full.pth"), prefix="neck")
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name, make", [
     ("mmpretrain_full.pth", to_mmpretrain),
     ("official_fb.pth", to_official),

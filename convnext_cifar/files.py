@@ -1,0 +1,181 @@
+"""Safe file handling shared by every module that reads or writes files.
+
+- `atomic_write_bytes`: a final name is either the old file or the complete new one.
+- `require_file`: one clear error for a missing, empty or directory path.
+- `load_pth`: `torch.load(weights_only=True)`, with the objects other toolboxes pickle beside their
+  weights read as inert placeholders; any other global refuses the file, running nothing.
+- `load_array_pickle`: the python pickles datasets ship (CIFAR), numpy arrays and containers only.
+- `first_line`: the useful first sentence of a library's long error message.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+from convnext_cifar.errors import UserError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either the old file or the complete new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Temporary files left by a process killed while writing (never under a final name)."""
+    for path in Path(folder).glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def require_file(path: Path, what: str) -> Path:
+    """`path` as a Path if it is a non-empty file; otherwise one clear UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a file in it")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} {path} is empty")
+    return path
+
+
+def first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message (torch's go on for a paragraph)."""
+    text = str(e).strip()
+    return (text.splitlines()[0].split(". ")[0] if text else type(e).__name__)[:200]
+
+
+# ---- .pth files: torch.load(weights_only=True) with inert toolbox objects ----------------------
+
+# Globals that checkpoint writers pickle beside the weights; read as inert placeholders.
+INERT_PREFIXES = ("mmengine.", "mmcv.", "mmpretrain.", "mmcls.", "mmdet.", "mmseg.", "numpy.")
+INERT_NAMES = ("builtins.getattr",)  # numpy and MMEngine pickles use it; a placeholder never calls
+
+
+class _Inert:
+    """Stands in for a class the checkpoint names: takes any arguments and state, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _placeholders(names: list[str]) -> list[tuple[type, str]]:
+    out = []
+    for name in names:
+        module, _, qualname = name.rpartition(".")
+        out.append((type(qualname, (_Inert,), {"__module__": module}), name))
+    return out
+
+
+def _is_inert(name: str) -> bool:
+    return name.startswith(INERT_PREFIXES) or name in INERT_NAMES
+
+
+def load_pth(path: Path) -> object:
+    """`torch.load(weights_only=True)`, with toolbox objects read as inert placeholders."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # not a zip checkpoint: nothing to inspect, refuse below
+            unsafe = []
+        refused = [n for n in unsafe if not _is_inert(n)]
+        if refused or not unsafe:
+            detail = ", ".join(refused) or _pickle_detail(e)
+            raise UserError(f"{path} needs arbitrary code to unpickle ({detail}); refused, "
+                            "nothing in it was run. Convert it where you trust it") from None
+        first_error = e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}); it may "
+                        "be truncated or of another kind") from None
+    try:
+        with torch.serialization.safe_globals(_placeholders(unsafe)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"{path} could not be read safely ({first_line(first_error)}); refused, "
+                        "nothing in it was run") from None
+
+
+def _pickle_detail(e: BaseException) -> str:
+    """The useful part of torch's weights_only refusal: the global or opcode it stopped at."""
+    text = str(e)
+    if names := re.findall(r"GLOBAL ([\w.]+)", text):
+        return ", ".join(dict.fromkeys(names))
+    after = text.split("WeightsUnpickler error:", 1)
+    if len(after) == 2 and after[1].strip():
+        return after[1].strip().splitlines()[0][:200]
+    return first_line(e)
+
+
+# ---- dataset pickles: numpy arrays and plain containers only ------------------------------------
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers only: a data file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+        ("_codecs", "encode"): ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        target = self._ALLOWED.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        if target[0] == "numpy._core.multiarray":
+            try:
+                from numpy._core import multiarray  # numpy >= 2
+            except ImportError:  # numpy 1.x
+                from numpy.core import multiarray
+            return getattr(multiarray, target[1])
+        return super().find_class(*target)
+
+
+def load_array_pickle(path: Path, fix: str) -> dict:
+    """A dict pickled by a dataset's authors (Python 2's cPickle for CIFAR), keys as str.
+
+    `fix` is what the user should do when the file is missing or unreadable.
+    """
+    # Python 2's str objects are bytes here; numpy's own advice for such arrays is latin1.
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise UserError(f"missing {path}; {fix}") from None
+    except Exception as e:  # truncated or foreign file: pickle raises many kinds of error
+        raise UserError(f"cannot read {path} as a dataset file ({type(e).__name__}: {e}); "
+                        f"{fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a dataset batch file (holds a {type(obj).__name__})")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
