@@ -61,6 +61,13 @@ class Args:
     """Also measure the typical DataLoader + per-image transforms loop."""
     baseline_workers: int = 2
     """DataLoader worker processes of the baseline."""
+    num_classes: int = 10
+    """Classes of the synthetic data (the head's size)."""
+    peak_sizes: tuple[int, ...] | None = None
+    """Square matmul sizes tried for the peak FLOP/s (default: 1024-4096 CPU, 4096-8192 GPU)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode of the compiled configurations."""
     json: bool = False
     """Print one JSON object per configuration instead of the table."""
     out: Path | None = None
@@ -132,32 +139,37 @@ def flops_per_image(model, step_fn, x, y) -> tuple[float, float]:
     return forward / len(x), counter.get_total_flops() / len(x)
 
 
-def peak_matmul_flops(device, dtype) -> float:
-    """FLOP/s of a large square matmul on `device` in `dtype`: the ceiling utilisation refers to."""
+def peak_matmul_flops(device, dtype, sizes: tuple[int, ...] | None = None) -> tuple[float, int]:
+    """(FLOP/s, n) of the fastest square n x n matmul on `device` in `dtype`, best of 3 timings
+    per size: the ceiling utilisation refers to. Small products do not reach the peak (1024 read
+    60 % of it on a 2-core AVX2 host), so several sizes up to large ones are tried."""
     import torch
 
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    clock = Clock(device)
-    reps = 50 if device.type == "cuda" else 8
+    sizes = sizes or ((4096, 8192) if device.type == "cuda" else (1024, 2048, 4096))
+    clock, best = Clock(device), (0.0, 0)
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        flop = 2 * n ** 3
+        reps = max(1, int((2e13 if device.type == "cuda" else 2e10) // flop))
 
-    def run():
-        for _ in range(reps):
-            a @ b
+        def run(a=a, b=b, reps=reps):
+            for _ in range(reps):
+                a @ b
 
-    clock.time(run)
-    return 2 * n ** 3 * reps / min(clock.time(run) for _ in range(3))
+        clock.time(run)  # warm-up: library setup, caches, clocks
+        rate = flop * reps / min(clock.time(run) for _ in range(3))
+        best = max(best, (rate, n))
+    return best
 
 
 # ---- the project's paths ----------------------------------------------------------------------
 
-def default_settings(device) -> tuple[str, bool, bool]:
-    """(precision, channels_last, compile) that `train` resolves to on `device`."""
-    from convnext_cifar.config import TrainConfig
-    from convnext_cifar.engine import resolve_runtime
+def default_settings(args: Args, device) -> tuple[str, bool, bool]:
+    """(precision, channels_last, compile) that `train` resolves to on `device` for this model."""
+    from convnext_cifar.runtime import resolve_runtime
 
-    rt = resolve_runtime(TrainConfig(device=str(device)))
+    rt = resolve_runtime(bench_config(args, device))
     return rt.precision, rt.channels_last, rt.compile
 
 
@@ -165,7 +177,7 @@ def matrix(args: Args, device) -> list[tuple[str, bool, bool]]:
     import torch
 
     if args.quick:
-        return [default_settings(device)]
+        return [default_settings(args, device)]
     precisions = args.precision
     if precisions is None:
         precisions = ("fp32",)
@@ -174,86 +186,101 @@ def matrix(args: Args, device) -> list[tuple[str, bool, bool]]:
     return list(itertools.product(precisions, (True, False), (False, True)))
 
 
+def synthetic_dataset(args: Args, device, num_classes: int = 10):
+    """Random uint8 images in CIFAR's layout: one training window's worth and one eval window's."""
+    import torch
+
+    from convnext_cifar.datasets import CIFAR10, Dataset
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, n_eval = args.batch_size * args.steps, args.eval_batch_size * args.steps
+
+    def images(count):
+        return torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=gen)
+
+    def labels(count):
+        return torch.randint(0, num_classes, (count,), generator=gen)
+
+    return Dataset(images(n).to(device), labels(n).to(device), images(n_eval).to(device),
+                   labels(n_eval).to(device), [str(i) for i in range(num_classes)],
+                   CIFAR10.mean, CIFAR10.std)
+
+
+def bench_config(args: Args, device, precision: str = "auto", channels_last: bool = True,
+                 compile_on: bool | None = None):
+    """The reference experiment's config with the benchmark's model, sizes and runtime
+    (compile_on None: `auto`)."""
+    from convnext_cifar.config import CIFAR10FineTune
+
+    base = CIFAR10FineTune()
+    return dataclasses.replace(
+        base, model=dataclasses.replace(base.model, name=args.model, pretrained="none"),
+        data=dataclasses.replace(base.data, batch_size=args.batch_size, drop_last=True,
+                                 image_size=args.image_size, eval_batch_size=args.eval_batch_size),
+        device=str(device), precision=precision,
+        compile="auto" if compile_on is None else "on" if compile_on else "off",
+        channels_last=channels_last, log_interval=10 ** 9)
+
+
 def measure(args: Args, device, precision: str, channels_last: bool, compile_on: bool,
             flops: dict[str, float]) -> dict[str, Any]:
     import torch
 
-    from convnext_cifar.config import CIFAR10FineTune, ModelConfig
-    from convnext_cifar.data import DeviceLoader, Normalize
     from convnext_cifar.engine import (
         Guard,
-        RunState,
-        Runtime,
         TrainStep,
         Window,
+        build_run,
         evaluate,
-        prepare_model,
         train_one_epoch,
     )
-    from convnext_cifar.model import build_model
-    from convnext_cifar.optim import build_optimizer
     from convnext_cifar.report import MetricsLog, Progress
+    from convnext_cifar.resume import Position
+    from convnext_cifar.runtime import Runtime
 
-    base = CIFAR10FineTune()
-    cfg = dataclasses.replace(
-        base, model=ModelConfig(name=args.model, pretrained="none", drop_path_rate=0.2,
-                                label_smoothing=0.2),
-        data=dataclasses.replace(base.data, batch_size=args.batch_size, drop_last=True,
-                                 image_size=args.image_size, eval_batch_size=args.eval_batch_size),
-        log_interval=10 ** 9)
-    rt = Runtime(device, precision, compile_on, channels_last)
+    cfg = bench_config(args, device, precision, channels_last, compile_on)
+    rt = Runtime(device, precision, compile_on, channels_last, args.compile_mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(0)
-    model, forward = prepare_model(build_model(cfg.model, 10, verbose=False), rt)
-    step_fn = TrainStep(forward, build_optimizer(model, cfg.optim, device), rt,
-                        cfg.model.label_smoothing, cfg.optim.clip_grad_norm)
-    n = args.batch_size * args.steps
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
-    labels = torch.randint(0, 10, (n,), generator=gen).to(device)
-    n_eval = args.eval_batch_size * args.steps
-    test_images = torch.randint(0, 256, (n_eval, 3, 32, 32), dtype=torch.uint8,
-                                generator=gen).to(device)
-    test_labels = torch.randint(0, 10, (n_eval,), generator=gen).to(device)
-    loader = DeviceLoader(images, labels, cfg.data, 0, channels_last)
-    normalize = Normalize(cfg.data, device, channels_last)
+    data = synthetic_dataset(args, device, args.num_classes)
     clock = Clock(device)
+    n, n_eval = len(data.train_images), len(data.test_images)
     result: dict[str, Any] = {"precision": precision, "channels_last": channels_last,
-                              "compile": compile_on}
+                              "compile": compile_on, "compile_mode": args.compile_mode}
 
     with tempfile.TemporaryDirectory() as tmp:
+        run = build_run(dataclasses.replace(cfg, work_dir=Path(tmp)), rt, data=data)
         log, quiet = MetricsLog(Path(tmp) / "m.jsonl"), Progress(1, live=False)
         quiet.log_train = lambda *a, **k: None  # the benchmark prints its own table
-        cfg = dataclasses.replace(cfg, work_dir=Path(tmp))
         epoch = itertools.count()
 
         def data_window():
-            for _ in loader.epoch(next(epoch)):
+            for _ in run.loader.epoch(next(epoch)):
                 pass
 
         def loop_window():
-            run = RunState(epoch=next(epoch))
-            train_one_epoch(step_fn, loader, run, cfg, log, quiet, Window(device),
-                            Guard(device, 0, 1))
+            train_one_epoch(run, Position(epoch=next(epoch)), log, quiet, Window(device),
+                            Guard(device, 1))
 
-        x, y, _ = next(loader.epoch(0))
+        x, y, _ = next(run.loader.epoch(0))
 
         def bare_window():
             for _ in range(args.steps):
-                step_fn(x, y)
+                run.step_fn(x, y)
 
         def eval_window():
-            evaluate(forward, test_images, test_labels, args.eval_batch_size, normalize, rt, 10)
+            evaluate(run.forward, data.test_images, data.test_labels, args.eval_batch_size,
+                     run.normalize, rt, data.num_classes)
 
         for name, fn, count in (("data", data_window, n), ("loop", loop_window, n),
                                 ("bare", bare_window, n), ("eval", eval_window, n_eval)):
             for key, value in windows(clock, fn, count, args.windows).items():
                 result[f"{name}_{key}"] = value
         if not flops:  # counted on the eager model: the same arithmetic, without compile hooks
-            eager = TrainStep(model, step_fn.optimizer, dataclasses.replace(rt, compile=False),
-                              cfg.model.label_smoothing, cfg.optim.clip_grad_norm)
-            flops["forward"], flops["train"] = flops_per_image(model, eager, x, y)
+            eager = TrainStep(run.model, run.step_fn.optimizer,
+                              dataclasses.replace(rt, compile=False), run.step_fn.loss_fn,
+                              cfg.optim.clip_grad_norm)
+            flops["forward"], flops["train"] = flops_per_image(run.model, eager, x, y)
     result["loop_over_bare"] = result["loop_img_per_s"] / result["bare_img_per_s"]
     result["train_flops_per_image"] = flops["train"]
     result["forward_flops_per_image"] = flops["forward"]
@@ -275,7 +302,8 @@ def baseline(args: Args, device) -> dict[str, Any]:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from convnext_cifar.config import CIFAR10_MEAN, CIFAR10_STD, ModelConfig, OptimConfig
+    from convnext_cifar.config import ModelConfig, OptimConfig
+    from convnext_cifar.datasets import CIFAR10
     from convnext_cifar.model import build_model
     from convnext_cifar.optim import build_optimizer
 
@@ -295,15 +323,15 @@ def baseline(args: Args, device) -> dict[str, Any]:
         transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
         *([transforms.Resize(args.image_size)] if args.image_size != 32 else []),
         transforms.ToTensor(),
-        transforms.Normalize([m / 255 for m in CIFAR10_MEAN], [s / 255 for s in CIFAR10_STD])])
+        transforms.Normalize([m / 255 for m in CIFAR10.mean], [s / 255 for s in CIFAR10.std])])
     dataset = CIFARLike(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                        rng.integers(0, 10, n), transform)
+                        rng.integers(0, args.num_classes, n), transform)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         num_workers=args.baseline_workers, pin_memory=device.type == "cuda",
                         persistent_workers=args.baseline_workers > 0)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=args.model, drop_path_rate=0.2), 10,
-                        verbose=False).to(device)
+    model = build_model(ModelConfig(name=args.model, drop_path_rate=0.2), args.num_classes,
+                        is_main=False).to(device)
     optimizer = build_optimizer(model, OptimConfig(lr=4e-3), device)
     model.train()
 
@@ -368,7 +396,8 @@ def print_table(rows: list[dict[str, Any]], env: dict[str, Any], args: Args) -> 
     if rows and "train_flops_per_image" in rows[0]:
         print(f"FLOPs per image: forward {rows[0]['forward_flops_per_image'] / 1e9:.3f} G, "
               f"training step {rows[0]['train_flops_per_image'] / 1e9:.3f} G; peak matmul "
-              f"{rows[0]['peak_tflops']:.2f} TFLOP/s")
+              f"{rows[0]['peak_tflops']:.2f} TFLOP/s (best square matmul, n="
+              f"{rows[0]['peak_matmul_n']})")
 
 
 def main(args: Args) -> list[dict[str, Any]]:
@@ -379,13 +408,13 @@ def main(args: Args) -> list[dict[str, Any]]:
     env = environment(device)
     rows: list[dict[str, Any]] = []
     flops: dict[str, float] = {}
-    peaks: dict[str, float] = {}
+    peaks: dict[str, tuple[float, int]] = {}
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for precision, channels_last, compile_on in matrix(args, device):
         row = measure(args, device, precision, channels_last, compile_on, flops)
         if precision not in peaks:
-            peaks[precision] = peak_matmul_flops(device, dtypes[precision])
-        row["peak_tflops"] = peaks[precision] / 1e12
+            peaks[precision] = peak_matmul_flops(device, dtypes[precision], args.peak_sizes)
+        row["peak_tflops"], row["peak_matmul_n"] = peaks[precision][0] / 1e12, peaks[precision][1]
         row["utilisation_pct"] = 100 * row["achieved_tflops"] / row["peak_tflops"]
         rows.append({"kind": "project", "model": args.model, "batch_size": args.batch_size,
                      "image_size": args.image_size, **env, **row})

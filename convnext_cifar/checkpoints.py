@@ -1,7 +1,8 @@
-"""Weights as safetensors with everything needed to rebuild the model in the metadata.
+"""What a run writes: weights as safetensors with everything needed to rebuild the model in the
+metadata, resumable training states, and the lock that keeps one run per work dir.
 
-Every file is written to a temporary name in the same folder, flushed, fsynced and renamed, so a
-final name never holds a half-written file.
+Every file is written with `files.atomic_write_bytes`: a final name never holds a half-written
+file.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,53 +19,18 @@ import torch
 
 from convnext_cifar.config import TrainConfig, from_dict, to_dict
 from convnext_cifar.errors import UserError
+from convnext_cifar.files import atomic_write_bytes, load_pth, require_file
 
 FORMAT = "convnext-cifar/weights-v1"
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either the old file or the complete new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def require_file(path: Path, what: str) -> Path:
-    """`path` as a Path if it is a non-empty file; otherwise one clear UserError."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{what} {path} does not exist")
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a directory; give a file in it")
-    if path.stat().st_size == 0:
-        raise UserError(f"{what} {path} is empty")
-    return path
-
-
-def save_weights(path: Path, model: torch.nn.Module, cfg: TrainConfig, classes: list[str],
-                 epoch: int, metrics: dict[str, float], runtime: dict[str, Any]) -> None:
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], cfg: TrainConfig,
+                 classes: list[str], epoch: int, metrics: dict[str, float],
+                 runtime: dict[str, Any]) -> None:
     """Model weights (contiguous, on the CPU) plus config, classes, epoch and metrics."""
     from safetensors.torch import save
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     metadata = {
         "format": FORMAT,
         "config": json.dumps(to_dict(cfg)),
@@ -115,7 +80,8 @@ def load_weights(path: Path) -> Checkpoint:
 
 # ---- full training state, for exact resume ------------------------------------------------------
 
-STATE_FORMAT = "convnext-cifar/state-v1"
+STATE_FORMAT = "convnext-cifar/state-v2"
+OLDER_STATE_FORMATS = ("convnext-cifar/state-v1",)  # still read: resume.upgrade_state
 STATE_PATTERN = re.compile(r"^state_(\d{8})\.pt$")
 
 
@@ -124,7 +90,8 @@ def state_path(run_dir: Path, step: int) -> Path:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """torch.save `state` atomically; it holds only tensors and plain containers."""
+    """torch.save `state` atomically; it holds only tensors and plain containers (so that
+    `load_state` can read it with weights_only=True)."""
     buf = io.BytesIO()
     torch.save({"format": STATE_FORMAT, **state}, buf)
     try:
@@ -135,14 +102,18 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """A state written by `save_state`; refuses anything else, running nothing."""
-    from convnext_cifar.formats import load_pth
-
+    """A state written by `save_state` (this version's format or an older one it still reads);
+    refuses anything else, running nothing."""
     path = require_file(path, "training state")
     state = load_pth(path)
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if not isinstance(fmt, str) or not fmt.startswith("convnext-cifar/state-"):
         raise UserError(f"{path} is not a convnext-cifar training state; give a state_*.pt "
                         "file of a run, or --resume auto")
+    if fmt != STATE_FORMAT and fmt not in OLDER_STATE_FORMATS:
+        raise UserError(f"{path} is a training state of format {fmt!r}, which this version "
+                        f"({STATE_FORMAT}) cannot resume; finish that run with the version that "
+                        "wrote it")
     return state
 
 
@@ -159,12 +130,6 @@ def prune_states(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
     for path in states[:-keep_last] if keep_last else states:
         if keep_step is None or int(STATE_PATTERN.match(path.name).group(1)) != keep_step:
             path.unlink(missing_ok=True)
-
-
-def remove_stale_temp_files(run_dir: Path) -> None:
-    """Temporary files left by a process killed while writing (never under a final name)."""
-    for path in Path(run_dir).glob(".*.tmp"):
-        path.unlink(missing_ok=True)
 
 
 class WorkDirLock:

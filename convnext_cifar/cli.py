@@ -25,6 +25,7 @@ from convnext_cifar.errors import Interrupted, UserError
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 DEFAULT_PRESET = next(iter(PRESETS))
+COMMANDS = ("train", "eval", "convert")
 
 
 def _option_value(args: list[str], flag: str) -> str | None:
@@ -54,7 +55,8 @@ def _train_command(default: TrainConfig):
     def train(
         cfg: Annotated[TrainConfig, tyro.conf.arg(name="")] = default,
         preset: Annotated[PresetName, tyro.conf.arg(  # type: ignore[valid-type]
-            help="Experiment to start from: cifar10 (the reference) or smoke (a quick CPU run)."
+            help="Experiment to start from: " + "; ".join(
+                f"{name}: {cls.__doc__.splitlines()[0]}" for name, cls in PRESETS.items())
         )] = DEFAULT_PRESET,
         config: Annotated[Path | None, tyro.conf.arg(
             help="Start from a saved config.json (e.g. a run's own); options given override it."
@@ -167,13 +169,24 @@ def _one_line(box: str, args: list[str]) -> str:
             continue
         if line:
             lines.append(line)
-    command = " " + args[0] if args and args[0] in ("train", "eval", "convert") else ""
+    command = " " + args[0] if args and args[0] in COMMANDS else ""
     message = " ".join(lines) or "invalid command line"
     return f"{message} (see convnext-cifar{command} --help)"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:  # output piped into `head` and the like: end quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail too
+        return 141  # 128 + SIGPIPE
+
+
+def _run(args: list[str]) -> int:
     try:
         default = starting_config(args) if args[:1] == ["train"] else PRESETS[DEFAULT_PRESET]()
         commands = {"train": _train_command(default), "eval": eval_command,

@@ -33,9 +33,8 @@ CONVNEXTV2_MODELS = (
     "convnextv2_large",
     "convnextv2_huge",
 )
-DATASET_CLASSES = {"cifar10": 10}
-CIFAR10_MEAN = (125.307, 122.961, 113.8575)
-CIFAR10_STD = (51.5865, 50.847, 51.255)
+DATASETS = ("cifar10",)
+"""Names --data.dataset takes; what each one is lives in datasets.py."""
 
 
 def _check(ok: bool, option: str, value: Any, must: str) -> None:
@@ -74,13 +73,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ConvNeXtV2Tiny(ModelConfig):
-    """ConvNeXt-V2-Tiny as MMPretrain's _base_/models/convnext_v2/tiny.py defines it."""
+    """ConvNeXt-V2-Tiny as MMPretrain's _base_/models/convnext_v2/tiny.py defines it: drop-path
+    0.2 and label smoothing 0.2 (its LabelSmoothLoss), which the experiment inherits."""
 
     name: str = "convnextv2_tiny"
     """timm ConvNeXt-V2 variant: convnextv2_{atto,femto,pico,nano,tiny,base,large,huge}."""
-    drop_path_rate: float = 0.1
+    drop_path_rate: float = 0.2
     """Stochastic depth rate of the residual blocks."""
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.2
     """Label smoothing of the cross-entropy training loss."""
 
 
@@ -89,9 +89,9 @@ class DataConfig:
     """Where the images come from and how training batches are augmented."""
 
     dataset: Literal["cifar10"] = "cifar10"
-    """Dataset, read from its standard python-pickle layout under --data.root."""
+    """Dataset: cifar10 (cifar-10-batches-py/ under --data.root)."""
     root: Path = Path("data")
-    """Folder holding (or receiving) cifar-10-batches-py/."""
+    """Folder holding (or receiving) the dataset's folder."""
     download: bool = True
     """Download the official archive (checksum verified) when the data is missing."""
     batch_size: int = 128
@@ -102,10 +102,10 @@ class DataConfig:
     """Zero padding on each side before the random crop (0 turns the crop off)."""
     flip_prob: float = 0.5
     """Probability of a horizontal flip."""
-    mean: tuple[float, float, float] = CIFAR10_MEAN
-    """Per-channel mean subtracted from 0-255 pixels."""
-    std: tuple[float, float, float] = CIFAR10_STD
-    """Per-channel std dividing 0-255 pixels."""
+    mean: tuple[float, float, float] | None = None
+    """Per-channel mean subtracted from 0-255 pixels (None: the dataset's standard values)."""
+    std: tuple[float, float, float] | None = None
+    """Per-channel std dividing 0-255 pixels (None: the dataset's standard values)."""
     image_size: int = 32
     """Input size fed to the model; larger than 32 upsamples on the device (bilinear)."""
     drop_last: bool = False
@@ -121,24 +121,26 @@ class DataConfig:
                "must be >= 1")
         _check(self.padding >= 0, "data.padding", self.padding, "must be >= 0")
         _check(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", self.flip_prob, "must be in [0, 1]")
-        _check(len(self.mean) == 3, "data.mean", self.mean, "needs 3 values")
-        _check(len(self.std) == 3 and all(s > 0 for s in self.std), "data.std", self.std,
-               "needs 3 values > 0")
+        _check(self.mean is None or len(self.mean) == 3, "data.mean", self.mean,
+               "needs 3 values")
+        _check(self.std is None or (len(self.std) == 3 and all(s > 0 for s in self.std)),
+               "data.std", self.std, "needs 3 values > 0")
         _check(self.image_size >= 32, "data.image_size", self.image_size, "must be >= 32")
         _check(self.limit_train >= 0, "data.limit_train", self.limit_train, "must be >= 0")
         _check(self.limit_val >= 0, "data.limit_val", self.limit_val, "must be >= 0")
 
-    @property
-    def num_classes(self) -> int:
-        return DATASET_CLASSES[self.dataset]
-
 
 @dataclass(frozen=True)
 class CIFAR10Data(DataConfig):
-    """CIFAR-10 as MMPretrain's _base_/datasets/cifar10_bs16.py defines it."""
+    """CIFAR-10 as MMPretrain's _base_/datasets/cifar10_bs16.py defines it (its normalisation is
+    CIFAR-10's standard mean/std, written out here as that file does)."""
 
     batch_size: int = 16
     """Training batch size."""
+    mean: tuple[float, float, float] | None = (125.307, 122.961, 113.8575)
+    """Per-channel mean subtracted from 0-255 pixels (None: the dataset's standard values)."""
+    std: tuple[float, float, float] | None = (51.5865, 50.847, 51.255)
+    """Per-channel std dividing 0-255 pixels (None: the dataset's standard values)."""
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,8 @@ class SchedConfig:
 class TrainConfig:
     """A whole training run: the sections plus the run settings."""
 
-    name: str = "run"
-    """Experiment name; the default work dir is work_dirs/<name>."""
+    name: str = "{model}_{dataset}"
+    """Run name, default work dir work_dirs/<name>; {model} and {dataset} are filled in."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Network."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -218,7 +220,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast; auto: bf16 on CUDA with bf16, fp16 + GradScaler on older CUDA, fp32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the model; auto: on for CUDA and CPU (measured faster on both), off else."""
+    """torch.compile the model; auto: on CUDA, and on the CPU for the sizes measured faster."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode; reduce-overhead/max-autotune use CUDA graphs on a GPU."""
@@ -240,6 +242,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", self.name,
                "must be a non-empty name without '/'")
+        try:
+            self.name.format(model="", dataset="")
+        except (KeyError, IndexError, ValueError):
+            _check(False, "name", self.name, "may only use the fields {model} and {dataset}")
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                "device", self.device, "use auto, cpu, cuda or cuda:N")
         for option in ("val_interval", "ckpt_interval", "log_interval", "state_interval",
@@ -249,18 +255,21 @@ class TrainConfig:
                self.optim.accum_steps, f"must divide --data.batch-size {self.data.batch_size}")
 
     @property
+    def run_name(self) -> str:
+        """The name with its fields filled in, e.g. convnextv2-tiny_cifar10."""
+        return self.name.format(model=self.model.name.replace("_", "-"), dataset=self.data.dataset)
+
+    @property
     def run_dir(self) -> Path:
-        return self.work_dir if self.work_dir is not None else Path("work_dirs") / self.name
+        return self.work_dir if self.work_dir is not None else Path("work_dirs") / self.run_name
 
 
 @dataclass(frozen=True)
 class CIFAR10FineTune(TrainConfig):
     """Reference experiment: FCMAE ConvNeXt-V2-Tiny fine-tuned on CIFAR-10 at 32x32."""
 
-    name: str = "convnextv2-tiny_cifar10"
-    """Experiment name; the default work dir is work_dirs/<name>."""
     model: ModelConfig = field(default_factory=lambda: ConvNeXtV2Tiny(
-        pretrained="convnextv2_tiny.fcmae", drop_path_rate=0.2, label_smoothing=0.2))
+        pretrained="convnextv2_tiny.fcmae"))
     """Network."""
     data: DataConfig = field(default_factory=lambda: CIFAR10Data(batch_size=128))
     """Dataset and augmentation."""
@@ -280,8 +289,8 @@ class CIFAR10FineTune(TrainConfig):
 class CIFAR10Smoke(CIFAR10FineTune):
     """A quick CPU check of the whole path: atto from scratch, 5k images, 3 epochs."""
 
-    name: str = "convnextv2-atto_cifar10-smoke"
-    """Experiment name; the default work dir is work_dirs/<name>."""
+    name: str = "{model}_{dataset}-smoke"
+    """Run name, default work dir work_dirs/<name>; {model} and {dataset} are filled in."""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         name="convnextv2_atto", pretrained="none", drop_path_rate=0.0, label_smoothing=0.2))
     """Network."""

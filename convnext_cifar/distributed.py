@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
+        """More than one process: collectives run, data and evaluation are sharded."""
         return self.world > 1
 
     @property
@@ -38,7 +39,7 @@ class Dist:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.enabled:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
         return tensor
 
     def any(self, flag: bool, device: torch.device) -> bool:
@@ -46,7 +47,7 @@ class Dist:
         if not self.enabled:
             return flag
         t = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
         return bool(t.item())
 
 
@@ -55,16 +56,16 @@ def from_env() -> Dist:
                 int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def start(info: Dist, device: torch.device) -> None:
+def start(dist: Dist, device: torch.device) -> None:
     """Join the process group: NCCL for CUDA devices, gloo for the CPU."""
-    if info.enabled and not dist.is_initialized():
+    if dist.enabled and not tdist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            tdist.init_process_group("nccl", device_id=device)
         else:
-            dist.init_process_group("gloo")
+            tdist.init_process_group("gloo")
 
 
 def stop() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -7,22 +7,33 @@ line says what was loaded, what was left fresh and what was ignored.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
 from convnext_cifar.config import ModelConfig
 from convnext_cifar.errors import UserError
+from convnext_cifar.files import atomic_write_bytes
 from convnext_cifar.formats import SourceWeights, infer_variant, load_source
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 HEAD_PREFIX = "head."  # timm's NormMlpClassifierHead: final norm (head.norm) and head.fc
 BACKBONE_PREFIXES = ("stem.", "stages.")
+HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub's host before treating it as offline
 
 
-def build_model(cfg: ModelConfig, num_classes: int, verbose: bool = True) -> torch.nn.Module:
-    """The timm model with a fresh `num_classes` head, initialised from `cfg.pretrained`."""
+def build_model(cfg: ModelConfig, num_classes: int, is_main: bool = True) -> torch.nn.Module:
+    """The timm model with a fresh `num_classes` head, initialised from `cfg.pretrained`.
+
+    `is_main`: this process prints the load report (one process of a multi-process run does).
+    """
     import timm
 
     model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes,
@@ -30,7 +41,7 @@ def build_model(cfg: ModelConfig, num_classes: int, verbose: bool = True) -> tor
     if cfg.pretrained.lower() != "none":
         source = read_pretrained(cfg, model)
         report = load_backbone(model, source.state_dict, source.ignored)
-        if verbose:
+        if is_main:
             print(f"pretrained {cfg.pretrained} ({source.layout} layout): {report}", flush=True)
     return model
 
@@ -69,14 +80,59 @@ def _timm_hub_state_dict(tag: str, model: torch.nn.Module) -> dict[str, torch.Te
         captured.update(checkpoint_filter_fn(state_dict, m))
         return {}  # load nothing here: load_backbone checks and reports the real load
 
+    pretrained_cfg = get_pretrained_cfg(tag).to_dict()
     try:
-        load_pretrained(model, pretrained_cfg=get_pretrained_cfg(tag).to_dict(),
-                        num_classes=0, filter_fn=capture, strict=False)
+        with hub_offline_unless_reachable(pretrained_cfg) as unreachable:
+            load_pretrained(model, pretrained_cfg=pretrained_cfg, num_classes=0,
+                            filter_fn=capture, strict=False)
     except Exception as e:  # network, hub and cache errors come in many types
-        raise UserError(f"could not fetch pretrained weights {tag} ({type(e).__name__}: {e}); "
-                        "this needs internet access, or pass a local file to "
-                        "--model.pretrained") from None
+        why = (f"{unreachable} cannot be reached and they are not in the local cache"
+               if unreachable else f"{type(e).__name__}: {e}")
+        raise UserError(f"could not fetch pretrained weights {tag} ({why}); this needs internet "
+                        "access, or pass a local file to --model.pretrained") from None
     return captured
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable(pretrained_cfg: dict) -> Iterator[str]:
+    """Fetch from the Hugging Face hub only when it answers; else from the local cache alone.
+
+    Without this, an offline machine spends a minute in the hub client's retries before the same
+    error. HF_HUB_OFFLINE=1 is honoured as it is. Yields the unreachable address ('' if none).
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or not pretrained_cfg.get("hf_hub_id"):
+        yield ""
+        return
+    address = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or constants.ENDPOINT
+    if _reachable(address, HUB_PROBE_SECONDS):
+        yield ""
+        return
+    constants.HF_HUB_OFFLINE = True  # read at call time by the hub client: cache only
+    try:
+        yield address
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def _reachable(address: str, timeout: float) -> bool:
+    """Whether a TCP connection to the URL's host opens within `timeout` (DNS included)."""
+    parts = urlsplit(address if "://" in address else "http://" + address)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=connect, daemon=True)  # name lookups ignore the timeout
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
 
 
 @dataclass
@@ -166,7 +222,6 @@ def convert_to_timm(src: str, dst: Path, name: str | None = None, layout: str = 
     from safetensors.torch import save
 
     from convnext_cifar import __version__
-    from convnext_cifar.checkpoints import atomic_write_bytes
 
     dst = Path(dst)
     if dst.suffix != ".safetensors":

@@ -38,14 +38,17 @@ def lr_at(step: int, lr: float, sched: SchedConfig, steps_per_epoch: int) -> flo
 
     Per step: linear warmup from start_factor*lr to lr over warmup_epochs, then a cosine that
     reaches min_lr at the last step. Per epoch (`sched.per_epoch`): the LR MMEngine's LinearLR +
-    CosineAnnealingLR give each epoch, so that warmup peaks at epoch warmup_epochs - 1.
+    CosineAnnealingLR give each epoch. Its LinearLR reaches lr at epoch warmup_epochs - 1 (its
+    total_iters is end - begin - 1), and its cosine continues from the LR it finds: with one
+    warmup epoch that is start_factor * lr, which MMEngine never raises again.
     """
     if sched.per_epoch:
         epoch, warmup, total = step // steps_per_epoch, sched.warmup_epochs, sched.epochs
+        warm_lr = lr * sched.start_factor if warmup == 1 else lr  # where LinearLR leaves it
         if epoch < warmup:
-            progress = epoch / (warmup - 1) if warmup > 1 else 1.0
+            progress = epoch / (warmup - 1) if warmup > 1 else 0.0
             return lr * (sched.start_factor + (1.0 - sched.start_factor) * progress)
-        return _cosine(epoch - warmup, total - warmup, lr, sched.min_lr)
+        return _cosine(epoch - warmup, total - warmup, warm_lr, sched.min_lr)
     warmup, total = sched.warmup_epochs * steps_per_epoch, sched.epochs * steps_per_epoch
     if step < warmup:
         return lr * (sched.start_factor + (1.0 - sched.start_factor) * step / warmup)

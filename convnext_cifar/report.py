@@ -15,15 +15,16 @@ from convnext_cifar.errors import UserError
 class MetricsLog:
     """Appends one JSON object per line, each with a single write (a kill never tears a line).
 
-    Only one process of a multi-process run writes (`enabled`).
+    Only one process of a multi-process run writes (`is_main`). Stateful: the state is the
+    file's length, and restoring it cuts off what a resumed run will write again.
     """
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, is_main: bool = True):
         self.path = Path(path)
-        self.enabled = enabled
+        self.is_main = is_main
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.is_main:
             return
         line = (json.dumps(record) + "\n").encode()
         try:
@@ -40,8 +41,14 @@ class MetricsLog:
 
     def truncate(self, size: int) -> None:
         """Cut the log back to `size` bytes: what a resumed run will write again goes."""
-        if self.enabled and self.path.exists() and self.path.stat().st_size > size:
+        if self.is_main and self.path.exists() and self.path.stat().st_size > size:
             os.truncate(self.path, size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bytes": self.size()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.truncate(state["bytes"])
 
 
 def _fmt_train(r: dict[str, Any]) -> str:
@@ -52,15 +59,15 @@ def _fmt_train(r: dict[str, Any]) -> str:
 class Progress:
     """Per-epoch progress; a live bar when stdout is a terminal, log lines otherwise."""
 
-    def __init__(self, epochs: int, live: bool | None = None, enabled: bool = True):
+    def __init__(self, epochs: int, live: bool | None = None, is_main: bool = True):
         self.epochs = epochs
         self.live = sys.stdout.isatty() if live is None else live
-        self.enabled = enabled  # False on the non-zero ranks of a multi-process run
+        self.is_main = is_main  # False on the non-zero ranks of a multi-process run
         self._bar = None
         self._task = None
 
     def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
-        if not (self.live and self.enabled):
+        if not (self.live and self.is_main):
             return
         from rich.progress import (
             BarColumn,
@@ -81,7 +88,7 @@ class Progress:
             self._bar.advance(self._task)
 
     def log_train(self, record: dict[str, Any], steps_in_epoch: int, index: int) -> None:
-        if not self.enabled:
+        if not self.is_main:
             return
         if self._bar is not None:
             self._bar.update(self._task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
@@ -96,15 +103,19 @@ class Progress:
             self._bar = None
 
     def log_val(self, record: dict[str, Any], best: float) -> None:
-        if not self.enabled:
+        if not self.is_main:
             return
         print(f"epoch {record['epoch']}/{self.epochs} val  loss {record['val_loss']:.4f}  "
               f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}  (best {best:.2f})",
               flush=True)
 
     def message(self, text: str) -> None:
-        if self.enabled:
+        if self.is_main:
             print(text, flush=True)
+
+    def warning(self, text: str) -> None:
+        if self.is_main:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def print_eval(result: dict[str, Any]) -> None:

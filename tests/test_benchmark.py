@@ -15,19 +15,23 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--quick", "--model", "convnextv2_atto",
          "--batch-size", "8", "--eval-batch-size", "16", "--steps", "2", "--windows", "1",
-         "--baseline-workers", "1", "--json", "--out", str(out)],
+         "--baseline-workers", "1", "--num-classes", "7", "--peak-sizes", "128", "256",
+         "--json", "--out", str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert rows == [json.loads(line) for line in out.read_text().splitlines()]
     project, base = rows
     assert (project["kind"], base["kind"]) == ("project", "baseline")
-    assert (project["precision"], project["compile"]) == ("fp32", True)  # the CPU defaults
+    # the CPU defaults for atto (compiling it is not worth it there: runtime.CPU_COMPILE_MODELS)
+    assert (project["precision"], project["compile"]) == ("fp32", False)
+    assert project["peak_matmul_n"] in (128, 256)
     for key in ("data_img_per_s", "loop_img_per_s", "bare_img_per_s", "eval_img_per_s",
                 "loop_first_s", "peak_tflops", "achieved_tflops", "peak_rss_mb"):
         assert project[key] > 0, key
     assert project["loop_min"] <= project["loop_img_per_s"] <= project["loop_max"]
     assert 2.5 < project["train_flops_per_image"] / project["forward_flops_per_image"] < 3.5
+    assert 0.02e9 < project["forward_flops_per_image"] < 0.025e9  # atto: 0.55 GMAC at 224 px
     assert project["vs_baseline"] == project["loop_img_per_s"] / base["loop_img_per_s"]
     assert project["torch"] == torch.__version__ and project["threads"] >= 1
 
@@ -54,3 +58,23 @@ def test_help_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_the_benchmark_times_what_train_builds():
+    """The benchmark's run comes from engine.build_run with the reference config: the same
+    model, optimizer groups, loss and loader `train` uses, for its class count."""
+    from benchmarks.throughput import Args, bench_config, synthetic_dataset
+    from convnext_cifar.config import CIFAR10FineTune
+    from convnext_cifar.engine import build_run
+    from convnext_cifar.runtime import resolve_runtime
+
+    args = Args(model="convnextv2_atto", batch_size=8, steps=2, num_classes=7)
+    device = torch.device("cpu")
+    cfg = bench_config(args, device, "fp32", True, False)
+    ref = CIFAR10FineTune()
+    assert (cfg.optim, cfg.sched, cfg.model.drop_path_rate, cfg.model.label_smoothing) == (
+        ref.optim, ref.sched, ref.model.drop_path_rate, ref.model.label_smoothing)
+    run = build_run(cfg, resolve_runtime(cfg), data=synthetic_dataset(args, device, 7))
+    assert run.model.head.fc.out_features == 7 and len(run.loader) == 2
+    x, y, n = next(run.loader.epoch(0))
+    assert x.shape == (8, 3, 32, 32) and int(y.max()) < 7

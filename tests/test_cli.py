@@ -48,7 +48,9 @@ def test_overrides_reach_the_config(captured):
 
 
 def test_default_train_is_the_reference_and_presets_are_selectable(captured):
-    assert cli.main(["train"]) == 0 and captured[-1].name == "convnextv2-tiny_cifar10"
+    assert cli.main(["train"]) == 0 and captured[-1].run_name == "convnextv2-tiny_cifar10"
+    assert cli.main(["train", "--model.name", "convnextv2_atto"]) == 0
+    assert str(captured[-1].run_dir) == "work_dirs/convnextv2-atto_cifar10"  # says what ran
     assert cli.main(["train", "--preset", "smoke", "--seed", "4"]) == 0
     assert captured[-1].model.name == "convnextv2_atto" and captured[-1].seed == 4
 
@@ -109,3 +111,26 @@ def test_saved_config_reproduces_the_run_config(tmp_path, captured):
     path.write_text(config_json(CIFAR10Smoke(seed=2)))
     cli.main(["train", "--config", str(path)])
     assert json.loads(config_json(captured[-1])) == json.loads(path.read_text())
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has already exited: every write fails
+    try:
+        out = subprocess.run([sys.executable, "-m", "convnext_cifar", "train", "--help"],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141 and out.stderr == "", out.stderr
+
+
+def test_the_dataset_is_checked_before_any_pretrained_weights(monkeypatch, tmp_path, capsys):
+    from convnext_cifar import model
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("fetched weights before looking at the data")
+
+    monkeypatch.setattr(model, "_timm_hub_state_dict", no_download)
+    rc = cli.main(["train", "--data.root", str(tmp_path / "none"), "--data.no-download",
+                   "--work-dir", str(tmp_path / "w"), "--device", "cpu"])
+    assert rc == 2 and "CIFAR-10 not found" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def test_default_is_the_reference_experiment():
     c = CIFAR10FineTune()
     assert (c.model.name, c.model.pretrained) == ("convnextv2_tiny", "convnextv2_tiny.fcmae")
     assert c.model.drop_path_rate == 0.2 and c.model.label_smoothing == 0.2
-    assert c.data.dataset == "cifar10" and c.data.num_classes == 10 and c.data.image_size == 32
+    assert c.data.dataset == "cifar10" and c.data.image_size == 32
     assert c.data.padding == 4 and c.data.flip_prob == 0.5 and c.data.batch_size == 128
     assert c.data.mean == (125.307, 122.961, 113.8575)
     assert c.data.std == (51.5865, 50.847, 51.255)
@@ -41,10 +41,13 @@ def test_default_is_the_reference_experiment():
 
 
 def test_presets_change_only_what_they_say():
+    # MMPretrain's _base_/models/convnext_v2/tiny.py: drop-path 0.2, LabelSmoothLoss 0.2
     assert _diff(ModelConfig(), ConvNeXtV2Tiny()) == {"drop_path_rate", "label_smoothing"}
-    assert _diff(DataConfig(), CIFAR10Data()) == {"batch_size"}
+    assert (ConvNeXtV2Tiny().drop_path_rate, ConvNeXtV2Tiny().label_smoothing) == (0.2, 0.2)
+    assert _diff(DataConfig(), CIFAR10Data()) == {"batch_size", "mean", "std"}
     assert _diff(TrainConfig(), CIFAR10FineTune()) == {
-        "name", "model.pretrained", "model.drop_path_rate", "model.label_smoothing",
+        "model.pretrained", "model.drop_path_rate", "model.label_smoothing",
+        "data.mean", "data.std",
         "optim.lr", "optim.clip_grad_norm", "ckpt_interval", "log_interval"}
     assert _diff(CIFAR10FineTune(), CIFAR10Smoke()) == {
         "name", "model.name", "model.pretrained", "model.drop_path_rate", "data.limit_train",
@@ -72,6 +75,7 @@ def test_configs_are_frozen():
     (lambda: ModelConfig(drop_path_rate=1.0), "--model.drop-path-rate"),
     (lambda: TrainConfig(log_interval=0), "--log-interval"),
     (lambda: TrainConfig(device="tpu"), "--device"),
+    (lambda: TrainConfig(name="{modle}_x"), "--name"),
 ])
 def test_invalid_values_are_rejected_naming_the_option(build, flag):
     with pytest.raises(UserError, match=flag):

@@ -9,14 +9,24 @@ import pytest
 import torch
 from cifar_files import dump_py3, learnable_images, write_cifar10
 
-from convnext_cifar import data as data_mod
+from convnext_cifar import datasets
 from convnext_cifar.config import DataConfig
-from convnext_cifar.data import DeviceLoader, Normalize, crop_flip, eval_batches, load_cifar10
+from convnext_cifar.data import DeviceLoader, Normalize, crop_flip, eval_batches
+from convnext_cifar.datasets import CIFAR10, load_dataset
+from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
 
 
 def cfg(root, **kw):
     return dataclasses.replace(DataConfig(), root=root, download=False, **kw)
+
+
+def load_cifar10(c):
+    return load_dataset(c)
+
+
+def plain(size=32, channels_last=True, mean=(0, 0, 0), std=(1, 1, 1)):
+    return Normalize(mean, std, size, "cpu", channels_last)
 
 
 def test_reads_python2_pickles_exactly(tmp_path):
@@ -30,6 +40,9 @@ def test_reads_python2_pickles_exactly(tmp_path):
     assert torch.equal(ds.train_labels, torch.from_numpy(train[1]))
     assert torch.equal(ds.test_images, torch.from_numpy(test[0]))
     assert ds.classes[0] == "airplane" and len(ds.classes) == 10
+    assert (ds.mean, ds.std) == (CIFAR10.mean, CIFAR10.std)  # CIFAR-10's own, when not given
+    own = load_cifar10(cfg(tmp_path, mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0)))
+    assert (own.mean, own.std) == ((1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
 
 
 def test_user_copy_with_other_batch_sizes_loads_with_one_warning(tmp_path, capsys):
@@ -37,8 +50,9 @@ def test_user_copy_with_other_batch_sizes_loads_with_one_warning(tmp_path, capsy
     write_cifar10(tmp_path, train, test, dump=dump_py3)  # re-pickled by Python 3
     ds = load_cifar10(cfg(tmp_path, limit_val=5))
     assert len(ds.train_images) == 23 and len(ds.test_images) == 5
-    load_cifar10(cfg(tmp_path))
-    assert capsys.readouterr().err.count("not byte-identical") == 1
+    (note,) = ds.notes
+    assert "not byte-identical to the official archive" in note and "data_batch_1" in note
+    assert load_cifar10(cfg(tmp_path)).notes == [note]  # the same one line, checked once
 
 
 def test_missing_data_without_download_is_one_clear_error(tmp_path):
@@ -86,12 +100,17 @@ def _archive(tmp_path):
 
 def test_download_verifies_checksum_and_unpacks(tmp_path, monkeypatch):
     blob = _archive(tmp_path)
-    monkeypatch.setattr(data_mod.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob))
-    monkeypatch.setattr(data_mod, "CIFAR10_ARCHIVE_MD5", hashlib.md5(blob).hexdigest())
+    urls = []
+    monkeypatch.setattr(datasets.urllib.request, "urlopen",
+                        lambda url, timeout: urls.append(url) or io.BytesIO(blob))
+    monkeypatch.setitem(datasets.DATASETS, "cifar10", dataclasses.replace(
+        CIFAR10, archive_md5=hashlib.md5(blob).hexdigest()))
     ds = load_cifar10(dataclasses.replace(DataConfig(), root=tmp_path / "dl", download=True))
     assert len(ds.train_images) == 10 and not list((tmp_path / "dl").glob("*.part"))
+    assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
 
-    monkeypatch.setattr(data_mod, "CIFAR10_ARCHIVE_MD5", "0" * 32)
+    monkeypatch.setitem(datasets.DATASETS, "cifar10", dataclasses.replace(
+        CIFAR10, archive_md5="0" * 32))
     with pytest.raises(UserError, match="MD5"):
         load_cifar10(dataclasses.replace(DataConfig(), root=tmp_path / "dl2", download=True))
     assert not (tmp_path / "dl2" / "cifar-10-batches-py").exists()
@@ -133,13 +152,13 @@ def test_flip_is_exact_and_probability_is_respected():
 
 
 def test_normalize_values_format_and_upsampling():
-    c = DataConfig()
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    x = Normalize(c, "cpu", channels_last=True)(images)
-    mean, std = torch.tensor(c.mean).view(1, 3, 1, 1), torch.tensor(c.std).view(1, 3, 1, 1)
+    x = plain(mean=CIFAR10.mean, std=CIFAR10.std)(images)
+    mean = torch.tensor(CIFAR10.mean).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10.std).view(1, 3, 1, 1)
     torch.testing.assert_close(x, (images.float() - mean) / std)
     assert x.is_contiguous(memory_format=torch.channels_last)
-    big = Normalize(dataclasses.replace(c, image_size=64), "cpu", channels_last=False)(images)
+    big = plain(64, channels_last=False, mean=CIFAR10.mean, std=CIFAR10.std)(images)
     assert big.shape == (4, 3, 64, 64) and big.is_contiguous()
 
 
@@ -147,8 +166,8 @@ def test_loader_is_seeded_covers_each_image_once_per_epoch_and_reshuffles():
     n = 103
     images = torch.arange(n).view(n, 1, 1, 1).expand(n, 3, 32, 32).to(torch.uint8).contiguous()
     labels = torch.arange(n)
-    c = DataConfig(batch_size=10, padding=0, flip_prob=0.0, mean=(0, 0, 0), std=(1, 1, 1))
-    loader = DeviceLoader(images, labels, c, seed=5, channels_last=True)
+    c = DataConfig(batch_size=10, padding=0, flip_prob=0.0)
+    loader = DeviceLoader(images, labels, c, seed=5, normalize=plain())
     assert len(loader) == 11
     batches = list(loader.epoch(0))
     seen = torch.cat([y for _, y, _ in batches])
@@ -156,31 +175,79 @@ def test_loader_is_seeded_covers_each_image_once_per_epoch_and_reshuffles():
     assert [g for _, _, g in batches] == [10] * 10 + [3]
     for x, y, _ in batches:  # each image travels with its own label
         assert torch.equal(x[:, 0, 0, 0].long(), y)
-    again = torch.cat([y for _, y, _ in DeviceLoader(images, labels, c, 5, True).epoch(0)])
+    again = torch.cat([y for _, y, _ in DeviceLoader(images, labels, c, 5, plain()).epoch(0)])
     assert torch.equal(seen, again)
     assert not torch.equal(seen, torch.cat([y for _, y, _ in loader.epoch(1)]))
-    drop = DeviceLoader(images, labels, dataclasses.replace(c, drop_last=True), 5, True)
+    drop = DeviceLoader(images, labels, dataclasses.replace(c, drop_last=True), 5, plain())
     assert len(drop) == 10 and all(len(y) == 10 for _, y, _ in drop.epoch(0))
 
 
 def test_eval_batches_cover_every_image_once_in_order():
     images = torch.randint(0, 256, (23, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(23)
-    norm = Normalize(DataConfig(), "cpu", True)
-    ys = torch.cat([y for _, y in eval_batches(images, labels, 10, norm)])
+    ys = torch.cat([y for _, y in eval_batches(images, labels, 10, plain())])
     assert torch.equal(ys, labels)
 
 
-def test_sharded_loader_slices_the_same_global_batches_and_augmentations():
-    from convnext_cifar.distributed import Dist
-
+@pytest.mark.parametrize("transform", [None, "mixing"])
+def test_sharded_loader_slices_the_same_global_batches_and_augmentations(transform):
     images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(50)
     c = DataConfig(batch_size=8)
-    whole = list(DeviceLoader(images, labels, c, 3, True).epoch(2))
-    parts = [list(DeviceLoader(images, labels, c, 3, True, Dist(r, 3)).epoch(2)) for r in range(3)]
+    fn = mix_with_next if transform else None
+    whole = list(DeviceLoader(images, labels, c, 3, plain(), transform=fn).epoch(2))
+    parts = [list(DeviceLoader(images, labels, c, 3, plain(), Dist(r, 3), fn).epoch(2))
+             for r in range(3)]
     for i, (x, y, n) in enumerate(whole):
         assert torch.equal(torch.cat([p[i][0] for p in parts]), x)  # same crops and flips
         assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
         assert [p[i][2] for p in parts] == [n] * 3
     assert [len(p[-1][1]) for p in parts] == [1, 1, 0]  # the last global batch holds 2 images
+
+
+def mix_with_next(x, y, generator, epoch):
+    """A global-batch transform: blends each image with the next one by a random weight, as a
+    MixUp would, and turns labels into matching soft targets."""
+    lam = torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
+    mixed = lam * x.float() + (1 - lam) * x.float().roll(1, 0)
+    onehot = torch.nn.functional.one_hot(y % 50, 50).float()
+    soft = lam.view(-1, 1) * onehot + (1 - lam.view(-1, 1)) * onehot.roll(1, 0)
+    return mixed, soft + epoch
+
+
+def test_batch_transform_sees_the_global_batch_and_the_loader_generator():
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(40)
+    c = DataConfig(batch_size=8, padding=0, flip_prob=0.0)
+    seen = []
+
+    def record(x, y, generator, epoch):
+        seen.append((x.clone(), y.clone(), epoch))
+        return mix_with_next(x, y, generator, epoch)
+
+    loader = DeviceLoader(images, labels, c, 3, plain(), Dist(1, 2), record)
+    (x, t, n), *_ = loader.epoch(4)
+    gx, gy, epoch = seen[0]
+    assert (len(gx), n, epoch) == (8, 8, 4) and gx.dtype == torch.uint8  # the whole global batch
+    assert torch.equal(gx, images[gy])  # crop/flip off: the very images of those labels
+    assert x.shape == (4, 3, 32, 32) and t.shape == (4, 50) and x.dtype == torch.float32
+    assert torch.allclose(t.sum(1), torch.full((4,), 1.0 + 50 * 4))  # soft targets, this slice
+
+
+def test_loader_resumes_mid_epoch_with_the_same_draws():
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    c = DataConfig(batch_size=8)
+    loader = DeviceLoader(images, torch.arange(40), c, 1, plain(), transform=mix_with_next)
+    whole, saved = [], None
+    for i, batch in enumerate(loader.epoch(2)):
+        whole.append(batch)
+        if i == 1:
+            saved = loader.state_dict()
+    again = DeviceLoader(images, torch.arange(40), c, 1, plain(), transform=mix_with_next)
+    again.load_state_dict(saved)
+    rest = list(again.epoch(2, start=2))
+    assert len(rest) == 3
+    for (xa, ya, _), (xb, yb, _) in zip(whole[2:], rest):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    with pytest.raises(ValueError, match="generator state"):
+        next(DeviceLoader(images, torch.arange(40), c, 1, plain()).epoch(0, start=1))

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -7,20 +8,23 @@ import torch
 from conftest import small_run_args
 from safetensors import safe_open
 
-from convnext_cifar import cli
+from convnext_cifar import cli, runtime
 from convnext_cifar.config import DataConfig, OptimConfig, SchedConfig, TrainConfig
-from convnext_cifar.data import DeviceLoader
+from convnext_cifar.data import DeviceLoader, Normalize
+from convnext_cifar.datasets import CIFAR10, Dataset
+from convnext_cifar.distributed import Dist
 from convnext_cifar.engine import (
     Guard,
-    RunState,
-    Runtime,
+    Run,
     TrainStep,
     Window,
-    prepare_model,
+    cross_entropy_sum,
     train_one_epoch,
 )
 from convnext_cifar.optim import build_optimizer
 from convnext_cifar.report import MetricsLog, Progress
+from convnext_cifar.resume import Position
+from convnext_cifar.runtime import Runtime, prepare_model
 
 CPU = Runtime(torch.device("cpu"), "fp32", compile=False, channels_last=True)
 
@@ -108,21 +112,32 @@ def test_train_step_logs_preclip_norm_and_clips():
     ref = copy.deepcopy(model)
     torch.nn.functional.cross_entropy(ref(x), y, label_smoothing=0.1).backward()
     expected = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
-    step = TrainStep(fwd, opt, CPU, label_smoothing=0.1, clip_grad_norm=1e-3)
+    step = TrainStep(fwd, opt, CPU, cross_entropy_sum(0.1), clip_grad_norm=1e-3)
     loss, norm = step(x, y)
     torch.testing.assert_close(norm, expected)
     clipped = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
 
 
+def tiny_run(rt, images, labels, cfg):
+    """A Run of the tiny model on given device-resident data (no dataset files)."""
+    model, fwd = prepare_model(tiny_model(), rt)
+    normalize = Normalize(CIFAR10.mean, CIFAR10.std, 32, rt.device, True)
+    data = Dataset(images, labels, images, labels, [str(i) for i in range(10)], CIFAR10.mean,
+                   CIFAR10.std)
+    step = TrainStep(fwd, build_optimizer(model, cfg.optim, rt.device), rt, cross_entropy_sum(0.0),
+                     5.0)
+    loader = DeviceLoader(images, labels, cfg.data, 0, normalize)
+    return Run(cfg, rt, Dist(), data, model, fwd, normalize, step, loader)
+
+
 def test_epoch_syncs_only_at_log_points(monkeypatch, tmp_path):
-    model, fwd = prepare_model(tiny_model(), CPU)
     cfg = TrainConfig(data=DataConfig(batch_size=4), sched=SchedConfig(epochs=2, warmup_epochs=1),
-                      log_interval=5)
-    step = TrainStep(fwd, build_optimizer(model, cfg.optim, CPU.device), CPU, 0.0, 5.0)
-    loader = DeviceLoader(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8),
-                          torch.randint(0, 10, (40,)), cfg.data, 0, True)
-    step(*next(loader.epoch(1)))  # creates AdamW's step counters: host-side by design
+                      log_interval=5, work_dir=tmp_path)
+    run = tiny_run(CPU, torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8),
+                   torch.randint(0, 10, (40,)), cfg)
+    step = run.step_fn
+    step(*next(run.loader.epoch(1)))  # creates AdamW's step counters: host-side by design
     counters = {id(s["step"]) for s in step.optimizer.state.values()}
     calls = []
     real_item = torch.Tensor.item
@@ -133,27 +148,45 @@ def test_epoch_syncs_only_at_log_points(monkeypatch, tmp_path):
         return real_item(t)
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
-    run = RunState()
-    assert train_one_epoch(step, loader, run, cfg, MetricsLog(tmp_path / "m.jsonl"),
-                           Progress(2, live=False), Window(CPU.device), Guard(CPU.device, 0, 1))
-    assert (run.step, run.epoch, run.batch) == (10, 1, 0)
+    position = Position()
+    assert train_one_epoch(run, position, MetricsLog(tmp_path / "m.jsonl"), Progress(2, live=False),
+                           Window(CPU.device), Guard(CPU.device, 1))
+    assert (position.step, position.epoch, position.batch) == (10, 1, 0)
     assert len(calls) == 2 * 3  # loss, grad norm and the non-finite guard, at steps 5 and 10
+
+
+def test_soft_targets_train_like_the_class_indices_they_encode():
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+    results = []
+    for target in (y, torch.nn.functional.one_hot(y, 10).float()):
+        model, fwd = prepare_model(tiny_model(), CPU)
+        step = TrainStep(fwd, build_optimizer(model, OptimConfig(), CPU.device), CPU,
+                         cross_entropy_sum(0.2), 5.0)
+        results.append((step(x, target), model.stem[0].weight.detach().clone()))
+    (la, na), wa = results[0]
+    (lb, nb), wb = results[1]
+    torch.testing.assert_close((la, na), (lb, nb))
+    torch.testing.assert_close(wa, wb)
+    soft = torch.full((8, 10), 0.1)  # a uniform target: the loss is the mean log-partition
+    logits = torch.randn(8, 10)
+    expected = -(torch.log_softmax(logits, 1) * soft).sum()
+    torch.testing.assert_close(cross_entropy_sum(0.0)(logits, soft), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_epoch_has_no_host_sync(tmp_path):
     rt = Runtime(torch.device("cuda"), "bf16", compile=False, channels_last=True)
-    model, fwd = prepare_model(tiny_model(), rt)
     cfg = TrainConfig(data=DataConfig(batch_size=4), log_interval=1000)
-    step = TrainStep(fwd, build_optimizer(model, cfg.optim, rt.device), rt, 0.0, 5.0)
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, device="cuda")
-    loader = DeviceLoader(images, torch.randint(0, 10, (40,), device="cuda"), cfg.data, 0, True)
+    run = tiny_run(rt, images, torch.randint(0, 10, (40,), device="cuda"), cfg)
+    step, loader = run.step_fn, run.loader
     step(*next(loader.epoch(1)))
     batches = list(loader.epoch(0))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        window, guard = Window(rt.device), Guard(rt.device, 0, 1)
+        window, guard = Window(rt.device), Guard(rt.device, 1)
         for x, y, n in batches[:-1]:
             loss, norm = step(x, y, n)
             window.add(loss, norm, n)
@@ -162,12 +195,14 @@ def test_cuda_epoch_has_no_host_sync(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.slow  # a cold compile takes a minute on 2 cores
 def test_compiled_train_step_matches_eager():
     results = []
     for compiled in (False, True):
         rt = Runtime(torch.device("cpu"), "fp32", compile=compiled, channels_last=True)
         model, fwd = prepare_model(tiny_model(), rt)
-        step = TrainStep(fwd, build_optimizer(model, OptimConfig(), rt.device), rt, 0.1, 1.0)
+        step = TrainStep(fwd, build_optimizer(model, OptimConfig(), rt.device), rt,
+                         cross_entropy_sum(0.1), 1.0)
         torch.manual_seed(1)
         x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (8,))
@@ -179,11 +214,13 @@ def test_compiled_train_step_matches_eager():
 
 
 def test_runtime_defaults_per_device(monkeypatch):
-    from convnext_cifar.engine import resolve_runtime
     from convnext_cifar.errors import UserError
+    from convnext_cifar.runtime import resolve_runtime
 
     rt = resolve_runtime(TrainConfig(device="cpu"))
-    assert (rt.precision, rt.compile, rt.autocast_dtype) == ("fp32", True, None)
+    assert (rt.precision, rt.compile, rt.autocast_dtype) == ("fp32", True, None)  # Tiny
+    atto = TrainConfig(device="cpu", model=TrainConfig().model.__class__(name="convnextv2_atto"))
+    assert not resolve_runtime(atto).compile  # measured: not worth compiling on the CPU
     assert not resolve_runtime(TrainConfig(device="cpu", compile="off")).compile
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_runtime(TrainConfig()).device.type == "cpu"
@@ -201,8 +238,9 @@ def test_runtime_defaults_per_device(monkeypatch):
 def test_mixed_precision_steps_run_and_fp16_uses_a_grad_scaler(precision):
     rt = Runtime(torch.device("cpu"), precision, compile=False, channels_last=True)
     model, fwd = prepare_model(tiny_model(), rt)
-    step = TrainStep(fwd, build_optimizer(model, OptimConfig(), rt.device), rt, 0.1, 5.0)
-    assert (step.scaler is not None) == (precision == "fp16")
+    step = TrainStep(fwd, build_optimizer(model, OptimConfig(), rt.device), rt,
+                     cross_entropy_sum(0.1), 5.0)
+    assert step.scaler.is_enabled() == (precision == "fp16")
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,))
     before = model.stem[0].weight.detach().clone()
@@ -212,12 +250,17 @@ def test_mixed_precision_steps_run_and_fp16_uses_a_grad_scaler(precision):
     assert not torch.equal(before, weight) and weight.dtype == torch.float32
 
 
-def test_default_work_dir_is_named_after_the_experiment():
+def test_default_work_dir_says_what_ran():
     from pathlib import Path
 
-    from convnext_cifar.config import CIFAR10FineTune
+    from convnext_cifar.config import CIFAR10FineTune, CIFAR10Smoke, ModelConfig
 
-    assert CIFAR10FineTune().run_dir == Path("work_dirs/convnextv2-tiny_cifar10")
+    ref = CIFAR10FineTune()
+    assert ref.run_dir == Path("work_dirs/convnextv2-tiny_cifar10")
+    atto = dataclasses.replace(ref, model=ModelConfig(name="convnextv2_atto"))
+    assert atto.run_dir == Path("work_dirs/convnextv2-atto_cifar10")
+    assert CIFAR10Smoke().run_dir == Path("work_dirs/convnextv2-atto_cifar10-smoke")
+    assert dataclasses.replace(ref, name="mine").run_dir == Path("work_dirs/mine")
     assert TrainConfig(work_dir=Path("/x")).run_dir == Path("/x")
 
 
@@ -235,13 +278,43 @@ def test_live_progress_shows_epoch_loss_and_speed(capsys):
 
 
 def test_cpu_compile_needs_a_compiler(monkeypatch, capsys):
-    from convnext_cifar import engine
     from convnext_cifar.errors import UserError
 
-    monkeypatch.setattr(engine, "cpu_compiler_available", lambda: False)
-    assert not engine.resolve_runtime(TrainConfig(device="cpu")).compile  # auto: falls back
+    monkeypatch.setattr(runtime, "cpu_compiler_available", lambda: False)
+    assert not runtime.resolve_runtime(TrainConfig(device="cpu")).compile  # auto: falls back
     assert "no C++ compiler found" in capsys.readouterr().err
     with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
-        engine.resolve_runtime(TrainConfig(device="cpu", compile="on"))
-    monkeypatch.setattr(engine, "cpu_compiler_available", lambda: True)
-    assert engine.resolve_runtime(TrainConfig(device="cpu")).compile
+        runtime.resolve_runtime(TrainConfig(device="cpu", compile="on"))
+    monkeypatch.setattr(runtime, "cpu_compiler_available", lambda: True)
+    assert runtime.resolve_runtime(TrainConfig(device="cpu")).compile
+
+
+class SimulatedRank(Dist):
+    """Rank r of `world` whose collectives are left to the test: it keeps what it would sum."""
+
+    def __init__(self, rank, world):
+        super().__init__(rank, world)
+        object.__setattr__(self, "sums", [])
+
+    def all_reduce_sum(self, tensor):
+        self.sums.append(tensor.clone())
+        return tensor
+
+
+def test_sharded_eval_counts_every_image_exactly_once():
+    from convnext_cifar.engine import evaluate
+
+    model, fwd = prepare_model(tiny_model(), CPU)
+    images = torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (37,))
+    norm = Normalize(CIFAR10.mean, CIFAR10.std, 32, "cpu", True)
+    whole = evaluate(fwd, images, labels, 8, norm, CPU, 10)
+    ranks = [SimulatedRank(r, 3) for r in range(3)]
+    for rank in ranks:
+        evaluate(fwd, images, labels, 8, norm, CPU, 10, rank)
+    sums = torch.stack([r.sums[0] for r in ranks]).sum(0)  # loss, top-1, top-5 counts
+    confusion = torch.stack([r.sums[1] for r in ranks]).sum(0).view(10, 10)
+    assert confusion.sum() == 37 and confusion.tolist() == whole.confusion
+    assert sums[1].item() * 100 / 37 == pytest.approx(whole.top1)
+    assert sums[2].item() * 100 / 37 == pytest.approx(whole.top5)
+    assert sums[0].item() / 37 == pytest.approx(whole.loss, rel=1e-5)

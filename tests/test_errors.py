@@ -150,8 +150,7 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, finished, cifar_root, tmp_path):
+def command(case, finished, cifar_root, tmp_path):
     class Ctx:
         root, tmp = cifar_root, tmp_path
 
@@ -159,13 +158,32 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, finished, cifar_ro
     build, message = CASES[case]
     extra = build(Ctx)
     if extra[0] == "eval":
-        args = extra
-    elif extra[0] == "--config":
-        args = ["train", *extra, "--work-dir", str(tmp_path / "run")]
-    else:  # a training command aimed at a new work dir, or (resume) at the finished one
-        work = finished if "--resume" in extra and "another architecture" in case else \
-            tmp_path / "run"
-        args = small_run_args(cifar_root, work) + extra
+        return extra, message
+    if extra[0] == "--config":
+        return ["train", *extra, "--work-dir", str(tmp_path / "run")], message
+    # a training command aimed at a new work dir, or (resume) at the finished one
+    work = finished if "--resume" in extra and "another architecture" in case else tmp_path / "run"
+    return small_run_args(cifar_root, work) + extra, message
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, finished, cifar_root, tmp_path,
+                                                        capsys):
+    args, message = command(case, finished, cifar_root, tmp_path)
+    before = digest(finished)
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("convnext-cifar: error: ")
+    assert "Traceback" not in err and message in err, err
+    assert digest(finished) == before
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("case", ["missing dataset, no download", "eval: truncated checkpoint",
+                                  "pretrained: executable pickle", "option of the wrong type"])
+def test_bad_input_through_the_real_command(case, finished, cifar_root, tmp_path):
+    args, message = command(case, finished, cifar_root, tmp_path)
     before = digest(finished)
     out = subprocess.run([sys.executable, "-m", "convnext_cifar", *args], capture_output=True,
                          text=True, timeout=120)

@@ -45,7 +45,15 @@ def test_local_timm_file_loads_backbone_and_replaces_head(tmp_path, capsys, suff
     assert line.count("\n") == 0 and "fresh: head.fc.weight, head.fc.bias;" in line
 
 
-def test_hub_tag_goes_through_timm_and_reports_fresh_norm_and_head(monkeypatch, capsys):
+@pytest.fixture
+def hub_reachable(monkeypatch):
+    from convnext_cifar import model
+
+    monkeypatch.setattr(model, "_reachable", lambda address, timeout: True)
+
+
+def test_hub_tag_goes_through_timm_and_reports_fresh_norm_and_head(monkeypatch, capsys,
+                                                                    hub_reachable):
     import timm.models._builder as builder
 
     sd = {k: v for k, v in _source().items() if not k.startswith("head.")}  # FCMAE: no head
@@ -61,7 +69,7 @@ def test_hub_tag_goes_through_timm_and_reports_fresh_norm_and_head(monkeypatch, 
     assert "fresh: head.norm.weight, head.norm.bias, head.fc.weight, head.fc.bias" in out
 
 
-def test_hub_errors_are_user_errors(monkeypatch):
+def test_hub_errors_are_user_errors(monkeypatch, hub_reachable):
     import timm.models._builder as builder
 
     def offline(*a, **k):
@@ -121,3 +129,47 @@ def test_bad_weight_files(tmp_path):
         read_file(tmp_path / "nope.pth")
     with pytest.raises(UserError, match="directory"):
         read_file(tmp_path)
+
+
+HUB_RUN = ("import sys, time; from convnext_cifar.config import ModelConfig\n"
+           "from convnext_cifar.model import build_model\nt = time.monotonic()\n"
+           "try:\n    build_model(ModelConfig(name='convnextv2_atto', "
+           "pretrained='convnextv2_atto.fcmae'), 10)\n"
+           "except Exception as e:\n    print(type(e).__name__, e)\n"
+           "print(f'seconds {time.monotonic() - t:.1f}')")
+
+
+@pytest.mark.parametrize("env", [
+    {"HF_HUB_OFFLINE": "1"},  # the user says so
+    {"HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing answers there: treated as offline
+])
+def test_offline_hub_fails_fast_with_one_clear_error(tmp_path, env):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", HUB_RUN], capture_output=True, text=True,
+                         env={**os.environ, "HF_HOME": str(tmp_path), **env}, timeout=120)
+    assert "UserError could not fetch pretrained weights convnextv2_atto.fcmae" in out.stdout
+    assert "needs internet access, or pass a local file" in out.stdout
+    assert float(out.stdout.split("seconds ")[1]) < 5.0, out.stdout
+    assert "Retrying" not in out.stderr
+
+
+def test_an_unanswering_hub_is_given_up_on_within_the_probe_time(monkeypatch):
+    import socket
+    import threading
+    import time
+
+    from convnext_cifar import model
+
+    released = threading.Event()
+
+    def hangs(address, timeout=None):  # a black-holed network: no answer, no refusal
+        released.wait(30)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hangs)
+    start = time.monotonic()
+    assert not model._reachable("https://huggingface.co", 0.5)
+    assert time.monotonic() - start < 1.5
+    released.set()

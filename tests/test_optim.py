@@ -60,3 +60,14 @@ def test_per_epoch_schedule_reproduces_mmengine_table():
         for step in (epoch * spe, epoch * spe + spe - 1):  # constant within the epoch
             assert math.isclose(lr_at(step, 4e-3, s, spe), want, rel_tol=1e-12, abs_tol=1e-18)
     assert max(range(100), key=lambda e: expected[e]) == 9  # the peak is at epoch 9, not 10
+
+
+def test_per_epoch_one_warmup_epoch_follows_mmengine():
+    """MMEngine's LinearLR with end=1 gives start_factor x lr in epoch 0 and its cosine then
+    continues from there (the table comes from MMEngine itself)."""
+    table = json.loads((FIXTURES / "mmengine_lr_warmup1_by_epoch.json").read_text())
+    s, spe = SchedConfig(epochs=20, warmup_epochs=1, start_factor=1e-3, per_epoch=True), 3
+    got = [lr_at(epoch * spe + 1, 4e-3, s, spe) for epoch in range(20)]
+    assert got[0] == pytest.approx(4e-6)
+    for mine, want in zip(got, table["lr_by_epoch"], strict=True):
+        assert math.isclose(mine, want, rel_tol=1e-9, abs_tol=1e-18)

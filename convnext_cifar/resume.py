@@ -1,0 +1,236 @@
+"""What a training state holds, and how a run stops and continues.
+
+A training state is a mapping of named stateful components (model, optimizer, loader, ...), each
+with `state_dict()` / `load_state_dict()`; `TrainingState` saves and restores them by iterating
+that mapping, so a new piece of run state is one more entry. Also here: finding the state to
+resume from, refusing changed options, and stopping cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as tdist
+
+from convnext_cifar.checkpoints import (
+    STATE_FORMAT,
+    find_states,
+    load_state,
+    prune_states,
+    save_state,
+    state_path,
+)
+from convnext_cifar.config import TrainConfig, config_json, flatten, from_dict, to_dict
+from convnext_cifar.distributed import Dist
+from convnext_cifar.errors import Interrupted, UserError
+from convnext_cifar.files import first_line
+from convnext_cifar.model import layout_mismatch
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class Position:
+    """Where a run is: epochs and optimizer steps done, and the best validation so far."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in the current epoch (non-zero only after an interruption)
+    step: int = 0  # optimizer steps done
+    best_top1: float = -1.0
+    best_epoch: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class GlobalRng:
+    """The process-wide generators (python, torch CPU, CUDA): drop-path noise and the like.
+
+    Under DDP every rank has its own noise stream, so the state keeps one entry per rank
+    (gathered to every rank when saving: call `state_dict` on all ranks together).
+    """
+
+    def __init__(self, device: torch.device, dist: Dist):
+        self.device, self.dist = device, dist
+
+    def _local(self) -> dict[str, Any]:
+        return {"python": random.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                else None}
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.dist.enabled:
+            return {"per_rank": [self._local()]}
+        gathered: list[Any] = [None] * self.dist.world
+        tdist.all_gather_object(gathered, self._local())
+        return {"per_rank": gathered}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state["per_rank"]
+        if self.dist.rank >= len(ranks):  # more processes than the run had: fresh noise
+            torch.manual_seed(torch.initial_seed() + self.dist.rank)
+            return
+        mine = ranks[self.dist.rank]
+        random.setstate(mine["python"])
+        torch.set_rng_state(mine["torch"])
+        if mine["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
+
+
+class TrainingState:
+    """A run's stateful components by name, saved to and restored from one state file."""
+
+    def __init__(self, cfg: TrainConfig, dist: Dist, components: dict[str, Stateful]):
+        self.cfg, self.dist, self.components = cfg, dist, components
+
+    def save(self, step: int, keep_step: int | None) -> Path:
+        """Write state_<step>.pt (rank 0; every rank must call it) and prune older states."""
+        path = state_path(self.cfg.run_dir, step)
+        states = {name: c.state_dict() for name, c in self.components.items()}
+        if self.dist.is_main:
+            save_state(path, {"config": config_json(self.cfg), "components": states})
+            prune_states(self.cfg.run_dir, self.cfg.keep_last, keep_step=keep_step)
+        return path
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        """Load every component from `state` (as `find_resume_state` returned it)."""
+        saved = state["components"]
+        missing = [name for name in self.components if name not in saved]
+        if missing:
+            raise UserError(f"{path} ({state['format']}) holds no {', '.join(missing)}; resume "
+                            "it with the version that wrote it")
+        model = self.components["model"]
+        if problem := layout_mismatch(model, saved["model"]):
+            raise UserError(f"{path} does not fit this model ({problem}); resume with the run's "
+                            "own config.json")
+        for name, component in self.components.items():
+            try:
+                component.load_state_dict(saved[name])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{path} does not fit this run's {name} ({first_line(e)}); "
+                                "resume with the run's own config.json") from None
+
+
+def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state of an older format in the current layout (format v1: one key per piece)."""
+    if state["format"] == STATE_FORMAT:
+        return state
+    rng, run = state["rng"], state["run"]
+    return {"format": state["format"], "config": state["config"], "components": {
+        "run": run, "model": state["model"], "optimizer": state["optimizer"],
+        "scaler": state["scaler"] or {},
+        "rng": {"per_rank": [{k: rng[k] for k in ("python", "torch", "cuda")}]},
+        "loader": {"generator": rng["data"]}, "window": state["window"],
+        "guard": {"count": torch.tensor(run["step"]), "streak": torch.tensor(0)},
+        "log": {"bytes": state["metrics_bytes"]}}}
+
+
+# ---- finding the state to resume, and what may change -------------------------------------------
+
+# Options that may differ between a run and its resumption: where and how fast, not what.
+RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "compile_mode",
+                     "channels_last",
+                     "val_interval", "ckpt_interval", "log_interval", "state_interval",
+                     "keep_last", "data.root", "data.download", "data.eval_batch_size",
+                     "model.pretrained", "model.pretrained_format", "model.pretrained_prefix")
+
+
+def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
+    """The options that differ between a saved config and `new` and change what the run does.
+
+    The saved config is read back first, so options added since it was written count as their
+    defaults.
+    """
+    a, b = flatten(to_dict(from_dict(TrainConfig, old))), flatten(to_dict(new))
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]
+
+
+def find_resume_state(cfg: TrainConfig, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
+    """The training state to resume from (`auto`: the newest readable one in the work dir)."""
+    if not resume:
+        return None
+    if resume != "auto":
+        return Path(resume), upgrade_state(load_state(Path(resume)))
+    for path in reversed(find_states(cfg.run_dir)):
+        try:
+            return path, upgrade_state(load_state(path))
+        except UserError as e:
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+    print(f"no training state in {cfg.run_dir}; starting fresh", file=sys.stderr)
+    return None
+
+
+def refuse_changes(found: tuple[Path, dict[str, Any]], cfg: TrainConfig) -> None:
+    """Stop when `cfg` would make the resumed run another run than the one saved."""
+    path, state = found
+    if changes := config_changes(json.loads(state["config"]), cfg):
+        raise UserError(f"cannot resume {path}: the config differs in " + ", ".join(changes)
+                        + "; resume with the run's own config.json (--config) or pass "
+                        "--resume-allow-changes")
+
+
+# ---- stopping ------------------------------------------------------------------------------------
+
+class StopSignals:
+    """SIGTERM or a first Ctrl-C ask the loop to stop after the current step; a second Ctrl-C
+    raises KeyboardInterrupt at once (nothing more is written)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a resumable "
+              "state (Ctrl-C again to quit at once, without it)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def agreed(self, dist: Dist, at_log: bool, device: torch.device) -> bool:
+        """Whether to stop now: one process at once; DDP ranks together, at log points only."""
+        if not dist.enabled:
+            return self.requested
+        return at_log and dist.any(self.requested, device)
+
+    def interrupted(self, path: Path, position: Position, cfg: TrainConfig) -> Interrupted:
+        """The exception that ends the run after the state at `path` was written."""
+        signum = self.signum or signal.SIGTERM  # a rank that agreed to stop without the signal
+        where = (f"epoch {position.epoch + 1}, batch {position.batch}" if position.batch
+                 else f"the end of epoch {position.epoch}")
+        return Interrupted(
+            f"{signal.Signals(signum).name}: stopped at {where} (step {position.step}); state "
+            f"saved to {path}. Resume with: convnext-cifar train --config "
+            f"{cfg.run_dir / 'config.json'} --resume auto", 128 + signum)

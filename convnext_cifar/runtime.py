@@ -1,0 +1,116 @@
+"""Where and how a run computes: device, precision, compile, memory format; seeding.
+
+`resolve_runtime` turns the config's `auto` settings into what this machine runs, and
+`prepare_model` puts a model there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from convnext_cifar.config import TrainConfig
+from convnext_cifar.distributed import Dist
+from convnext_cifar.errors import UserError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Measured with benchmarks/throughput.py on the 2-core CPU (benchmarks/RESULTS.md): compiling
+# made Tiny 1.8x faster, but the small variants gained nothing once warm while a cold compile
+# cost minutes. `--compile auto` therefore compiles on the CPU only these sizes.
+CPU_COMPILE_MODELS = ("convnextv2_tiny", "convnextv2_base", "convnextv2_large", "convnextv2_huge")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the `auto` settings of a config resolve to on this machine."""
+
+    device: torch.device
+    precision: str
+    compile: bool
+    channels_last: bool
+    compile_mode: str = "default"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": str(self.device), "precision": self.precision, "compile": self.compile,
+                "channels_last": self.channels_last, "torch": torch.__version__}
+
+
+def resolve_runtime(cfg: TrainConfig, dist: Dist | None = None) -> Runtime:
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    if name == "cuda" and dist is not None and dist.enabled:
+        name = f"cuda:{dist.local_rank}"  # one process per GPU, as torchrun's LOCAL_RANK says
+    device = torch.device(name)
+    precision = cfg.precision
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"  # CPUs without bf16 units run autocast ~100x slower
+    return Runtime(device, precision, _compile_on(cfg, device), cfg.channels_last,
+                   cfg.compile_mode)
+
+
+def _compile_on(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.compile == "off":
+        return False
+    if cfg.compile == "auto":
+        if device.type == "cuda":
+            return True
+        if device.type != "cpu" or cfg.model.name not in CPU_COMPILE_MODELS:
+            return False
+    if device.type == "cpu" and not cpu_compiler_available():
+        if cfg.compile == "on":
+            raise UserError("--compile on: torch.compile on the CPU needs a C++ compiler (g++ or "
+                            "clang++, or $CXX); install one or pass --compile off")
+        print("note: no C++ compiler found, so the model runs uncompiled (slower); install g++ "
+              "to compile it", file=sys.stderr)
+        return False
+    return True
+
+
+def cpu_compiler_available() -> bool:
+    """Inductor's CPU backend builds C++: is there a compiler to build it with?"""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compiled(module: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """`module` compiled as the runtime says (static shapes: the last, smaller batch of an epoch
+    gets its own graph once instead of a dynamic one for every batch), or as it is."""
+    if not rt.compile:
+        return module
+    return torch.compile(module, dynamic=False, mode=rt.compile_mode)
+
+
+def prepare_model(model: torch.nn.Module, rt: Runtime) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Move to the device and memory format; return (model, the module to call: maybe compiled)."""
+    model = model.to(rt.device, memory_format=rt.memory_format)
+    return model, compiled(model, rt)
