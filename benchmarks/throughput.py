@@ -41,12 +41,14 @@ import tyro
 class Args:
     model: str = "convnextv2_tiny"
     """timm ConvNeXt-V2 variant."""
+    preset: str = "cifar10"
+    """The `train --preset` whose recipe is timed (augmentation, EMA, layer decay, image size)."""
     batch_size: int = 128
     """Training batch size."""
     eval_batch_size: int = 256
     """Evaluation batch size."""
-    image_size: int = 32
-    """Input size (32: CIFAR as stored; larger upsamples on the device, as --data.image-size)."""
+    image_size: int = 0
+    """Input size (0: the preset's; 32 is CIFAR as stored, larger upsamples on the device)."""
     steps: int = 8
     """Training steps (eval batches) per timed window."""
     windows: int = 3
@@ -208,15 +210,16 @@ def synthetic_dataset(args: Args, device, num_classes: int = 10):
 
 def bench_config(args: Args, device, precision: str = "auto", channels_last: bool = True,
                  compile_on: bool | None = None):
-    """The reference experiment's config with the benchmark's model, sizes and runtime
-    (compile_on None: `auto`)."""
-    from convnext_cifar.config import CIFAR10FineTune
+    """The preset's config (the reference experiment by default) with the benchmark's model,
+    sizes and runtime (compile_on None: `auto`)."""
+    from convnext_cifar.config import PRESETS
 
-    base = CIFAR10FineTune()
+    base = PRESETS[args.preset]()
     return dataclasses.replace(
         base, model=dataclasses.replace(base.model, name=args.model, pretrained="none"),
         data=dataclasses.replace(base.data, batch_size=args.batch_size, drop_last=True,
-                                 image_size=args.image_size, eval_batch_size=args.eval_batch_size),
+                                 image_size=args.image_size or base.data.image_size,
+                                 eval_batch_size=args.eval_batch_size),
         device=str(device), precision=precision,
         compile="auto" if compile_on is None else "on" if compile_on else "off",
         channels_last=channels_last, log_interval=10 ** 9)
@@ -403,6 +406,13 @@ def print_table(rows: list[dict[str, Any]], env: dict[str, Any], args: Args) -> 
 def main(args: Args) -> list[dict[str, Any]]:
     import torch
 
+    from convnext_cifar.config import PRESETS
+
+    if args.preset not in PRESETS:
+        raise SystemExit(f"unknown --preset {args.preset}; choose one of {', '.join(PRESETS)}")
+    if not args.image_size:
+        args = dataclasses.replace(args, image_size=PRESETS[args.preset]().data.image_size)
+
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     env = environment(device)
@@ -416,8 +426,8 @@ def main(args: Args) -> list[dict[str, Any]]:
             peaks[precision] = peak_matmul_flops(device, dtypes[precision], args.peak_sizes)
         row["peak_tflops"], row["peak_matmul_n"] = peaks[precision][0] / 1e12, peaks[precision][1]
         row["utilisation_pct"] = 100 * row["achieved_tflops"] / row["peak_tflops"]
-        rows.append({"kind": "project", "model": args.model, "batch_size": args.batch_size,
-                     "image_size": args.image_size, **env, **row})
+        rows.append({"kind": "project", "model": args.model, "preset": args.preset,
+                     "batch_size": args.batch_size, "image_size": args.image_size, **env, **row})
         print(f"measured {precision} channels_last={channels_last} compile={compile_on}: "
               f"loop {row['loop_img_per_s']:.1f} img/s", file=sys.stderr, flush=True)
     if args.baseline:

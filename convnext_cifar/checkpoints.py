@@ -26,8 +26,9 @@ FORMAT = "convnext-cifar/weights-v1"
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], cfg: TrainConfig,
                  classes: list[str], epoch: int, metrics: dict[str, float],
-                 runtime: dict[str, Any]) -> None:
-    """Model weights (contiguous, on the CPU) plus config, classes, epoch and metrics."""
+                 runtime: dict[str, Any], weights: str = "raw") -> None:
+    """Model weights (contiguous, on the CPU) plus config, classes, epoch, the metrics of these
+    weights and which weights they are (raw, or the EMA of the run's weights)."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -38,6 +39,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], cfg: TrainConf
         "epoch": str(epoch),
         "metrics": json.dumps(metrics),
         "runtime": json.dumps(runtime),
+        "weights": weights,
     }
     try:
         atomic_write_bytes(path, save(tensors, metadata=metadata))
@@ -53,6 +55,7 @@ class Checkpoint:
     classes: list[str]
     epoch: int
     metrics: dict[str, float]
+    weights: str = "raw"  # "ema": the EMA of the run's weights
 
 
 def load_weights(path: Path) -> Checkpoint:
@@ -73,7 +76,8 @@ def load_weights(path: Path) -> Checkpoint:
     try:
         config = from_dict(TrainConfig, json.loads(metadata["config"]))
         return Checkpoint(state_dict, config, json.loads(metadata["classes"]),
-                          int(metadata["epoch"]), json.loads(metadata["metrics"]))
+                          int(metadata["epoch"]), json.loads(metadata["metrics"]),
+                          metadata.get("weights", "raw"))
     except (KeyError, ValueError) as e:
         raise UserError(f"{path} has damaged metadata ({e})") from None
 

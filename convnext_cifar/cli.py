@@ -88,6 +88,7 @@ def eval_command(
     download: Annotated[bool, tyro.conf.arg(name="data.download")] = True,
     device: str | None = None,
     batch_size: int | None = None,
+    tta: Literal["none", "flip"] | None = None,
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
 ) -> int:
     """Evaluate a checkpoint on the test split: top-1, top-5, per-class accuracy, confusion.
@@ -98,6 +99,7 @@ def eval_command(
         download: Download CIFAR-10 (checksum verified) when it is missing.
         device: Torch device (default: as recorded; auto picks cuda when available).
         batch_size: Evaluation batch size (default: as recorded).
+        tta: Test-time augmentation, none or flip (default: as the run validated).
         json_output: Print one JSON object instead of tables.
     """
     if batch_size is not None and batch_size < 1:
@@ -107,7 +109,7 @@ def eval_command(
         from convnext_cifar.engine import evaluate_checkpoint
         from convnext_cifar.report import print_eval
 
-        result = evaluate_checkpoint(ckpt, data_root, download, device, batch_size)
+        result = evaluate_checkpoint(ckpt, data_root, download, device, batch_size, tta)
         if json_output:
             print(json.dumps(result))
         else:
@@ -124,6 +126,7 @@ def convert_command(
     prefix: str = "",
     layout: Annotated[Literal["auto", "timm", "mmpretrain", "official"],
                       tyro.conf.arg(name="format")] = "auto",
+    weights: Literal["raw", "ema"] = "raw",
 ) -> int:
     """Convert MMPretrain, official ConvNeXt-V2 or timm weights into a timm safetensors file.
 
@@ -133,12 +136,13 @@ def convert_command(
         model_name: timm convnextv2_* name; inferred from the weights if not given, else checked.
         prefix: Take only the keys under this prefix (e.g. backbone), like MMPretrain's init_cfg.
         layout: Layout of SRC; auto tells it from the keys.
+        weights: raw, or ema: the EMA a training checkpoint keeps beside the weights.
     """
 
     def run() -> int:
         from convnext_cifar.model import convert_to_timm
 
-        name, report = convert_to_timm(str(src), dst, model_name, layout, prefix)
+        name, report = convert_to_timm(str(src), dst, model_name, layout, prefix, weights)
         print(f"{src} -> {dst} ({name}): {report}")
         return 0
 

@@ -7,23 +7,52 @@ transform of the whole global batch, then normalisation. No DataLoader, no per-i
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from convnext_cifar.config import DataConfig
 from convnext_cifar.distributed import Dist
 
-BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator, int],
+
+class Generators:
+    """The loader's random sources, reseeded each epoch and saved in its state.
+
+    `device` draws per-pixel and per-image values on the data's device; `host` draws the few
+    values that must be known on the host without reading the device (MixUp's per-batch lambda
+    and box, used to slice).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.Generator(device=device)
+        self.host = np.random.default_rng(0)
+
+    def seed(self, seed: int, epoch: int) -> None:
+        self.device.manual_seed(seed * 1_000_003 + epoch)
+        self.host = np.random.default_rng([seed, epoch])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.device.get_state(),
+                "host": json.dumps(self.host.bit_generator.state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.device.set_state(state["generator"])
+        if "host" in state:  # states written before the host generator existed did not use it
+            self.host.bit_generator.state = json.loads(state["host"])
+
+
+BatchTransform = Callable[[torch.Tensor, torch.Tensor, Generators, int],
                           tuple[torch.Tensor, torch.Tensor]]
-"""(images, labels, generator, epoch) -> (images, targets) of a whole global batch.
+"""(images, labels, generators, epoch) -> (images, targets) of a whole global batch.
 
 Images come in as uint8 after crop/flip and may leave as float on the same 0-255 scale; targets
 may leave as class indices or as per-class probabilities (N, classes). Every random draw comes
-from `generator`, so that each rank and a resumed run draw the same numbers.
+from `generators`, so that each rank and a resumed run draw the same numbers.
 """
 
 
@@ -84,7 +113,7 @@ class DeviceLoader:
     and augmentations one process sees with the same global batch. `transform` (MixUp, ...) is
     applied to the whole global batch before it is sliced, drawing from this loader's generator.
 
-    Stateful: `state_dict()` holds the generator, so a run interrupted mid-epoch continues with
+    Stateful: `state_dict()` holds the generators, so a run interrupted mid-epoch continues with
     the very draws it would have made (`load_state_dict`, then `epoch(e, start=batch)`).
     """
 
@@ -94,18 +123,18 @@ class DeviceLoader:
         self.images, self.labels, self.cfg, self.seed = images, labels, cfg, seed
         self.normalize, self.transform = normalize, transform
         self.dist = dist or Dist()
-        self.generator = torch.Generator(device=images.device)
-        self._resume_state: torch.Tensor | None = None
+        self.generators = Generators(images.device)
+        self._resume_state: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         n, b = len(self.images), self.cfg.batch_size
         return n // b if self.cfg.drop_last and n >= b else math.ceil(n / b)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return self.generators.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_state = state["generator"]
+        self._resume_state = state
 
     def epoch(self, epoch: int, start: int = 0
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -115,27 +144,28 @@ class DeviceLoader:
         Starting mid-epoch continues from the generator state `load_state_dict` gave (the state
         saved after batch start-1), batch for batch.
         """
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.images), generator=self.generator,
+        gens = self.generators
+        gens.seed(self.seed, epoch)
+        order = torch.randperm(len(self.images), generator=gens.device,
                                device=self.images.device)
         if start:
             if self._resume_state is None:
                 raise ValueError("starting mid-epoch needs the generator state of a saved run")
-            self.generator.set_state(self._resume_state)
+            gens.load_state_dict(self._resume_state)
         self._resume_state = None
         b, cfg = self.cfg.batch_size, self.cfg
         for i in range(start, len(self)):
             idx = order[i * b:(i + 1) * b]
-            offsets, flips = draw_crop_flip(len(idx), cfg.padding, cfg.flip_prob, self.generator)
+            offsets, flips = draw_crop_flip(len(idx), cfg.padding, cfg.flip_prob, gens.device)
             lo, hi = self.dist.shard(len(idx))
             if self.transform is None:  # crop/flip only this rank's slice
                 x = crop_flip(self.images[idx[lo:hi]], cfg.padding, cfg.flip_prob,
-                              self.generator, (offsets[lo:hi], flips[lo:hi]))
+                              gens.device, (offsets[lo:hi], flips[lo:hi]))
                 y = self.labels[idx[lo:hi]]
             else:  # the transform mixes images across the global batch: make all of it
-                x = crop_flip(self.images[idx], cfg.padding, cfg.flip_prob, self.generator,
+                x = crop_flip(self.images[idx], cfg.padding, cfg.flip_prob, gens.device,
                               (offsets, flips))
-                x, y = self.transform(x, self.labels[idx], self.generator, epoch)
+                x, y = self.transform(x, self.labels[idx], gens, epoch)
                 x, y = x[lo:hi], y[lo:hi]
             yield self.normalize(x), y, len(idx)
 

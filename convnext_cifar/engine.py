@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from convnext_cifar import distributed
+from convnext_cifar.augment import build_batch_transform
 from convnext_cifar.checkpoints import WorkDirLock, find_states, load_weights, save_weights
 from convnext_cifar.config import TrainConfig, config_json
 from convnext_cifar.data import DeviceLoader, Normalize, eval_batches
@@ -28,7 +29,7 @@ from convnext_cifar.datasets import Dataset, load_dataset
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import TrainingDiverged, UserError
 from convnext_cifar.files import atomic_write_bytes, remove_stale_temp_files
-from convnext_cifar.model import build_model, layout_mismatch
+from convnext_cifar.model import ModelEma, build_model, layout_mismatch
 from convnext_cifar.optim import build_optimizer, lr_at, peak_lr, set_lr
 from convnext_cifar.report import MetricsLog, Progress
 from convnext_cifar.resume import (
@@ -195,7 +196,7 @@ class Guard:
 @dataclass
 class Run:
     """The parts of a run: data, model, the module to call (maybe compiled), and for training
-    the step and the loader."""
+    the step, the loader and the EMA of the weights (with the module that evaluates it)."""
 
     cfg: TrainConfig
     rt: Runtime
@@ -206,6 +207,8 @@ class Run:
     normalize: Normalize
     step_fn: TrainStep | None = None
     loader: DeviceLoader | None = None
+    ema: ModelEma | None = None
+    ema_forward: torch.nn.Module | None = None
 
 
 def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
@@ -233,8 +236,12 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
     run.step_fn = TrainStep(train_forward, optimizer, rt,
                             cross_entropy_sum(cfg.model.label_smoothing),
                             cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, dist.world)
+    transform = build_batch_transform(cfg.aug, data.num_classes, data.mean, data.std)
     run.loader = DeviceLoader(data.train_images, data.train_labels, cfg.data, cfg.seed, normalize,
-                              dist)
+                              dist, transform)
+    if cfg.ema.decay > 0:
+        run.ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup_steps)
+        run.ema_forward = compiled(run.ema.module, rt)
     return run
 
 
@@ -259,6 +266,8 @@ def train_one_epoch(run: Run, position: Position, log: MetricsLog, progress: Pro
         guard.update(loss, grad_norm)
         position.step += 1
         position.batch += 1
+        if run.ema is not None:
+            run.ema.update(run.model, position.step)
         progress.advance()
         at_log = position.batch % cfg.log_interval == 0 or position.batch == steps
         if at_log:
@@ -288,10 +297,13 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     log = MetricsLog(cfg.run_dir / "metrics.jsonl", is_main=dist.is_main)
     position, window = Position(), Window(rt.device)
     guard = Guard(rt.device, patience=50 if rt.precision == "fp16" else 1)
-    state = TrainingState(cfg, dist, {
+    components = {
         "run": position, "model": run.model, "optimizer": run.step_fn.optimizer,
         "scaler": run.step_fn.scaler, "rng": GlobalRng(rt.device, dist), "loader": run.loader,
-        "window": window, "guard": guard, "log": log})
+        "window": window, "guard": guard, "log": log}
+    if run.ema is not None:
+        components["ema"] = run.ema
+    state = TrainingState(cfg, dist, components)
     if found is None:
         log.truncate(0)
     else:
@@ -327,23 +339,36 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
 
 def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
              ) -> dict[str, float]:
-    """Evaluate after epoch `position.epoch`, log it, and keep the best weights."""
-    res = evaluate(run.forward, run.data.test_images, run.data.test_labels,
+    """Evaluate the weights (and their EMA) after epoch `position.epoch`, log it, and keep the
+    best of the two as best.safetensors; returns the raw weights' metrics."""
+    candidates = {"raw": (run.model, _validation_metrics(run, run.forward))}
+    record = {"epoch": position.epoch, **candidates["raw"][1]}
+    if run.ema is not None:
+        candidates["ema"] = (run.ema.module, _validation_metrics(run, run.ema_forward))
+        record.update({f"ema_{k}": v for k, v in candidates["ema"][1].items()})
+    log.write(record)
+    weights = max(candidates, key=lambda k: candidates[k][1]["top1"])  # a tie keeps raw
+    module, metrics = candidates[weights]
+    if metrics["top1"] > position.best_top1:
+        position.best_top1, position.best_epoch = metrics["top1"], position.epoch
+        save_weights_of(run, "best.safetensors", position.epoch, metrics, module, weights)
+    progress.log_val(record, position.best_top1)
+    return candidates["raw"][1]
+
+
+def _validation_metrics(run: Run, forward: torch.nn.Module) -> dict[str, float]:
+    res = evaluate(forward, run.data.test_images, run.data.test_labels,
                    run.cfg.data.eval_batch_size, run.normalize, run.rt, run.data.num_classes,
-                   run.dist)
-    metrics = {"val_loss": res.loss, "top1": res.top1, "top5": res.top5}
-    log.write({"epoch": position.epoch, **metrics})
-    if res.top1 > position.best_top1:
-        position.best_top1, position.best_epoch = res.top1, position.epoch
-        save_weights_of(run, "best.safetensors", position.epoch, metrics)
-    progress.log_val({"epoch": position.epoch, **metrics}, position.best_top1)
-    return metrics
+                   run.dist, run.cfg.eval.tta)
+    return {"val_loss": res.loss, "top1": res.top1, "top5": res.top5}
 
 
-def save_weights_of(run: Run, name: str, epoch: int, metrics: dict[str, float]) -> None:
+def save_weights_of(run: Run, name: str, epoch: int, metrics: dict[str, float],
+                    module: torch.nn.Module | None = None, weights: str = "raw") -> None:
     if run.dist.is_main:
-        save_weights(run.cfg.run_dir / name, run.model.state_dict(), run.cfg, run.data.classes,
-                     epoch, metrics, run.rt.as_dict())
+        state_dict = (module or run.model).state_dict()
+        save_weights(run.cfg.run_dir / name, state_dict, run.cfg, run.data.classes, epoch,
+                     metrics, run.rt.as_dict(), weights)
 
 
 def _best_on_disk(run_dir: Path) -> float:
@@ -372,10 +397,24 @@ class EvalResult:
                 for i, (name, row) in enumerate(zip(classes, self.confusion))}
 
 
+def predict_logits(forward: torch.nn.Module, x: torch.Tensor, rt: Runtime,
+                   tta: str = "none") -> torch.Tensor:
+    """fp32 logits of a normalised batch; with flip TTA the log of the mean softmax of the image
+    and its mirror (so softmax, argmax and the loss all see the averaged probabilities)."""
+    with rt.autocast():
+        logits = forward(x)
+        if tta == "flip":
+            mirrored = forward(x.flip(3))
+    if tta != "flip":
+        return logits.float()
+    probs = (logits.float().softmax(1) + mirrored.float().softmax(1)) / 2
+    return probs.log()
+
+
 @torch.inference_mode()
 def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int, normalize: Normalize, rt: Runtime, num_classes: int,
-             dist: Dist | None = None) -> EvalResult:
+             dist: Dist | None = None, tta: str = "none") -> EvalResult:
     """Every test image once, in order; counts stay on the device until the end.
 
     Under DDP each rank takes a contiguous share of the images and the counts are added across
@@ -393,9 +432,7 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=dev)
     k = min(5, num_classes)
     for x, y in eval_batches(images, labels, batch_size, normalize):
-        with rt.autocast():
-            logits = forward(x)
-        logits = logits.float()
+        logits = predict_logits(forward, x, rt, tta)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         topk = logits.topk(k, dim=1).indices
         top1 += (topk[:, 0] == y).sum()
@@ -409,13 +446,16 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 
 def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: bool | None = None,
-                        device: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
+                        device: str | None = None, batch_size: int | None = None,
+                        tta: str | None = None) -> dict[str, Any]:
     """Rebuild the model from a checkpoint's own metadata and evaluate the test split."""
     ckpt = load_weights(path)
     changes = {k: v for k, v in (("root", data_root), ("download", download),
                                  ("eval_batch_size", batch_size)) if v is not None}
-    cfg = dataclasses.replace(ckpt.config, data=dataclasses.replace(ckpt.config.data, **changes),
-                              device=device or ckpt.config.device)
+    cfg = dataclasses.replace(
+        ckpt.config, data=dataclasses.replace(ckpt.config.data, **changes),
+        eval=dataclasses.replace(ckpt.config.eval, tta=tta or ckpt.config.eval.tta),
+        device=device or ckpt.config.device)
     rt = resolve_runtime(cfg)
     data = load_dataset(cfg.data, rt.device, train=False)
     run = build_run(cfg, rt, data=data, train=False, pretrained=False)
@@ -424,10 +464,11 @@ def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: boo
                         "the file is damaged or was edited")
     run.model.load_state_dict(ckpt.state_dict)
     res = evaluate(run.forward, data.test_images, data.test_labels, cfg.data.eval_batch_size,
-                   run.normalize, rt, data.num_classes)
+                   run.normalize, rt, data.num_classes, tta=cfg.eval.tta)
     for note in data.notes:
         print(f"warning: {note}", file=sys.stderr)
-    return {"checkpoint": str(path), "epoch": ckpt.epoch, "num_images": res.num_images,
+    return {"checkpoint": str(path), "epoch": ckpt.epoch, "weights": ckpt.weights,
+            "tta": cfg.eval.tta, "num_images": res.num_images,
             "top1": res.top1, "top5": res.top5, "loss": res.loss,
             "per_class": res.per_class(data.classes), "confusion": res.confusion,
             "recorded": ckpt.metrics}

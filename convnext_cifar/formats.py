@@ -37,6 +37,8 @@ VARIANTS = {
     "convnextv2_huge": ((352, 704, 1408, 2816), (3, 3, 27, 3)),
 }
 CONTAINER_KEYS = ("state_dict", "model", "module")
+# Where training checkpoints keep the EMA of the weights, beside the raw ones.
+EMA_KEYS = ("model_ema", "state_dict_ema")  # official ConvNeXt-V2 / timm train.py
 FCMAE_ONLY = ("decoder", "mask_token", "proj.", "pred.")  # FCMAE pre-training parts, not encoder
 
 
@@ -50,18 +52,54 @@ class SourceWeights:
     ignored: list[str] = field(default_factory=list)
 
 
-def read_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensors of a .safetensors or .pth file, unwrapped; plus the entries set aside."""
+def read_file(path: Path, weights: str = "raw") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of a .safetensors or .pth file, unwrapped; plus the entries set aside.
+
+    `weights`: "raw", or "ema" for the exponential moving average a training checkpoint keeps
+    beside them (MMEngine's EMAHook, the official ConvNeXt-V2 code, timm's train.py).
+    """
     path = require_file(path, "weights file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        if weights == "ema":
+            raise UserError(f"{path} holds one set of weights, no EMA; use --model.pretrained-"
+                            "weights raw (convert: --weights raw)")
         try:
             return load_file(str(path)), []
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is not a readable safetensors file ({e})") from None
-    return _unwrap(load_pth(path), path)
+    return _unwrap(_select_weights(load_pth(path), weights, path), path)
+
+
+def _select_weights(obj: object, weights: str, path: Path) -> object:
+    """The part of a training checkpoint that holds the raw or the EMA weights.
+
+    MMEngine's EMAHook swaps them when it saves: `state_dict` then holds the EMA weights and
+    `ema_state_dict` the raw ones (as `module.<key>`, beside a `steps` counter).
+    """
+    if not isinstance(obj, dict):
+        return obj
+    if "ema_state_dict" in obj and isinstance(obj.get("state_dict"), dict):
+        if weights == "ema":
+            return {"state_dict": obj["state_dict"], **_others(obj, "state_dict")}
+        raw = {k[len("module."):]: v for k, v in obj["ema_state_dict"].items()
+               if k.startswith("module.")}
+        return {"state_dict": raw, **_others(obj, "state_dict")}
+    ema_key = next((k for k in EMA_KEYS if isinstance(obj.get(k), dict)), None)
+    if weights == "ema":
+        if ema_key is None:
+            raise UserError(f"{path} holds no EMA weights (no ema_state_dict, model_ema or "
+                            "state_dict_ema); use --model.pretrained-weights raw (convert: "
+                            "--weights raw)")
+        return {"model": obj[ema_key], **_others(obj, ema_key, *CONTAINER_KEYS)}
+    return obj
+
+
+def _others(obj: dict, *taken: str) -> dict:
+    """The entries of a checkpoint besides `taken`, as non-tensors: reported as set aside."""
+    return {k: None for k in obj if k not in taken}
 
 
 def _unwrap(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -217,9 +255,10 @@ def infer_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def load_source(spec: str, layout: str = "auto", prefix: str = "") -> SourceWeights:
+def load_source(spec: str, layout: str = "auto", prefix: str = "",
+                weights: str = "raw") -> SourceWeights:
     """Read a local weights file of any supported layout into timm's layout."""
     path = Path(spec).expanduser()
-    raw, ignored = read_file(path)
+    raw, ignored = read_file(path, weights)
     state_dict, layout, dropped = to_timm(raw, layout, prefix)
     return SourceWeights(state_dict, layout, str(path), ignored + dropped)

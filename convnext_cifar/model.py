@@ -37,7 +37,8 @@ def build_model(cfg: ModelConfig, num_classes: int, is_main: bool = True) -> tor
     import timm
 
     model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes,
-                              drop_path_rate=cfg.drop_path_rate)
+                              drop_path_rate=cfg.drop_path_rate,
+                              head_init_scale=cfg.head_init_scale)  # scales the fresh head
     if cfg.pretrained.lower() != "none":
         source = read_pretrained(cfg, model)
         report = load_backbone(model, source.state_dict, source.ignored)
@@ -50,7 +51,11 @@ def read_pretrained(cfg: ModelConfig, model: torch.nn.Module) -> SourceWeights:
     """Weights in timm's layout from a local file (any supported layout) or a timm tag."""
     spec = cfg.pretrained
     if Path(spec).expanduser().exists() or spec.endswith(WEIGHT_SUFFIXES) or "/" in spec:
-        source = load_source(spec, cfg.pretrained_format, cfg.pretrained_prefix)
+        source = load_source(spec, cfg.pretrained_format, cfg.pretrained_prefix,
+                             cfg.pretrained_weights)
+    elif cfg.pretrained_weights == "ema":
+        raise UserError(f"--model.pretrained {spec} is a timm tag, which holds one set of "
+                        "weights; --model.pretrained-weights ema needs a training checkpoint")
     else:
         source = SourceWeights(_timm_hub_state_dict(spec, model), "timm", spec)
     variant = infer_variant(source.state_dict)
@@ -212,7 +217,7 @@ def load_backbone(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
 
 
 def convert_to_timm(src: str, dst: Path, name: str | None = None, layout: str = "auto",
-                    prefix: str = "") -> tuple[str, LoadReport]:
+                    prefix: str = "", weights: str = "raw") -> tuple[str, LoadReport]:
     """Write `src` (any supported layout) as a timm-layout safetensors file that timm loads.
 
     The ConvNeXt-V2 size is inferred from the weights (and checked against `name` when given);
@@ -226,7 +231,7 @@ def convert_to_timm(src: str, dst: Path, name: str | None = None, layout: str = 
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise UserError(f"convert writes safetensors: give a DST ending in .safetensors, not {dst}")
-    source = load_source(src, layout, prefix)
+    source = load_source(src, layout, prefix, weights)
     variant = infer_variant(source.state_dict)
     if name is None and variant is None:
         raise UserError(f"{src}: the weights match no timm convnextv2_* size; pass --model.name")
@@ -239,6 +244,7 @@ def convert_to_timm(src: str, dst: Path, name: str | None = None, layout: str = 
     report = fit_to_model(model, source.state_dict, source.ignored)
     metadata = {"format": "timm", "model": name, "num_classes": str(num_classes),
                 "source_layout": source.layout, "source_file": str(Path(src).resolve()),
+                "source_weights": weights,
                 "converted_by": f"convnext-cifar {__version__}"}
     tensors = {k: v.contiguous() for k, v in report.tensors.items()}
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -247,3 +253,48 @@ def convert_to_timm(src: str, dst: Path, name: str | None = None, layout: str = 
     except OSError as e:
         raise UserError(f"could not write {dst}: {e.strerror or e}") from None
     return name, report
+
+
+# ---- EMA of the weights ------------------------------------------------------------------------
+
+class ModelEma:
+    """An fp32 exponential moving average of a model's weights, updated on the device.
+
+    The decay after optimizer step t (1-based) is timm's ModelEmaV3.get_decay(t): 0 at the first
+    step (the average starts as a copy), then `decay`; with `warmup_steps` N > 0 it ramps in as
+    min(decay, 1 - (1 + (t - 1) / N) ** -2/3) (ModelEmaV3 with use_warmup, warmup_gamma N).
+    Stateful: its state is the averaged module's state dict.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup_steps: int = 0):
+        import copy
+
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.decay, self.warmup_steps = decay, warmup_steps
+
+    def decay_at(self, step: int) -> float:
+        t = step - 1
+        if t <= 0:
+            return 0.0
+        if self.warmup_steps:
+            return min(self.decay, 1.0 - (1.0 + t / self.warmup_steps) ** (-2.0 / 3.0))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Move the average towards `model` after optimizer step `step` (no host sync)."""
+        weight = 1.0 - self.decay_at(step)
+        ema, new = [], []
+        for a, b in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if a.is_floating_point():
+                ema.append(a)
+                new.append(b.float())
+            else:
+                a.copy_(b)
+        torch._foreach_lerp_(ema, new, weight)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)

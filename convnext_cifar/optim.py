@@ -1,8 +1,10 @@
-"""AdamW with decay / no-decay groups, and the learning rate as a pure function of the step."""
+"""AdamW with decay / no-decay groups and layer-wise LR scales, and the learning rate as a pure
+function of the step."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -15,13 +17,59 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups split by `decays`, in the model's parameter order."""
+def layer_id(name: str, depths: list[int], kind: str = "single") -> int:
+    """The official ConvNeXt-V2 layer id of a timm parameter name (its optim_factory.py).
+
+    single: the stem and stage i's downsample get sum(depths[:i]) + 1, block j of stage i
+    sum(depths[:i]) + j + 1, the final norm and head sum(depths) + 1. group (Base and larger):
+    12 groups of three blocks, the stem 0, the final norm and head 13.
+    """
+    stem = re.match(r"stem\.", name)
+    down = re.match(r"stages\.(\d+)\.downsample\.", name)
+    block = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", name)
+    if kind == "single":
+        if stem or down:
+            return sum(depths[:int(down.group(1)) if down else 0]) + 1
+        if block:
+            stage, j = int(block.group(1)), int(block.group(2))
+            return sum(depths[:stage]) + j + 1
+        return sum(depths) + 1
+    if stem:
+        return 0
+    if down:
+        stage = int(down.group(1))
+        return stage + 1 if stage in (1, 2) else 12
+    if block:
+        stage, j = int(block.group(1)), int(block.group(2))
+        return stage + 1 if stage < 2 else 3 + j // 3 if stage == 2 else 12
+    return 13
+
+
+def num_layers(depths: list[int], kind: str = "single") -> int:
+    return sum(depths) if kind == "single" else 12
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 layer_decay_type: str = "single") -> list[dict]:
+    """AdamW groups in the model's parameter order: decay and no-decay (`decays`), and with
+    `layer_decay` < 1 one pair per layer id whose `lr_scale` is layer_decay ** (layers + 1 -
+    id): the head trains at the full LR, each layer below it R times slower."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for n, p in params if decays(n, p)], "weight_decay": weight_decay},
-        {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
-    ]
+    if layer_decay == 1.0:
+        return [
+            {"params": [p for n, p in params if decays(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
+        ]
+    depths = [len(stage.blocks) for stage in model.stages]
+    top = num_layers(depths, layer_decay_type)
+    groups: dict[tuple[int, bool], dict] = {}
+    for n, p in params:
+        lid, decay = layer_id(n, depths, layer_decay_type), decays(n, p)
+        group = groups.setdefault((lid, decay), {
+            "params": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (top + 1 - lid), "layer_id": lid})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
@@ -29,8 +77,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
     # The fused kernel: measured 4x faster than foreach on a 2-core CPU for Tiny (16 vs 72 ms).
     fused_ok = device.type in _get_fused_kernels_supported_devices()
     fast = {"fused": True} if fused_ok else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                             eps=cfg.eps, **fast)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_type)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fast)
 
 
 def lr_at(step: int, lr: float, sched: SchedConfig, steps_per_epoch: int) -> float:
@@ -66,5 +114,6 @@ def peak_lr(cfg: OptimConfig, batch_size: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's LR times each group's layer-wise scale."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

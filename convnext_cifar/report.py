@@ -105,8 +105,10 @@ class Progress:
     def log_val(self, record: dict[str, Any], best: float) -> None:
         if not self.is_main:
             return
+        ema = (f"  ema top1 {record['ema_top1']:.2f} top5 {record['ema_top5']:.2f}"
+               if "ema_top1" in record else "")
         print(f"epoch {record['epoch']}/{self.epochs} val  loss {record['val_loss']:.4f}  "
-              f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}  (best {best:.2f})",
+              f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}{ema}  (best {best:.2f})",
               flush=True)
 
     def message(self, text: str) -> None:

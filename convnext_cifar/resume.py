@@ -149,7 +149,8 @@ RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "comp
                      "channels_last",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
                      "keep_last", "data.root", "data.download", "data.eval_batch_size",
-                     "model.pretrained", "model.pretrained_format", "model.pretrained_prefix")
+                     "model.pretrained", "model.pretrained_format", "model.pretrained_prefix",
+                     "model.pretrained_weights", "model.head_init_scale")  # (only the start)
 
 
 def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:

@@ -10,6 +10,11 @@ from convnext_cifar import cli, engine
 from convnext_cifar.config import CIFAR10Smoke, config_json
 
 PUBLIC_OPTIONS = [
+    "--ema.decay", "--ema.warmup-steps", "--aug.mixup-alpha", "--aug.cutmix-alpha",
+    "--aug.mix-prob", "--aug.switch-prob", "--aug.mix-mode", "--aug.mix-off-epoch",
+    "--aug.randaugment", "--aug.erasing-prob", "--optim.layer-decay", "--optim.layer-decay-type",
+    "--model.head-init-scale", "--model.pretrained-weights", "--eval.tta",
+    "cifar10-official-recipe", "cifar10-224",
     "--data.root", "--data.download", "--data.no-download", "--data.batch-size", "--model.name",
     "--model.pretrained", "--model.drop-path-rate", "--optim.lr", "--sched.epochs",
     "--sched.warmup-epochs", "--work-dir", "--seed", "--device", "--val-interval",
@@ -69,6 +74,14 @@ def test_config_file_then_overrides_on_top(captured, tmp_path):
     (["train", "--model.name", "resnet18"], "--model.name"),
     (["train", "--preset", "smoke", "--config", "x.json"], "either --preset or --config"),
     (["train", "--config", "/nonexistent/config.json"], "no such file"),
+    (["train", "--ema.decay", "1.5"], "invalid --ema.decay 1.5: must be in [0, 1)"),
+    (["train", "--aug.mixup-alpha", "-0.2"], "invalid --aug.mixup-alpha -0.2"),
+    (["train", "--aug.cutmix-alpha", "-1"], "invalid --aug.cutmix-alpha -1.0"),
+    (["train", "--optim.layer-decay", "0"], "invalid --optim.layer-decay 0.0"),
+    (["train", "--aug.randaugment", "rand-q9"], "invalid --aug.randaugment 'rand-q9'"),
+    (["train", "--aug.randaugment", "augmix-m5"], "not a timm RandAugment string"),
+    (["train", "--aug.erasing-prob", "2"], "invalid --aug.erasing-prob 2.0"),
+    (["train", "--model.head-init-scale", "0"], "invalid --model.head-init-scale"),
 ])
 def test_bad_options_end_in_one_line_and_exit_2(captured, capsys, args, message):
     assert cli.main(args) == 2

@@ -205,10 +205,11 @@ def test_sharded_loader_slices_the_same_global_batches_and_augmentations(transfo
     assert [len(p[-1][1]) for p in parts] == [1, 1, 0]  # the last global batch holds 2 images
 
 
-def mix_with_next(x, y, generator, epoch):
+def mix_with_next(x, y, generators, epoch):
     """A global-batch transform: blends each image with the next one by a random weight, as a
     MixUp would, and turns labels into matching soft targets."""
-    lam = torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
+    lam = torch.rand(len(x), 1, 1, 1, generator=generators.device, device=x.device)
+    lam = lam * float(generators.host.random())  # a host draw too
     mixed = lam * x.float() + (1 - lam) * x.float().roll(1, 0)
     onehot = torch.nn.functional.one_hot(y % 50, 50).float()
     soft = lam.view(-1, 1) * onehot + (1 - lam.view(-1, 1)) * onehot.roll(1, 0)
@@ -221,9 +222,9 @@ def test_batch_transform_sees_the_global_batch_and_the_loader_generator():
     c = DataConfig(batch_size=8, padding=0, flip_prob=0.0)
     seen = []
 
-    def record(x, y, generator, epoch):
+    def record(x, y, generators, epoch):
         seen.append((x.clone(), y.clone(), epoch))
-        return mix_with_next(x, y, generator, epoch)
+        return mix_with_next(x, y, generators, epoch)
 
     loader = DeviceLoader(images, labels, c, 3, plain(), Dist(1, 2), record)
     (x, t, n), *_ = loader.epoch(4)

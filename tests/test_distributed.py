@@ -144,3 +144,20 @@ def test_sigterm_under_torchrun_stops_all_ranks_and_resume_is_exact(cifar_root, 
     # every rank continued its own noise stream and the data draws: the very same run
     a, b = final_model(uninterrupted), final_model(work)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+RECIPE = ("--aug.mixup-alpha", "0.8", "--aug.cutmix-alpha", "1.0", "--aug.mix-mode", "elem",
+          "--aug.randaugment", "rand-m9-mstd0.5-inc1", "--aug.erasing-prob", "0.25",
+          "--ema.decay", "0.9", "--optim.layer-decay", "0.8")
+
+
+def test_two_processes_with_mixing_augmentation_and_ema_train_like_one(cifar_root, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(small_run_args(cifar_root, one, *ARGS, *RECIPE)) == 0
+    out = torchrun(*small_run_args(cifar_root, two, *ARGS, *RECIPE))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_close_runs(one, two, atol=1e-4)
+    ema_one, ema_two = final_state(one)["ema"], final_state(two)["ema"]
+    worst = max((ema_one[k] - ema_two[k]).abs().max().item() for k in ema_one)
+    assert worst < 1e-4, worst
+    assert all("ema_top1" in r for r in records(two) if "top1" in r)

@@ -235,3 +235,60 @@ def test_train_cli_from_an_mmengine_checkpoint_with_prefix(cifar_root, tmp_path,
     out = capsys.readouterr().out
     assert "(mmpretrain layout): loaded 138 tensors; fresh: head.fc.weight, head.fc.bias;" in out
     assert "ignored: meta, optimizer, head.fc.weight, head.fc.bias" in out
+
+
+def test_mmengine_ema_checkpoint_gives_raw_or_ema_weights():
+    """MMEngine's EMAHook swaps on save: `state_dict` holds the EMA, `ema_state_dict` the raw."""
+    import json
+
+    path = FIXTURES.parent / "mmengine_ema.pth"
+    expected = json.loads((FIXTURES.parent / "mmengine_ema.json").read_text())
+    raw = load_source(str(path), weights="raw")
+    ema = load_source(str(path), weights="ema")
+    assert raw.layout == ema.layout == "mmpretrain"
+    for which, source in (("raw", raw), ("ema", ema)):
+        for key, values in expected[which].items():
+            timm_key = {"backbone.downsample_layers.0.0.weight": "stem.0.weight",
+                        "head.fc.bias": "head.fc.bias"}[key]
+            got = source.state_dict[timm_key].flatten()[:4].tolist()
+            assert got == pytest.approx(values, abs=0), (which, key)
+    assert not torch.equal(raw.state_dict["stem.0.weight"], ema.state_dict["stem.0.weight"])
+    model, io = fixture_model()
+    load_backbone(model, ema.state_dict, ema.ignored)  # every tensor fits the model
+
+
+def test_official_model_ema_and_missing_ema(tmp_path):
+    raw = load_pth(FIXTURES / "official_fb.pth")["model"]
+    ema = {k: v + 1 for k, v in raw.items()}
+    torch.save({"model": raw, "model_ema": ema, "epoch": 3}, tmp_path / "ckpt.pth")
+    got = load_source(str(tmp_path / "ckpt.pth"), weights="ema").state_dict
+    assert torch.equal(got["stem.0.weight"], ema["downsample_layers.0.0.weight"])
+    got = load_source(str(tmp_path / "ckpt.pth"), weights="raw").state_dict
+    assert torch.equal(got["stem.0.weight"], raw["downsample_layers.0.0.weight"])
+    with pytest.raises(UserError, match="holds no EMA weights"):
+        load_source(str(FIXTURES / "official_fb.pth"), weights="ema")
+    with pytest.raises(UserError, match="no EMA"):
+        load_source(str(FIXTURES / "timm_reference.safetensors"), weights="ema")
+
+
+def test_convert_takes_the_ema_weights(tmp_path, capsys):
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    raw = timm.create_model("convnextv2_atto", num_classes=10).state_dict()
+    ema = {k: v * 0.5 for k, v in raw.items()}
+    mm_raw, mm_ema = to_mmpretrain(raw), to_mmpretrain(ema)
+    torch.save({"meta": {}, "state_dict": mm_ema,  # as MMEngine's EMAHook saves it: swapped
+                "ema_state_dict": {"module." + k: v for k, v in mm_raw.items()}},
+               tmp_path / "epoch_3.pth")
+    for weights, want in (("ema", ema), ("raw", raw)):
+        out = tmp_path / f"{weights}.safetensors"
+        assert cli.main(["convert", str(tmp_path / "epoch_3.pth"), str(out),
+                         "--weights", weights]) == 0
+        got = load_file(out)
+        assert all(torch.equal(got[k], want[k]) for k in want), weights
+        with safe_open(str(out), "pt") as f:
+            assert f.metadata()["source_weights"] == weights
+    assert cli.main(["convert", str(FIXTURES / "official_fb.pth"), str(tmp_path / "x.safetensors"),
+                     "--weights", "ema"]) == 2
+    assert "holds no EMA weights" in capsys.readouterr().err

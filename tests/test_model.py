@@ -173,3 +173,45 @@ def test_an_unanswering_hub_is_given_up_on_within_the_probe_time(monkeypatch):
     assert not model._reachable("https://huggingface.co", 0.5)
     assert time.monotonic() - start < 1.5
     released.set()
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_ema_follows_the_formula_over_saved_weights_and_timm(warmup):
+    """EMA against a hand-rolled loop over the weights saved after each step, and against
+    timm's ModelEmaV3 with the same decay and warmup."""
+    import copy
+
+    from timm.utils import ModelEmaV3
+
+    from convnext_cifar.model import ModelEma
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnextv2_atto", num_classes=10)
+    ours = ModelEma(model, 0.9, warmup)
+    theirs = ModelEmaV3(model, decay=0.9, use_warmup=warmup > 0, warmup_gamma=max(warmup, 1))
+    saved = []
+    for step in range(1, 9):  # "training": every parameter moves
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        saved.append({k: v.clone() for k, v in model.state_dict().items()})
+        ours.update(model, step)
+        theirs.update(model, step=step)
+    expected = copy.deepcopy(saved[0])  # step 1: decay 0, a copy
+    for t, weights in enumerate(saved[1:], start=1):
+        d = 0.9 if not warmup else min(0.9, 1 - (1 + t / warmup) ** (-2 / 3))
+        expected = {k: expected[k] * d + weights[k] * (1 - d) for k in expected}
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(v, theirs.module.state_dict()[k]), k
+    assert ours.module.stem[0].weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in ours.module.parameters())
+
+
+def test_head_init_scale_scales_only_a_fresh_head():
+    torch.manual_seed(3)
+    plain = build_model(ModelConfig(name="convnextv2_atto"), 10)
+    torch.manual_seed(3)
+    scaled = build_model(ModelConfig(name="convnextv2_atto", head_init_scale=0.001), 10)
+    torch.testing.assert_close(scaled.head.fc.weight, plain.head.fc.weight * 0.001)
+    torch.testing.assert_close(scaled.stem[0].weight, plain.stem[0].weight)

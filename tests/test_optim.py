@@ -71,3 +71,69 @@ def test_per_epoch_one_warmup_epoch_follows_mmengine():
     assert got[0] == pytest.approx(4e-6)
     for mine, want in zip(got, table["lr_by_epoch"], strict=True):
         assert math.isclose(mine, want, rel_tol=1e-9, abs_tol=1e-18)
+
+
+def official_layer_id_single(var_name, depths):
+    """facebookresearch/ConvNeXt-V2 optim_factory.get_num_layer_for_convnext_single, on the
+    official parameter names (typed from that file)."""
+    if var_name.startswith("downsample_layers"):
+        stage_id = int(var_name.split(".")[1])
+        return sum(depths[:stage_id]) + 1
+    if var_name.startswith("stages"):
+        stage_id, block_id = int(var_name.split(".")[1]), int(var_name.split(".")[2])
+        return sum(depths[:stage_id]) + block_id + 1
+    return sum(depths) + 1
+
+
+def official_layer_id_group(var_name):
+    """The same file's get_num_layer_for_convnext (12 groups, Base and larger)."""
+    if var_name.startswith("downsample_layers"):
+        stage_id = int(var_name.split(".")[1])
+        return {0: 0, 1: 2, 2: 3, 3: 12}[stage_id]
+    if var_name.startswith("stages"):
+        stage_id, block_id = int(var_name.split(".")[1]), int(var_name.split(".")[2])
+        return {0: 1, 1: 2, 2: 3 + block_id // 3, 3: 12}[stage_id]
+    return 13
+
+
+@pytest.mark.parametrize("kind", ["single", "group"])
+def test_layer_ids_and_lr_scales_of_every_tiny_parameter(kind):
+    from layouts import to_official
+
+    from convnext_cifar.optim import layer_id
+
+    model = timm.create_model("convnextv2_tiny", num_classes=10)
+    depths = [3, 3, 9, 3]
+    names = list(dict(model.named_parameters()))
+    official = list(to_official({n: torch.zeros(1, 1) for n in names}))  # same order
+    assert len(official) == len(names)
+    groups = param_groups(model, 0.05, layer_decay=0.9, layer_decay_type=kind)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    top = 18 if kind == "single" else 12
+    for (name, p), theirs in zip(model.named_parameters(), official):
+        want = (official_layer_id_single(theirs, depths) if kind == "single"
+                else official_layer_id_group(theirs))
+        assert layer_id(name, depths, kind) == want, (name, theirs)
+        assert scale_of[id(p)] == pytest.approx(0.9 ** (top + 1 - want)), name
+        assert decay_of[id(p)] == (0.05 if decays(name, p) else 0.0), name
+    assert sorted(scale_of) == sorted(id(p) for p in model.parameters())  # each exactly once
+    if kind == "single":  # pinned: stem 1, stage-2 block 4 = 3+3+4+1, head 19 (full LR)
+        assert layer_id("stem.0.weight", depths) == 1
+        assert layer_id("stages.2.blocks.4.mlp.fc1.weight", depths) == 11
+        assert layer_id("head.fc.weight", depths) == 19
+        assert scale_of[id(model.head.fc.weight)] == 1.0
+        assert scale_of[id(model.stem[0].weight)] == pytest.approx(0.9 ** 18)
+
+
+def test_schedule_lr_is_multiplied_by_each_groups_scale():
+    from convnext_cifar.optim import set_lr
+
+    model = timm.create_model("convnextv2_atto", num_classes=10)
+    opt = build_optimizer(model, OptimConfig(layer_decay=0.5), torch.device("cpu"))
+    set_lr(opt, 1e-3)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"])
+    plain = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    set_lr(plain, 1e-3)
+    assert [g["lr"] for g in plain.param_groups] == [1e-3, 1e-3]  # the reference: 2 groups

@@ -1,0 +1,139 @@
+"""Image files -> uint8 RGB tensors at the training size: one file (`read_image`) or many in
+parallel worker processes (`read_images`). Used for image-folder datasets and by `predict`.
+
+PNG, JPEG, WebP and GIF (first frame) are decoded by torchvision.io; BMP, and anything
+torchvision refuses (a CMYK JPEG, say), by Pillow. Grayscale, palette, RGBA and CMYK images
+become RGB. Every file's header is read first and an image claiming more than
+`MAX_IMAGE_PIXELS` pixels is refused by name before anything is decoded or allocated.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+MAX_IMAGE_PIXELS = 100_000_000  # 10,000 x 10,000: far beyond any photo, far below a bomb
+RESIZE_MODES = ("center-crop", "squash")
+
+
+class BadImage(Exception):
+    """A file that cannot be read as an image; the message says why."""
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header alone; refuses a decompression bomb."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below, with our own message
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except Exception as e:  # truncated, not an image, unknown format: many error types
+        raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadImage(f"its header claims {width} x {height} pixels, more than the "
+                       f"{MAX_IMAGE_PIXELS:,} allowed; refused before decoding (a "
+                       "decompression bomb, or an image to shrink first)")
+    return width, height
+
+
+def decode_rgb(path: Path) -> torch.Tensor:
+    """The first frame of an image file as uint8 (3, H, W) RGB."""
+    import torchvision.io as tio
+
+    image_size(path)
+    data = path.read_bytes()
+    try:
+        img = tio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                               mode=tio.ImageReadMode.RGB)
+    except Exception:  # BMP, CMYK JPEG and the like: Pillow knows them
+        img = _decode_with_pillow(path)
+    if img.ndim == 4:  # an animated GIF: every frame came back
+        img = img[0]
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    return img
+
+
+def _decode_with_pillow(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            rgb = img.convert("RGB")
+            return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+    except Exception as e:
+        raise BadImage(f"cannot decode it ({type(e).__name__}: {e})") from None
+
+
+def resize(img: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, size, size): the shorter side to `size` then the centre crop
+    (center-crop), or both sides to `size` (squash); antialiased bilinear."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if mode == "squash":
+        return TF.resize(img, [size, size], antialias=True)
+    return TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+
+
+def read_image(path: Path, size: int, mode: str) -> torch.Tensor:
+    """An image file as uint8 (3, size, size), as training and prediction see it."""
+    return resize(decode_rgb(Path(path)), size, mode)
+
+
+def _read_chunk(args: tuple[list[str], int, str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Worker: a chunk of files -> uint8 (k, 3, S, S) and the (index, reason) of bad ones."""
+    paths, size, mode = args
+    torch.set_num_threads(1)
+    out = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
+    bad = []
+    for i, p in enumerate(paths):
+        try:
+            out[i] = read_image(Path(p), size, mode).numpy()
+        except BadImage as e:
+            bad.append((i, str(e)))
+        except Exception as e:  # a decoder's own error on a damaged file
+            bad.append((i, f"cannot decode it ({type(e).__name__}: {e})"))
+    return out, bad
+
+
+def read_images(paths: list[Path], size: int, mode: str, workers: int = 0,
+                progress: Callable[[int], None] | None = None
+                ) -> tuple[torch.Tensor, list[tuple[Path, str]]]:
+    """Many files as one uint8 (N, 3, size, size) tensor, decoded in `workers` processes
+    (0: one per core); returns it and the (path, reason) of the files that could not be read
+    (their rows are zeros). `progress(n)` is called as chunks of n files finish."""
+    workers = workers or os.cpu_count() or 1
+    chunk = max(16, min(512, len(paths) // (workers * 4) or 16))
+    jobs = [([str(p) for p in paths[i:i + chunk]], size, mode)
+            for i in range(0, len(paths), chunk)]
+    images = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
+    bad: list[tuple[Path, str]] = []
+    if workers == 1 or len(jobs) == 1:
+        results = map(_read_chunk, jobs)
+        return _collect(results, jobs, chunk, paths, images, bad, progress)
+    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return _collect(pool.map(_read_chunk, jobs), jobs, chunk, paths, images, bad, progress)
+
+
+def _collect(results, jobs, chunk, paths, images, bad, progress):
+    for j, (block, block_bad) in enumerate(results):
+        start = j * chunk
+        images[start:start + len(block)] = block
+        bad += [(paths[start + i], reason) for i, reason in block_bad]
+        if progress is not None:
+            progress(len(block))
+    return torch.from_numpy(images), bad
