@@ -226,7 +226,8 @@ def bench_config(args: Args, device, precision: str = "auto", channels_last: boo
 
 
 def measure(args: Args, device, precision: str, channels_last: bool, compile_on: bool,
-            flops: dict[str, float]) -> dict[str, Any]:
+            flops: dict[str, float], data=None) -> dict[str, Any]:
+    """Every figure of one configuration, on `data` (default: random CIFAR-layout images)."""
     import torch
 
     from convnext_cifar.engine import (
@@ -245,7 +246,7 @@ def measure(args: Args, device, precision: str, channels_last: bool, compile_on:
     rt = Runtime(device, precision, compile_on, channels_last, args.compile_mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    data = synthetic_dataset(args, device, args.num_classes)
+    data = data or synthetic_dataset(args, device, args.num_classes)
     clock = Clock(device)
     n, n_eval = len(data.train_images), len(data.test_images)
     result: dict[str, Any] = {"precision": precision, "channels_last": channels_last,

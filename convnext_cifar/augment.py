@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from convnext_cifar.config import AugConfig, RandAugmentSpec, parse_randaugment
+from convnext_cifar.data import to_device
 
 # timm's op lists (auto_augment._RAND_TRANSFORMS / _RAND_INCREASING_TRANSFORMS), same order
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
@@ -376,9 +377,9 @@ class Mixup:
             elif lam != 1.0:
                 x = x * lam + flipped * (1.0 - lam)
             return x, onehot * lam + onehot.flip(0) * (1.0 - lam)
-        lam = _to_device(torch.from_numpy(p.lam.astype(np.float32)), x.device)
-        cutmix = _to_device(torch.from_numpy(p.cutmix), x.device)
-        boxes = _to_device(torch.from_numpy(p.boxes), x.device)
+        lam = to_device(torch.from_numpy(p.lam.astype(np.float32)), x.device)
+        cutmix = to_device(torch.from_numpy(p.cutmix), x.device)
+        boxes = to_device(torch.from_numpy(p.boxes), x.device)
         ys = torch.arange(x.shape[2], device=x.device)
         xs = torch.arange(x.shape[3], device=x.device)
         in_box = ((ys >= boxes[:, 0:1]) & (ys < boxes[:, 1:2]))[:, :, None] & (
@@ -389,13 +390,6 @@ class Mixup:
         x = torch.where(cutmix.view(-1, 1, 1, 1), pasted, mixed)
         lam2 = lam.view(-1, 1)
         return x, onehot * lam2 + onehot.flip(0) * (1.0 - lam2)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without a blocking copy (pinned, non_blocking on CUDA)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 # ---- the whole batch transform ------------------------------------------------------------------

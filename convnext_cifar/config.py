@@ -4,8 +4,10 @@ MMPretrain layered dict files through `_base_`; here a preset is a subclass that
 
     ModelConfig -> ConvNeXtV2Tiny         (_base_/models/convnext_v2/tiny.py)
     DataConfig  -> CIFAR10Data            (_base_/datasets/cifar10_bs16.py)
+                -> CIFAR100Data           (_base_/datasets/cifar100_bs16.py)
     TrainConfig -> CIFAR10FineTune        (the reference experiment, default of `train`)
                 -> CIFAR10Smoke           (a quick CPU run: atto, no download of weights)
+                -> CIFAR100FineTune       (the same on CIFAR-100)
                 -> CIFAR10OfficialRecipe  (the official ConvNeXt-V2 fine-tuning recipe)
                    -> CIFAR10OfficialRecipe224 (the same at 224 px)
 
@@ -35,7 +37,7 @@ CONVNEXTV2_MODELS = (
     "convnextv2_large",
     "convnextv2_huge",
 )
-DATASETS = ("cifar10",)
+DATASETS = ("cifar10", "cifar100", "folder")
 """Names --data.dataset takes; what each one is lives in datasets.py."""
 
 
@@ -96,10 +98,24 @@ class ConvNeXtV2Tiny(ModelConfig):
 class DataConfig:
     """Where the images come from and how training batches are augmented."""
 
-    dataset: Literal["cifar10"] = "cifar10"
-    """Dataset: cifar10 (cifar-10-batches-py/ under --data.root)."""
+    dataset: Literal["cifar10", "cifar100", "folder"] = "cifar10"
+    """cifar10, cifar100 (their python folders under --data.root) or folder (root/train/<class>)."""
     root: Path = Path("data")
-    """Folder holding (or receiving) the dataset's folder."""
+    """Folder holding (or receiving) the dataset's folder; for folder: holds train/ and val/."""
+    labels: Literal["fine", "coarse"] = "fine"
+    """CIFAR-100 labels: the 100 fine classes or the 20 coarse superclasses."""
+    val_fraction: float = 0.0
+    """folder without val/ or test/: hold out this stratified share of train/ for validation."""
+    split_seed: int = 0
+    """Seed of the --data.val-fraction split."""
+    resize: Literal["center-crop", "squash"] = "center-crop"
+    """folder images to --data.image-size: shorter side then centre crop, or squash both sides."""
+    skip_bad_images: bool = False
+    """folder: skip (and count) image files that cannot be decoded instead of stopping."""
+    memory_share: float = 0.8
+    """Largest share of the device's free memory the images may take (else host memory)."""
+    workers: int = 0
+    """Processes decoding folder images (0: one per CPU core)."""
     download: bool = True
     """Download the official archive (checksum verified) when the data is missing."""
     batch_size: int = 128
@@ -115,7 +131,7 @@ class DataConfig:
     std: tuple[float, float, float] | None = None
     """Per-channel std dividing 0-255 pixels (None: the dataset's standard values)."""
     image_size: int = 32
-    """Input size fed to the model; larger than 32 upsamples on the device (bilinear)."""
+    """Input size: CIFAR larger than 32 upsamples on the device; folder images are stored at it."""
     drop_last: bool = False
     """Drop the last incomplete training batch of each epoch."""
     limit_train: int = 0
@@ -136,19 +152,33 @@ class DataConfig:
         _check(self.image_size >= 32, "data.image_size", self.image_size, "must be >= 32")
         _check(self.limit_train >= 0, "data.limit_train", self.limit_train, "must be >= 0")
         _check(self.limit_val >= 0, "data.limit_val", self.limit_val, "must be >= 0")
+        _check(self.labels == "fine" or self.dataset == "cifar100", "data.labels", self.labels,
+               "coarse labels exist for --data.dataset cifar100 only")
+        _check(0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction,
+               "must be in [0, 1)")
+        _check(0 < self.memory_share <= 1, "data.memory_share", self.memory_share,
+               "must be in (0, 1]")
+        _check(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
 
 
 @dataclass(frozen=True)
 class CIFAR10Data(DataConfig):
-    """CIFAR-10 as MMPretrain's _base_/datasets/cifar10_bs16.py defines it (its normalisation is
-    CIFAR-10's standard mean/std, written out here as that file does)."""
+    """CIFAR-10 as MMPretrain's _base_/datasets/cifar10_bs16.py defines it; its normalisation
+    is CIFAR-10's standard mean/std, which the dataset description holds (datasets.CIFAR10) and
+    a run records in its config.json."""
 
     batch_size: int = 16
     """Training batch size."""
-    mean: tuple[float, float, float] | None = (125.307, 122.961, 113.8575)
-    """Per-channel mean subtracted from 0-255 pixels (None: the dataset's standard values)."""
-    std: tuple[float, float, float] | None = (51.5865, 50.847, 51.255)
-    """Per-channel std dividing 0-255 pixels (None: the dataset's standard values)."""
+
+
+@dataclass(frozen=True)
+class CIFAR100Data(DataConfig):
+    """CIFAR-100 as MMPretrain's _base_/datasets/cifar100_bs16.py defines it (its own mean/std)."""
+
+    dataset: Literal["cifar10", "cifar100", "folder"] = "cifar100"
+    """cifar10, cifar100 (their python folders under --data.root) or folder (root/train/<class>)."""
+    batch_size: int = 16
+    """Training batch size."""
 
 
 @dataclass(frozen=True)
@@ -375,7 +405,10 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """The name with its fields filled in, e.g. convnextv2-tiny_cifar10."""
-        return self.name.format(model=self.model.name.replace("_", "-"), dataset=self.data.dataset)
+        dataset = self.data.dataset
+        if dataset == "folder":  # the folder's own name says more than "folder"
+            dataset = Path(self.data.root).resolve().name or dataset
+        return self.name.format(model=self.model.name.replace("_", "-"), dataset=dataset)
 
     @property
     def run_dir(self) -> Path:
@@ -471,8 +504,16 @@ class CIFAR10OfficialRecipe224(CIFAR10OfficialRecipe):
     """Dataset and augmentation."""
 
 
+@dataclass(frozen=True)
+class CIFAR100FineTune(CIFAR10FineTune):
+    """The reference experiment on CIFAR-100: the same model, recipe and schedule, 100 classes."""
+
+    data: DataConfig = field(default_factory=lambda: CIFAR100Data(batch_size=128))
+    """Dataset and augmentation."""
+
+
 PRESETS: dict[str, type[TrainConfig]] = {
-    "cifar10": CIFAR10FineTune, "smoke": CIFAR10Smoke,
+    "cifar10": CIFAR10FineTune, "smoke": CIFAR10Smoke, "cifar100": CIFAR100FineTune,
     "cifar10-official-recipe": CIFAR10OfficialRecipe, "cifar10-224": CIFAR10OfficialRecipe224}
 """Presets selectable with `train --preset NAME`; the first is the default."""
 

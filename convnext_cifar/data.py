@@ -28,12 +28,18 @@ class Generators:
     and box, used to slice).
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, order_device: torch.device | None = None):
         self.device = torch.Generator(device=device)
         self.host = np.random.default_rng(0)
+        # The epoch's permutation is drawn where the images are: on the device, from `device`
+        # itself; for images kept in host memory, from a CPU generator of its own.
+        self.order = (self.device if order_device is None or order_device == torch.device(device)
+                      else torch.Generator(device=order_device))
 
     def seed(self, seed: int, epoch: int) -> None:
         self.device.manual_seed(seed * 1_000_003 + epoch)
+        if self.order is not self.device:
+            self.order.manual_seed(seed * 1_000_003 + epoch)
         self.host = np.random.default_rng([seed, epoch])
 
     def state_dict(self) -> dict[str, Any]:
@@ -123,7 +129,8 @@ class DeviceLoader:
         self.images, self.labels, self.cfg, self.seed = images, labels, cfg, seed
         self.normalize, self.transform = normalize, transform
         self.dist = dist or Dist()
-        self.generators = Generators(images.device)
+        self.device = normalize.mean.device  # where batches are made: the training device
+        self.generators = Generators(self.device, images.device)
         self._resume_state: dict[str, Any] | None = None
 
     def __len__(self) -> int:
@@ -146,8 +153,7 @@ class DeviceLoader:
         """
         gens = self.generators
         gens.seed(self.seed, epoch)
-        order = torch.randperm(len(self.images), generator=gens.device,
-                               device=self.images.device)
+        order = torch.randperm(len(self.images), generator=gens.order, device=self.images.device)
         if start:
             if self._resume_state is None:
                 raise ValueError("starting mid-epoch needs the generator state of a saved run")
@@ -159,19 +165,36 @@ class DeviceLoader:
             offsets, flips = draw_crop_flip(len(idx), cfg.padding, cfg.flip_prob, gens.device)
             lo, hi = self.dist.shard(len(idx))
             if self.transform is None:  # crop/flip only this rank's slice
-                x = crop_flip(self.images[idx[lo:hi]], cfg.padding, cfg.flip_prob,
-                              gens.device, (offsets[lo:hi], flips[lo:hi]))
-                y = self.labels[idx[lo:hi]]
+                images, labels = self._gather(idx[lo:hi])
+                x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.device,
+                              (offsets[lo:hi], flips[lo:hi]))
+                y = labels
             else:  # the transform mixes images across the global batch: make all of it
-                x = crop_flip(self.images[idx], cfg.padding, cfg.flip_prob, gens.device,
-                              (offsets, flips))
-                x, y = self.transform(x, self.labels[idx], gens, epoch)
+                images, labels = self._gather(idx)
+                x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.device, (offsets, flips))
+                x, y = self.transform(x, labels, gens, epoch)
                 x, y = x[lo:hi], y[lo:hi]
             yield self.normalize(x), y, len(idx)
 
 
+    def _gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's images and labels on the training device."""
+        return to_device(self.images[idx], self.device), to_device(self.labels[idx], self.device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; from host memory to a GPU through pinned memory, without blocking."""
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  normalize: Normalize) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every image exactly once, in order, unaugmented."""
+    """Every image exactly once, in order, unaugmented, on the normalisation's device."""
+    device = normalize.mean.device
     for i in range(0, len(images), batch_size):
-        yield normalize(images[i:i + batch_size]), labels[i:i + batch_size]
+        yield (normalize(to_device(images[i:i + batch_size], device)),
+               to_device(labels[i:i + batch_size], device))

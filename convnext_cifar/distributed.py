@@ -8,10 +8,13 @@ loop reads them anyway.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+
+from convnext_cifar.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -69,3 +72,19 @@ def start(dist: Dist, device: torch.device) -> None:
 def stop() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def main_first(dist: Dist, work: Callable[[], None]) -> None:
+    """Run `work` (a download, a cache to build) on rank 0 while the others wait; a UserError
+    it raises is raised on every rank, so that all of them stop with the same line."""
+    if not dist.enabled:
+        return
+    message = [None]
+    if dist.is_main:
+        try:
+            work()
+        except UserError as e:
+            message = [str(e)]
+    tdist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise UserError(message[0])

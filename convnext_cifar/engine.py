@@ -25,7 +25,7 @@ from convnext_cifar.augment import build_batch_transform
 from convnext_cifar.checkpoints import WorkDirLock, find_states, load_weights, save_weights
 from convnext_cifar.config import TrainConfig, config_json
 from convnext_cifar.data import DeviceLoader, Normalize, eval_batches
-from convnext_cifar.datasets import Dataset, load_dataset
+from convnext_cifar.datasets import Dataset, load_dataset, prepare_dataset
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import TrainingDiverged, UserError
 from convnext_cifar.files import atomic_write_bytes, remove_stale_temp_files
@@ -425,7 +425,7 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     n = len(images)
     lo, hi = dist.shard(n)
     images, labels = images[lo:hi], labels[lo:hi]
-    dev = images.device
+    dev = normalize.mean.device  # the images may live in host memory (Dataset.placement)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     top1 = torch.zeros((), dtype=torch.int64, device=dev)
     top5 = torch.zeros((), dtype=torch.int64, device=dev)
@@ -458,6 +458,10 @@ def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: boo
         device=device or ckpt.config.device)
     rt = resolve_runtime(cfg)
     data = load_dataset(cfg.data, rt.device, train=False)
+    if data.classes != ckpt.classes:
+        raise UserError(f"{cfg.data.root} does not hold the classes {path} was trained on ("
+                        f"{_class_difference(ckpt.classes, data.classes)}); evaluate a dataset "
+                        "with the same class folders")
     run = build_run(cfg, rt, data=data, train=False, pretrained=False)
     if problem := layout_mismatch(run.model, ckpt.state_dict):
         raise UserError(f"{path} does not match the model its metadata describes ({problem}); "
@@ -474,13 +478,22 @@ def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: boo
             "recorded": ckpt.metrics}
 
 
+def _class_difference(trained: list[str], found: list[str]) -> str:
+    missing, extra = sorted(set(trained) - set(found)), sorted(set(found) - set(trained))
+    if not missing and not extra:
+        return "the same names in another order"
+    return (f"missing: {', '.join(missing) or 'none'}; not trained on: "
+            f"{', '.join(extra) or 'none'}")
+
+
 # ---- the train command -------------------------------------------------------------------------
 
 def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None = None,
         allow_changes: bool = False) -> dict[str, Any]:
     """Run the whole training described by `cfg` (or continue it); returns the best top-1.
 
-    Under torchrun every process calls this; rank 0 alone writes into the work dir.
+    Under torchrun every process calls this; rank 0 alone writes into the work dir. Everything
+    a user can get wrong (data, state to resume, options) is checked before anything is written.
     """
     dist = distributed.from_env()
     cfg = dataclasses.replace(cfg, name=cfg.run_name, work_dir=cfg.run_dir)
@@ -490,31 +503,33 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
         raise UserError(f"--data.batch-size {cfg.data.batch_size} is the global batch; it must "
                         f"split evenly over {dist.world} processes x {cfg.optim.accum_steps} "
                         f"accumulation steps (a multiple of {per_step})")
-    try:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create work dir {cfg.run_dir}: {e.strerror or e}; pick another "
-                        "with --work-dir") from None
     distributed.start(dist, rt.device)
     try:
+        found = find_resume_state(cfg, resume)
+        # The dataset before any weights: a missing one fails at once, with no download.
+        # Under torchrun rank 0 downloads or decodes it first; the others then read it.
+        distributed.main_first(dist, lambda: prepare_dataset(cfg.data))
+        data = load_dataset(cfg.data, rt.device)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, mean=data.mean, std=data.std))  # recorded in config.json
+        if found is not None and not allow_changes:
+            refuse_changes(found, cfg)
+        # A resumed run takes its weights from the state: no download of pretrained weights.
+        run = build_run(cfg, rt, dist, data, pretrained=found is None)
+        try:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create work dir {cfg.run_dir}: {e.strerror or e}; pick "
+                            "another with --work-dir") from None
         with WorkDirLock(cfg.run_dir) if dist.is_main else contextlib.nullcontext():
             if dist.is_main:
                 remove_stale_temp_files(cfg.run_dir)
-            found = find_resume_state(cfg, resume)
-            # The dataset before any weights: a missing one fails at once, with no download.
-            data = load_dataset(cfg.data, rt.device)
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-                cfg.data, mean=data.mean, std=data.std))  # recorded in config.json
-            if found is not None and not allow_changes:
-                refuse_changes(found, cfg)
             if found is None and find_states(cfg.run_dir):
                 raise UserError(f"work dir {cfg.run_dir} holds the training states of an earlier "
                                 f"run ({find_states(cfg.run_dir)[-1].name}); continue it with "
                                 "--resume auto or start a new run with another --work-dir")
             if dist.is_main:
                 write_config(cfg)
-            # A resumed run takes its weights from the state: no download of pretrained weights.
-            run = build_run(cfg, rt, dist, data, pretrained=found is None)
             return train(run, found, live_progress)
     finally:
         distributed.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -55,8 +56,10 @@ def decode_rgb(path: Path) -> torch.Tensor:
     image_size(path)
     data = path.read_bytes()
     try:
-        img = tio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                               mode=tio.ImageReadMode.RGB)
+        with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec; it still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            img = tio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                   mode=tio.ImageReadMode.RGB)
     except Exception:  # BMP, CMYK JPEG and the like: Pillow knows them
         img = _decode_with_pillow(path)
     if img.ndim == 4:  # an animated GIF: every frame came back
@@ -115,6 +118,9 @@ def read_images(paths: list[Path], size: int, mode: str, workers: int = 0,
     """Many files as one uint8 (N, 3, size, size) tensor, decoded in `workers` processes
     (0: one per core); returns it and the (path, reason) of the files that could not be read
     (their rows are zeros). `progress(n)` is called as chunks of n files finish."""
+    import torchvision.io  # noqa: F401  (imported here once: forked workers inherit it)
+    from torchvision.transforms.v2 import functional  # noqa: F401
+
     workers = workers or os.cpu_count() or 1
     chunk = max(16, min(512, len(paths) // (workers * 4) or 16))
     jobs = [([str(p) for p in paths[i:i + chunk]], size, mode)

@@ -161,3 +161,19 @@ def test_two_processes_with_mixing_augmentation_and_ema_train_like_one(cifar_roo
     worst = max((ema_one[k] - ema_two[k]).abs().max().item() for k in ema_one)
     assert worst < 1e-4, worst
     assert all("ema_top1" in r for r in records(two) if "top1" in r)
+
+
+def test_two_processes_on_an_image_folder_train_like_one(tmp_path):
+    from cifar_files import write_image_folder
+
+    root = write_image_folder(tmp_path / "pics", {"train": {"a": 40, "b": 40, "c": 20},
+                                                  "val": {"a": 10, "b": 10, "c": 9}})
+    args = ("--data.dataset", "folder", *ARGS[:4], "--model.drop-path-rate", "0",
+            "--log-interval", "2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(small_run_args(root, one, *args)) == 0
+    (root / ".convnext-cifar-cache").rename(tmp_path / "cache-of-one")  # rank 0 decodes again
+    out = torchrun(*small_run_args(root, two, *args))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("decoding 100 images") == 1  # rank 0 decoded, rank 1 read the cache
+    assert_close_runs(one, two, atol=1e-4)

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-from cifar_files import dump_py3
+from cifar_files import dump_py3, learnable_images, write_cifar100, write_image_folder
 from conftest import small_run_args
 from safetensors.torch import save
+from test_datasets import png_claiming
 
 from convnext_cifar import cli
 from convnext_cifar.checkpoints import find_states
@@ -64,6 +65,18 @@ def _femto_with_our_metadata(finished, tmp, name="convnextv2_femto", classes=10)
 def _pth(tmp, obj, name="w.pth"):
     torch.save(obj, tmp / name)
     return tmp / name
+
+
+def _cifar100(tmp, damage):
+    write_cifar100(tmp / "c100", learnable_images(10, 0, 100), learnable_images(5, 1, 100))
+    damage(tmp / "c100" / "cifar-100-python")
+    return tmp / "c100"
+
+
+def _folder(tmp, damage):
+    write_image_folder(tmp / "pics", {"train": {"a": 2}, "val": {"a": 2}})
+    damage(tmp / "pics")
+    return ["--data.dataset", "folder", "--data.root", str(tmp / "pics")]
 
 
 CASES = {
@@ -139,10 +152,36 @@ CASES = {
     "option out of range": (lambda c: ["--optim.lr", "-1"], "invalid --optim.lr -1.0"),
     "option of the wrong type": (lambda c: ["--seed", "abc"], "Error parsing --seed"),
     "unknown model name": (lambda c: ["--model.name", "resnet50"], "invalid --model.name"),
+    "cifar100: missing": (
+        lambda c: ["--data.dataset", "cifar100", "--data.root", str(c.tmp / "nowhere")],
+        "CIFAR-100 not found"),
+    "cifar100: damaged": (
+        lambda c: ["--data.dataset", "cifar100", "--data.root", str(_cifar100(c.tmp, lambda d: (
+            d / "test").write_bytes(b"\x80\x02garbage")))], "cannot read"),
+    "folder: no class folders": (
+        lambda c: _folder(c.tmp, lambda r: shutil.rmtree(r / "train" / "a")),
+        "holds no class folders"),
+    "folder: empty class folder": (
+        lambda c: _folder(c.tmp, lambda r: (r / "train" / "b").mkdir()), "holds no images"),
+    "folder: classes differ": (
+        lambda c: _folder(c.tmp, lambda r: (r / "val" / "a").rename(r / "val" / "z")),
+        "have different classes"),
+    "folder: undecodable image": (
+        lambda c: _folder(c.tmp, lambda r: (r / "train" / "a" / "0000.png").write_bytes(b"x")),
+        "cannot read image"),
+    "folder: decompression bomb": (
+        lambda c: _folder(c.tmp, lambda r: (r / "train" / "a" / "bomb.png").write_bytes(
+            png_claiming(100_000, 100_000))), "bomb.png: its header claims 100000 x 100000"),
     "unwritable work dir": (
         lambda c: ["--work-dir", str(_write(c.tmp / "a_file", b"x") / "run")],
         "cannot create work dir"),
 }
+
+
+def without_progress(err: str) -> str:
+    """stderr without the image folder's decoding progress ("decoding 2 images of ... ...")."""
+    return "".join(line for line in err.splitlines(keepends=True)
+                   if not line.startswith("decoding "))
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -173,11 +212,14 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, finished, cifar_ro
     before = digest(finished)
     capsys.readouterr()
     assert cli.main(args) == 2
-    err = capsys.readouterr().err
+    err = without_progress(capsys.readouterr().err)
     assert err.count("\n") == 1 and err.startswith("convnext-cifar: error: ")
     assert "Traceback" not in err and message in err, err
     assert digest(finished) == before
     assert not (tmp_path / "pwned").exists()
+    if not ("--resume" in args and "another architecture" in case):
+        assert not (tmp_path / "run").exists()  # nothing written: not even the work dir
+    assert not list(tmp_path.rglob(".convnext-cifar-cache"))
 
 
 @pytest.mark.parametrize("case", ["missing dataset, no download", "eval: truncated checkpoint",
@@ -188,7 +230,8 @@ def test_bad_input_through_the_real_command(case, finished, cifar_root, tmp_path
     out = subprocess.run([sys.executable, "-m", "convnext_cifar", *args], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2, out.stderr
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("convnext-cifar: error: ")
-    assert "Traceback" not in out.stderr and message in out.stderr, out.stderr
+    err = without_progress(out.stderr)
+    assert err.count("\n") == 1 and err.startswith("convnext-cifar: error: ")
+    assert "Traceback" not in err and message in err, err
     assert digest(finished) == before
     assert not (tmp_path / "pwned").exists()
