@@ -136,6 +136,39 @@ def prune_states(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
             path.unlink(missing_ok=True)
 
 
+STATUS_FILE = "status.json"
+
+
+def write_status(run_dir: Path, status: dict[str, Any]) -> None:
+    """status.json: what `runs` shows without reading the states (running, finished,
+    interrupted or diverged; epoch, step, wall time), rewritten atomically."""
+    try:
+        atomic_write_bytes(Path(run_dir) / STATUS_FILE, json.dumps(status).encode())
+    except OSError as e:
+        raise UserError(f"could not write {Path(run_dir) / STATUS_FILE}: {e.strerror or e}; "
+                        "earlier files are intact; free space or fix permissions and resume"
+                        ) from None
+
+
+def lock_is_held(run_dir: Path) -> bool:
+    """Whether a live process holds the work dir's lock (a training is running there)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False
+
+
 class WorkDirLock:
     """An exclusive lock on a work dir: a second run refuses; a dead process holds nothing."""
 

@@ -2,6 +2,9 @@
 
     convnext-cifar train [--preset NAME | --config FILE] [--section.option VALUE ...]
     convnext-cifar eval CKPT [--data.root DIR] [--json]
+    convnext-cifar predict CKPT PATH... [--top-k K] [--json | --csv FILE]
+    convnext-cifar export CKPT OUT.onnx|OUT.pt2 [--include-preprocessing]
+    convnext-cifar runs DIR... [--json]
     convnext-cifar convert SRC DST.safetensors [--model.name NAME] [--prefix P]
 
 Heavy modules (torch, timm) are imported only inside the commands, so `--help` is quick.
@@ -25,7 +28,7 @@ from convnext_cifar.errors import Interrupted, UserError
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 DEFAULT_PRESET = next(iter(PRESETS))
-COMMANDS = ("train", "eval", "convert")
+COMMANDS = ("train", "eval", "predict", "export", "runs", "convert")
 
 
 def _option_value(args: list[str], flag: str) -> str | None:
@@ -119,6 +122,105 @@ def eval_command(
     return run
 
 
+def predict_command(
+    ckpt: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="CKPT")],
+    paths: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="PATH")],
+    batch_size: int = 256,
+    top_k: int = 5,
+    tta: Literal["none", "flip"] | None = None,
+    device: str | None = None,
+    json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
+    csv: Path | None = None,
+) -> int:
+    """Classify image files (or every image in folders, recursively) with a checkpoint.
+
+    Args:
+        ckpt: A .safetensors file written by `train`; it holds everything needed.
+        paths: Image files (PNG, JPEG, BMP, WebP, GIF) or folders of them.
+        batch_size: Images per batch on the device.
+        top_k: Classes listed per image, most probable first (at most the class count).
+        tta: Test-time augmentation, none or flip (default: as the run validated).
+        device: Torch device (default: as recorded; auto picks cuda when available).
+        json_output: One JSON object per image (path, top-k classes and probabilities).
+        csv: Also write the predictions to this CSV file.
+    """
+    if batch_size < 1:
+        raise UserError(f"invalid --batch-size {batch_size}: must be >= 1")
+
+    def run() -> int:
+        from convnext_cifar.predict import predict, write_csv
+        from convnext_cifar.report import print_predictions
+
+        predictions, failed = predict(ckpt, paths, batch_size, top_k, tta, device)
+        if csv is not None:
+            write_csv(csv, predictions, top_k)
+        if json_output:
+            for p in predictions:
+                print(json.dumps(p.as_dict()))
+        elif csv is None:
+            print_predictions(predictions, top_k)
+        for path, reason in failed:
+            _say(f"convnext-cifar: cannot read {path}: {reason}")
+        return 1 if failed else 0
+
+    return run
+
+
+def export_command(
+    ckpt: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="CKPT")],
+    out: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="OUT")],
+    fmt: Annotated[Literal["onnx", "pt2"] | None, tyro.conf.arg(name="format")] = None,
+    include_preprocessing: bool = False,
+) -> int:
+    """Export a checkpoint for other runtimes: ONNX (dynamo exporter) or a torch.export archive.
+
+    Args:
+        ckpt: A .safetensors file written by `train`.
+        out: The file to write: *.onnx or *.pt2.
+        fmt: onnx or pt2 (default: from OUT's suffix).
+        include_preprocessing: Take uint8 NCHW images at the stored size and normalise (and
+            resize) inside the graph, instead of normalised float input at the image size.
+    """
+
+    def run() -> int:
+        from convnext_cifar.export import export_checkpoint
+
+        meta = export_checkpoint(ckpt, out, fmt, include_preprocessing)
+        print(f"{ckpt} -> {out}: input {meta['input']}, output {meta['output']}, "
+              f"{len(meta['classes'])} classes")
+        return 0
+
+    return run
+
+
+def runs_command(
+    folders: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="DIR")],
+    json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
+) -> int:
+    """Compare runs: every work dir under the folders, with the options that differ.
+
+    Args:
+        folders: Work dirs, or folders holding them (e.g. work_dirs).
+        json_output: One JSON object: {"runs": [...], "differing": [...]}.
+    """
+
+    def run() -> int:
+        from convnext_cifar.report import print_runs
+        from convnext_cifar.runs import list_runs
+
+        rows, differing = list_runs(folders)
+        if json_output:
+            print(json.dumps({"runs": rows, "differing": differing}))
+        elif not rows:
+            print("no runs (work dirs with a config.json) under "
+                  + ", ".join(str(f) for f in folders))
+        else:
+            print_runs(rows, differing)
+        return 0
+
+    return run
+
+
 def convert_command(
     src: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="SRC")],
     dst: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="DST")],
@@ -194,6 +296,7 @@ def _run(args: list[str]) -> int:
     try:
         default = starting_config(args) if args[:1] == ["train"] else PRESETS[DEFAULT_PRESET]()
         commands = {"train": _train_command(default), "eval": eval_command,
+                    "predict": predict_command, "export": export_command, "runs": runs_command,
                     "convert": convert_command}
         command = parse(commands, args)
         return command() if callable(command) else command

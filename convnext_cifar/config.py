@@ -342,6 +342,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Where a run's metrics go besides metrics.jsonl."""
+
+    tensorboard: bool = False
+    """Also write every metrics.jsonl record as TensorBoard scalars under WORK_DIR/tb/."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole training run: the sections plus the run settings."""
 
@@ -361,6 +369,8 @@ class TrainConfig:
     """EMA of the weights."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Validation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging."""
     work_dir: Path | None = None
     """Where config.json, metrics.jsonl and checkpoints go (default: work_dirs/<name>)."""
     device: str = "auto"

@@ -128,6 +128,23 @@ def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu",
     return place(data, device, cfg.memory_share, cfg.image_size)
 
 
+def normalisation(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std `cfg` gives, else its CIFAR dataset's standard values (a run records the
+    values it used, so checkpoints always carry them)."""
+    if cfg.mean is not None and cfg.std is not None:
+        return tuple(cfg.mean), tuple(cfg.std)
+    if cfg.dataset == "folder":
+        raise UserError("this config has no --data.mean/--data.std for its image folder")
+    spec = DATASETS[cfg.dataset]
+    return tuple(cfg.mean or spec.mean), tuple(cfg.std or spec.std)
+
+
+def stored_size(cfg: DataConfig) -> int:
+    """The side of the images as a dataset holds them: CIFAR's own 32 (larger image sizes are
+    upsampled batch by batch), an image folder's --data.image-size."""
+    return cfg.image_size if cfg.dataset == "folder" else 32
+
+
 def cifar_spec(cfg: DataConfig) -> CifarSpec:
     spec = DATASETS[cfg.dataset]
     if cfg.labels == "coarse":  # CIFAR-100's 20 superclasses

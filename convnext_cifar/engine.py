@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,16 +23,29 @@ import torch.nn.functional as F
 
 from convnext_cifar import distributed
 from convnext_cifar.augment import build_batch_transform
-from convnext_cifar.checkpoints import WorkDirLock, find_states, load_weights, save_weights
+from convnext_cifar.checkpoints import (
+    Checkpoint,
+    WorkDirLock,
+    find_states,
+    load_weights,
+    save_weights,
+    write_status,
+)
 from convnext_cifar.config import TrainConfig, config_json
 from convnext_cifar.data import DeviceLoader, Normalize, eval_batches
-from convnext_cifar.datasets import Dataset, load_dataset, prepare_dataset
+from convnext_cifar.datasets import (
+    Dataset,
+    load_dataset,
+    normalisation,
+    prepare_dataset,
+    stored_size,
+)
 from convnext_cifar.distributed import Dist
-from convnext_cifar.errors import TrainingDiverged, UserError
+from convnext_cifar.errors import Interrupted, TrainingDiverged, UserError
 from convnext_cifar.files import atomic_write_bytes, remove_stale_temp_files
 from convnext_cifar.model import ModelEma, build_model, layout_mismatch
 from convnext_cifar.optim import build_optimizer, lr_at, peak_lr, set_lr
-from convnext_cifar.report import MetricsLog, Progress
+from convnext_cifar.report import MetricsLog, Progress, TensorBoardLog
 from convnext_cifar.resume import (
     GlobalRng,
     Position,
@@ -311,12 +325,16 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
         position.best_top1 = max(position.best_top1, _best_on_disk(cfg.run_dir))
         progress.message(f"resumed from {found[0]} at epoch {position.epoch + 1}, batch "
                          f"{position.batch}, step {position.step}")
+    if cfg.log.tensorboard and dist.is_main:  # a resumed run drops what followed its state
+        log.tensorboard = TensorBoardLog(cfg.run_dir / "tb", position.step + 1 if found else None)
+    status = RunStatus(run, position, log)
     steps, epochs = len(run.loader), cfg.sched.epochs
 
     def save_state() -> Path:  # the state of the best epoch is kept besides the newest ones
+        status.tick()
         return state.save(position.step, position.best_epoch * steps or None)
 
-    with StopSignals() as stop:
+    with status, StopSignals() as stop:
         while position.epoch < epochs:
             if not train_one_epoch(run, position, log, progress, window, guard, stop):
                 raise stop.interrupted(save_state(), position, cfg)
@@ -331,10 +349,47 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
                 path = save_state()
                 if stopping and not last:
                     raise stop.interrupted(path, position, cfg)
+            status.write("running")
     progress.message(f"done: best top1 {position.best_top1:.2f} at epoch {position.best_epoch}: "
                      f"{cfg.run_dir / 'best.safetensors'}")
     return {"best_top1": position.best_top1, "best_epoch": position.best_epoch,
             "work_dir": str(cfg.run_dir)}
+
+
+class RunStatus:
+    """status.json of a run (rank 0) and its wall-time count: "running" while the run lives,
+    then "finished", "interrupted" (a signal; a kill leaves "running" without the lock) or
+    "diverged". As a context manager it writes the outcome, and closes TensorBoard."""
+
+    def __init__(self, run: Run, position: Position, log: MetricsLog):
+        self.run, self.position, self.log = run, position, log
+        self.start, self.before = time.monotonic(), position.elapsed_s
+
+    def tick(self) -> None:
+        self.position.elapsed_s = self.before + time.monotonic() - self.start
+
+    def write(self, status: str) -> None:
+        self.tick()
+        if self.run.dist.is_main:
+            p = self.position
+            write_status(self.run.cfg.run_dir, {
+                "status": status, "epoch": p.epoch, "epochs": self.run.cfg.sched.epochs,
+                "step": p.step, "best_top1": p.best_top1, "best_epoch": p.best_epoch,
+                "elapsed_s": p.elapsed_s, "updated": time.time(), "pid": os.getpid()})
+
+    def __enter__(self) -> RunStatus:
+        self.write("running")
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.write("finished")
+        elif issubclass(kind, (Interrupted, KeyboardInterrupt)):
+            self.write("interrupted")
+        elif issubclass(kind, TrainingDiverged):
+            self.write("diverged")
+        if self.log.tensorboard is not None:
+            self.log.tensorboard.close()
 
 
 def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
@@ -346,7 +401,7 @@ def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
     if run.ema is not None:
         candidates["ema"] = (run.ema.module, _validation_metrics(run, run.ema_forward))
         record.update({f"ema_{k}": v for k, v in candidates["ema"][1].items()})
-    log.write(record)
+    log.write(record, step=position.step)
     weights = max(candidates, key=lambda k: candidates[k][1]["top1"])  # a tie keeps raw
     module, metrics = candidates[weights]
     if metrics["top1"] > position.best_top1:
@@ -445,6 +500,24 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
                       confusion.view(num_classes, num_classes).tolist())
 
 
+def checkpoint_run(ckpt: Checkpoint, path: Path, cfg: TrainConfig, rt: Runtime,
+                   data: Dataset | None = None) -> Run:
+    """The model a checkpoint describes, with its weights, on `rt` (no optimizer). Without
+    `data` the run holds no images, only the checkpoint's classes and normalisation."""
+    if data is None:
+        empty = torch.empty(0, 3, stored_size(cfg.data), stored_size(cfg.data), dtype=torch.uint8)
+        no_labels = torch.empty(0, dtype=torch.int64)
+        data = Dataset(empty, no_labels, empty, no_labels, ckpt.classes,
+                       *normalisation(cfg.data))
+    run = build_run(cfg, rt, data=data, train=False, pretrained=False)
+    if problem := layout_mismatch(run.model, ckpt.state_dict):
+        raise UserError(f"{path} does not match the model its metadata describes ({problem}); "
+                        "the file is damaged or was edited")
+    run.model.load_state_dict(ckpt.state_dict)
+    run.model.eval()
+    return run
+
+
 def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: bool | None = None,
                         device: str | None = None, batch_size: int | None = None,
                         tta: str | None = None) -> dict[str, Any]:
@@ -462,11 +535,7 @@ def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: boo
         raise UserError(f"{cfg.data.root} does not hold the classes {path} was trained on ("
                         f"{_class_difference(ckpt.classes, data.classes)}); evaluate a dataset "
                         "with the same class folders")
-    run = build_run(cfg, rt, data=data, train=False, pretrained=False)
-    if problem := layout_mismatch(run.model, ckpt.state_dict):
-        raise UserError(f"{path} does not match the model its metadata describes ({problem}); "
-                        "the file is damaged or was edited")
-    run.model.load_state_dict(ckpt.state_dict)
+    run = checkpoint_run(ckpt, path, cfg, rt, data)
     res = evaluate(run.forward, data.test_images, data.test_labels, cfg.data.eval_batch_size,
                    run.normalize, rt, data.num_classes, tta=cfg.eval.tta)
     for note in data.notes:

@@ -22,10 +22,15 @@ class MetricsLog:
     def __init__(self, path: Path, is_main: bool = True):
         self.path = Path(path)
         self.is_main = is_main
+        self.tensorboard: TensorBoardLog | None = None  # set by the run with --log.tensorboard
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], step: int | None = None) -> None:
+        """Append `record`; `step` (the optimizer step it belongs to, for a record without one)
+        is the x axis of its TensorBoard scalars."""
         if not self.is_main:
             return
+        if self.tensorboard is not None:
+            self.tensorboard.add(record, record.get("step", step))
         line = (json.dumps(record) + "\n").encode()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -49,6 +54,37 @@ class MetricsLog:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.truncate(state["bytes"])
+
+
+class TensorBoardLog:
+    """metrics.jsonl records as TensorBoard scalars under WORK_DIR/tb/, x axis the optimizer
+    step: train/{loss,lr,grad_norm,img_per_s} and val/{loss,top1,top5} (val/ema_* with EMA).
+
+    A resumed run opens the writer with purge_step = the state's step + 1, so TensorBoard drops
+    whatever the interrupted run logged after that state: no point twice, none missing.
+    """
+
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--log.tensorboard needs the tensorboard extra: pip install "
+                            "'convnext-cifar[tensorboard]'") from None
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+
+    def add(self, record: dict[str, Any], step: int) -> None:
+        train = "loss" in record
+        for key, value in record.items():
+            if key in ("epoch", "step") or not isinstance(value, (int, float)):
+                continue
+            if train:
+                tag = f"train/{key}"
+            else:  # val_loss -> val/loss, ema_val_loss -> val/ema_loss, top1 -> val/top1
+                tag = "val/" + key.replace("val_", "")
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _fmt_train(r: dict[str, Any]) -> str:
@@ -146,3 +182,49 @@ def print_eval(result: dict[str, Any]) -> None:
     for i, (name, row) in enumerate(zip(classes, result["confusion"])):
         confusion.add_row(f"{i} {name}", *(str(v) for v in row))
     console.print(confusion)
+
+
+def print_predictions(predictions: list, top_k: int) -> None:
+    """A table on a terminal; tab-separated lines (path, then class:prob pairs) otherwise."""
+    if not sys.stdout.isatty():
+        for p in predictions:
+            pairs = "\t".join(f"{c}:{q:.4f}" for c, q in zip(p.classes, p.probs))
+            print(f"{p.path}\t{pairs}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"top-{top_k} predictions")
+    table.add_column("image")
+    table.add_column("class")
+    table.add_column("prob", justify="right")
+    if top_k > 1:
+        table.add_column(f"next {top_k - 1}")
+    for p in predictions:
+        rest = ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes[1:], p.probs[1:]))
+        table.add_row(p.path, p.classes[0], f"{p.probs[0]:.4f}", *([rest] if top_k > 1 else []))
+    Console().print(table)
+
+
+def print_runs(rows: list[dict[str, Any]], differing: list[str]) -> None:
+    """The runs as a table, with a column per config option that differs between them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(value: Any, fmt: str) -> str:
+        return "-" if value is None else fmt.format(value)
+
+    table = Table(title=f"{len(rows)} run(s)")
+    for col in ("name", "model", "dataset", "epochs", "best top-1 (epoch)", "last top-1",
+                "img/s", "wall", "status", *differing):
+        table.add_column(col, justify="right" if col in ("epochs", "img/s", "wall") else "left")
+    for r in rows:
+        wall = r["wall_s"]
+        table.add_row(
+            r["name"], str(r["model"]), str(r["dataset"]), f"{r['epochs_done']}/{r['epochs']}",
+            num(r["best_top1"], "{:.2f}") + (f" ({r['best_epoch']})" if r["best_epoch"] else ""),
+            num(r["last_top1"], "{:.2f}"), num(r["img_per_s"], "{:.0f}"),
+            "-" if wall is None else f"{int(wall // 3600)}:{int(wall % 3600 // 60):02d}:"
+                                     f"{int(wall % 60):02d}",
+            r["status"], *(json.dumps(r["config"].get(k)) for k in differing))
+    Console(width=max(Console().width, 160)).print(table)

@@ -51,6 +51,7 @@ class Position:
     step: int = 0  # optimizer steps done
     best_top1: float = -1.0
     best_epoch: int = 0
+    elapsed_s: float = 0.0  # wall time spent training, over every resumption
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,7 +147,7 @@ def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
 
 # Options that may differ between a run and its resumption: where and how fast, not what.
 RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "compile_mode",
-                     "channels_last",
+                     "channels_last", "log.tensorboard",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
                      "keep_last", "data.root", "data.download", "data.eval_batch_size",
                      "model.pretrained", "model.pretrained_format", "model.pretrained_prefix",

@@ -92,7 +92,7 @@ def test_only_rank_0_writes(double):
     names = sorted(p.name for p in work.iterdir())
     assert names == [".lock", "best.safetensors", "config.json", "epoch_1.safetensors",
                      "epoch_2.safetensors", "metrics.jsonl", "state_00000004.pt",
-                     "state_00000008.pt"]
+                     "state_00000008.pt", "status.json"]
     steps = [r["step"] for r in records(work) if "step" in r]
     assert steps == [2, 4, 6, 8]  # each log point once, not once per rank
     assert out.stdout.count("done: best top1") == 1

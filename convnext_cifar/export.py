@@ -1,0 +1,109 @@
+"""`export`: a checkpoint as an ONNX file (torch.onnx.export, dynamo) or a PyTorch 2 archive
+(torch.export), with a dynamic batch dimension and the class names, image size and
+normalisation in the file's metadata. Written to a temporary name, then renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from convnext_cifar.checkpoints import load_weights
+from convnext_cifar.datasets import normalisation, stored_size
+from convnext_cifar.engine import checkpoint_run
+from convnext_cifar.errors import UserError
+from convnext_cifar.files import atomic_write_bytes
+from convnext_cifar.runtime import Runtime
+
+FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
+METADATA_FILE = "convnext_cifar.json"  # the pt2 archive's extra file with the metadata
+
+
+class WithPreprocessing(torch.nn.Module):
+    """uint8 NCHW images at the stored size -> float, normalised, resized -> logits."""
+
+    def __init__(self, model: torch.nn.Module, mean, std, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) * self.inv_std
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                              align_corners=False)
+        return self.model(x)
+
+
+def export_checkpoint(ckpt_path: Path, out: Path, fmt: str | None = None,
+                      include_preprocessing: bool = False) -> dict:
+    """Write `out`; returns the metadata written into it."""
+    out = Path(out)
+    fmt = fmt or FORMATS.get(out.suffix.lower())
+    if fmt not in FORMATS.values():
+        raise UserError(f"cannot tell the export format from {out.name!r}; name the file "
+                        "*.onnx or *.pt2, or pass --format onnx|pt2")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: {out.parent} is not a folder")
+    if fmt == "onnx":
+        _require_onnx()
+    ckpt = load_weights(ckpt_path)
+    cfg = dataclasses.replace(ckpt.config, device="cpu")
+    rt = Runtime(torch.device("cpu"), "fp32", compile=False, channels_last=False)
+    model = checkpoint_run(ckpt, ckpt_path, cfg, rt).model
+    data = dataclasses.replace(cfg.data, **dict(zip(("mean", "std"), normalisation(cfg.data))))
+    metadata = {"classes": ckpt.classes, "image_size": data.image_size,
+                "input_size": stored_size(data) if include_preprocessing else data.image_size,
+                "mean": list(data.mean), "std": list(data.std), "resize": data.resize,
+                "input": ("uint8 NCHW RGB 0-255 at input_size; normalised inside"
+                          if include_preprocessing else
+                          "float32 NCHW, (pixels 0-255 - mean) / std, at image_size"),
+                "output": "logits (N, classes)", "checkpoint": str(ckpt_path),
+                "epoch": ckpt.epoch, "weights": ckpt.weights, "metrics": ckpt.metrics}
+    if include_preprocessing:
+        model = WithPreprocessing(model, data.mean, data.std, data.image_size).eval()
+        example = torch.randint(0, 256, (2, 3, stored_size(data), stored_size(data)),
+                                dtype=torch.uint8)
+    else:
+        example = torch.randn(2, 3, data.image_size, data.image_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    blob = (_onnx_bytes if fmt == "onnx" else _pt2_bytes)(model, example, batch, metadata)
+    try:
+        atomic_write_bytes(out, blob)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
+    return metadata
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UserError("ONNX export needs the export extra: pip install "
+                        "'convnext-cifar[export]' (onnx, onnxscript, onnxruntime)") from None
+
+
+def _onnx_bytes(model, example, batch, metadata) -> bytes:
+    import onnx
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each pass
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
+                                    input_names=["images"], output_names=["logits"],
+                                    verbose=False)
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
+    return proto.SerializeToString()
+
+
+def _pt2_bytes(model, example, batch, metadata) -> bytes:
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files={METADATA_FILE: json.dumps(metadata)})
+    return buf.getvalue()
