@@ -120,11 +120,13 @@ def _point_ops(x: torch.Tensor, chosen: dict[str, torch.Tensor], level: torch.Te
 
 
 def _histogram(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, 256) counts of each value per image and channel."""
+    """(N, C, 256) counts of each value per image and channel (scatter_add: unlike bincount,
+    no read of the maximum on a GPU)."""
     n, c = x.shape[:2]
     offsets = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1)
     flat = (x.reshape(n, c, -1).long() + offsets).reshape(-1)
-    return torch.bincount(flat, minlength=n * c * 256).view(n, c, 256)
+    counts = torch.zeros(n * c * 256, dtype=torch.int64, device=x.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat)).view(n, c, 256)
 
 
 def _autocontrast_lut(x: torch.Tensor) -> torch.Tensor:
@@ -235,14 +237,15 @@ def _affine_ops(x: torch.Tensor, chosen: dict[str, torch.Tensor], level: torch.T
         matrix = torch.where(sel[:, None, None], m, matrix)
         moved = moved | sel
     # pixel coordinates (centres at i + 0.5) -> affine_grid's [-1, 1] (align_corners=False)
-    to_norm = torch.tensor([[2.0 / w, 0, -1], [0, 2.0 / h, -1], [0, 0, 1]], device=dev)
-    to_pix = torch.linalg.inv(to_norm)
+    to_norm, to_pix = eye.clone(), eye.clone()
+    to_norm[:, 0, 0], to_norm[:, 1, 1], to_norm[:, :2, 2] = 2.0 / w, 2.0 / h, -1.0
+    to_pix[:, 0, 0], to_pix[:, 1, 1], to_pix[:, 0, 2], to_pix[:, 1, 2] = w / 2, h / 2, w / 2, h / 2
     theta = (to_norm @ matrix @ to_pix)[:, :2]
     grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
     sampled = F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border",
                             align_corners=False)
     inside = (grid.abs() <= 1).all(dim=-1, keepdim=True).permute(0, 3, 1, 2)
-    colour = torch.tensor(fill, device=dev).view(1, 3, 1, 1)
+    colour = _channel_values(fill, dev)
     out = torch.where(inside, sampled.round().clamp(0, 255), colour).to(torch.uint8)
     return torch.where(moved[:, None, None, None], out, x)
 
@@ -278,9 +281,20 @@ def random_erasing(x: torch.Tensor, prob: float, mean: tuple[float, ...], std: t
     cols = (xs >= left[:, None]) & (xs < (left + bw)[:, None])
     box = rows[:, :, None] & cols[:, None, :] & (erase & fits.any(1))[:, None, None]
     noise = torch.randn(x.shape, generator=generator, device=dev)
-    noise = noise * torch.tensor(std, device=dev).view(1, c, 1, 1) + torch.tensor(
-        mean, device=dev).view(1, c, 1, 1)
+    noise = noise * _channel_values(std, dev) + _channel_values(mean, dev)
     return torch.where(box[:, None], noise, x)
+
+
+_constants: dict[tuple, torch.Tensor] = {}
+
+
+def _channel_values(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(1, C, 1, 1) per-channel constants on `device`, copied there once (a copy from host
+    memory every step would wait for the GPU)."""
+    key = (tuple(values), str(device))
+    if key not in _constants:
+        _constants[key] = torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    return _constants[key]
 
 
 # ---- MixUp / CutMix -----------------------------------------------------------------------------

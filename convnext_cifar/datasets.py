@@ -97,6 +97,7 @@ DATASETS: dict[str, CifarSpec] = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 FOLDER_CACHE = ".convnext-cifar-cache"
 CACHE_VERSION = 1
 KEEP_CACHES = 3  # per split, newest first
+HOST_MEMORY_SHARE = 0.8  # of host memory, for images a GPU has no room for
 
 
 @dataclass
@@ -123,7 +124,8 @@ def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu",
     """The dataset `cfg.dataset` names, on `device` if it fits (the train split only when
     `train`)."""
     device = torch.device(device)
-    data = (load_folder(cfg, train) if cfg.dataset == "folder" else
+    host_share = cfg.memory_share if device.type == "cpu" else HOST_MEMORY_SHARE
+    data = (load_folder(cfg, train, host_share) if cfg.dataset == "folder" else
             load_cifar(cifar_spec(cfg), cfg, train))
     return place(data, device, cfg.memory_share, cfg.image_size)
 
@@ -194,10 +196,11 @@ def too_big(need: int, room: int, share: float, size: int, count: int, where: st
 
 def placement(need: int, device_free: int, host_free: int, share: float, cpu: bool) -> str:
     """"device" when `need` bytes fit in `share` of the device's free memory, else "host" when
-    they fit in host memory (a CUDA device only: for the CPU the two are one), else ""."""
+    they fit in HOST_MEMORY_SHARE of host memory (a GPU only: for the CPU the two are one),
+    else ""."""
     if need <= share * device_free:
         return "device"
-    if not cpu and need <= share * host_free:
+    if not cpu and need <= HOST_MEMORY_SHARE * host_free:
         return "host"
     return ""
 
@@ -344,8 +347,11 @@ def _empty(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- image folders ----------------------------------------------------------------------------
 
-def load_folder(cfg: DataConfig, train: bool = True) -> Dataset:
-    """root/train/<class>/<image> and root/val/ (or test/), or a held-out share of train/."""
+def load_folder(cfg: DataConfig, train: bool = True, host_share: float | None = None
+                ) -> Dataset:
+    """root/train/<class>/<image> and root/val/ (or test/), or a held-out share of train/.
+    The decoded images must fit in `host_share` of host memory (default --data.memory-share)."""
+    host_share = cfg.memory_share if host_share is None else host_share
     root = Path(cfg.root)
     if not (root / "train").is_dir():
         raise UserError(f"image folder {root} has no train/ folder; lay it out as "
@@ -370,8 +376,8 @@ def load_folder(cfg: DataConfig, train: bool = True) -> Dataset:
     val_files = _limit(val_files, cfg.limit_val, cfg.split_seed)
     size, notes = cfg.image_size, []
     need = (len(train_files) * train + len(val_files)) * 3 * size * size
-    if need > cfg.memory_share * host_free_memory():
-        raise too_big(need, host_free_memory(), cfg.memory_share, size,
+    if need > host_share * host_free_memory():
+        raise too_big(need, host_free_memory(), host_share, size,
                       len(train_files) * train + len(val_files), "in host memory")
     if train:
         train_images, train_labels = decode_split(root, "train", train_files, cfg, notes)

@@ -24,11 +24,13 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    torchrun: bool = False  # launched by torchrun: a process group even for one process
 
     @property
     def enabled(self) -> bool:
-        """More than one process: collectives run, data and evaluation are sharded."""
-        return self.world > 1
+        """A process group: more than one process, or any torchrun launch (one process then
+        runs DDP over NCCL/gloo too, as it would with more)."""
+        return self.world > 1 or self.torchrun
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +58,7 @@ class Dist:
 
 def from_env() -> Dist:
     return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                int(os.environ.get("LOCAL_RANK", 0)))
+                int(os.environ.get("LOCAL_RANK", 0)), "TORCHELASTIC_RUN_ID" in os.environ)
 
 
 def start(dist: Dist, device: torch.device) -> None:

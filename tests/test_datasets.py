@@ -255,6 +255,7 @@ def test_placement_keeps_what_fits_on_the_device_else_host_else_stops(monkeypatc
     assert placement(9 * gb, 10 * gb, 64 * gb, 0.8, cpu=False) == "host"
     assert placement(9 * gb, 10 * gb, 64 * gb, 0.8, cpu=True) == ""  # no separate host memory
     assert placement(60 * gb, 10 * gb, 64 * gb, 0.8, cpu=False) == ""
+    assert placement(1, 10 * gb, 64 * gb, 1e-12, cpu=False) == "host"  # a forced tiny share
     monkeypatch.setattr(datasets, "host_free_memory", lambda: 200_000)  # a forced small limit
     with pytest.raises(UserError) as e:
         load_dataset(folder_cfg(folder_root, image_size=64))

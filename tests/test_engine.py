@@ -174,7 +174,11 @@ def test_soft_targets_train_like_the_class_indices_they_encode():
     torch.testing.assert_close(cross_entropy_sum(0.0)(logits, soft), expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_epoch_has_no_host_sync(tmp_path):
     rt = Runtime(torch.device("cuda"), "bf16", compile=False, channels_last=True)
     cfg = TrainConfig(data=DataConfig(batch_size=4), log_interval=1000)
@@ -318,3 +322,47 @@ def test_sharded_eval_counts_every_image_exactly_once():
     assert sums[1].item() * 100 / 37 == pytest.approx(whole.top1)
     assert sums[2].item() * 100 / 37 == pytest.approx(whole.top5)
     assert sums[0].item() / 37 == pytest.approx(whole.loss, rel=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_recipe_epoch_has_no_host_sync():
+    """MixUp/CutMix per image, RandAugment, erasing and EMA on: still no host sync per step."""
+    from convnext_cifar.augment import BatchAugment
+    from convnext_cifar.config import AugConfig
+    from convnext_cifar.model import ModelEma
+
+    rt = Runtime(torch.device("cuda"), "bf16", compile=False, channels_last=True)
+    cfg = TrainConfig(data=DataConfig(batch_size=8), log_interval=1000)
+    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    run = tiny_run(rt, images, torch.randint(0, 10, (48,), device="cuda"), cfg)
+    aug = AugConfig(mixup_alpha=0.8, cutmix_alpha=1.0, mix_mode="elem",
+                    randaugment="rand-m9-mstd0.5-inc1", erasing_prob=0.25)
+    run.loader.transform = BatchAugment(aug, 10, CIFAR10.mean, CIFAR10.std)
+    ema = ModelEma(run.model, 0.99)
+    run.step_fn(*next(run.loader.epoch(1)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, (x, y, n) in enumerate(run.loader.epoch(0), start=1):
+            run.step_fn(x, y, n)
+            ema.update(run.model, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_images_in_host_memory_are_batched_onto_the_device():
+    """Dataset.placement "host": pinned images, permutation on the CPU, batches copied over."""
+    rt = Runtime(torch.device("cuda"), "fp32", compile=False, channels_last=True)
+    cfg = TrainConfig(data=DataConfig(batch_size=8, padding=0, flip_prob=0.0))
+    images = torch.arange(40).view(40, 1, 1, 1).expand(40, 3, 32, 32).to(torch.uint8)
+    run = tiny_run(rt, images.contiguous().pin_memory(), torch.arange(40).pin_memory(), cfg)
+    seen = []
+    for x, y, _ in run.loader.epoch(0):
+        assert x.device.type == "cuda" and y.device.type == "cuda"
+        seen += y.tolist()
+        loss, _ = run.step_fn(x, y % 10)
+        assert torch.isfinite(loss)
+    assert sorted(seen) == list(range(40))
