@@ -57,6 +57,8 @@ class Args:
     """Torch device (auto: cuda if available)."""
     quick: bool = False
     """Only the configuration `train` uses by default on this device (and the baseline)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """With --quick: compile as `train --compile` would (auto: its default here)."""
     precision: tuple[Literal["fp32", "bf16", "fp16"], ...] | None = None
     """Precisions of the matrix (default: fp32, plus bf16/fp16 where the device runs them fast)."""
     baseline: bool = True
@@ -172,7 +174,7 @@ def default_settings(args: Args, device) -> tuple[str, bool, bool]:
     from convnext_cifar.runtime import resolve_runtime
 
     rt = resolve_runtime(bench_config(args, device))
-    return rt.precision, rt.channels_last, rt.compile
+    return rt.precision, rt.channels_last, {"on": True, "off": False}.get(args.compile, rt.compile)
 
 
 def matrix(args: Args, device) -> list[tuple[str, bool, bool]]:
