@@ -1,3 +1,5 @@
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,3 +27,39 @@ def small_run_args(root: Path, work_dir: Path, *extra: str) -> list[str]:
             "--work-dir", str(work_dir), "--data.batch-size", "50", "--data.limit-train", "0",
             "--data.limit-val", "0", "--log-interval", "5", "--device", "cpu", "--compile", "off",
             *extra]
+
+
+def signal_at_step(monkeypatch, at_step: int, signum: int = signal.SIGTERM):
+    """Deliver `signum` to this process (through the real handler) right after training step
+    `at_step`; returns the function that restores the real step."""
+    from convnext_cifar import engine
+
+    real, calls = engine.TrainStep.__call__, []
+
+    def step_then_signal(self, x, y, n=None):
+        out = real(self, x, y, n)
+        calls.append(1)
+        if len(calls) == at_step:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(engine.TrainStep, "__call__", step_then_signal)
+    return lambda: monkeypatch.setattr(engine.TrainStep, "__call__", real)
+
+
+def die_after_state(monkeypatch, count: int = 1):
+    """A hard kill (SystemExit) right after the `count`-th training state is on disk; returns
+    the function that restores the real save."""
+    from convnext_cifar.resume import TrainingState
+
+    real, saved = TrainingState.save, []
+
+    def save_then_die(*args, **kwargs):
+        path = real(*args, **kwargs)
+        saved.append(path)
+        if len(saved) == count:
+            raise SystemExit("killed")
+        return path
+
+    monkeypatch.setattr(TrainingState, "save", save_then_die)
+    return lambda: monkeypatch.setattr(TrainingState, "save", real)

@@ -2,18 +2,15 @@
 flip TTA together; resumable bit-exactly; eval reproduces; the official-recipe preset learns."""
 
 import json
-import os
-import signal
 
 import pytest
 import torch
-from conftest import small_run_args
+from conftest import die_after_state, signal_at_step, small_run_args
 from safetensors import safe_open
 from test_resume import assert_same_run, records
 
 from convnext_cifar import cli, engine
 from convnext_cifar.checkpoints import find_states, load_state, load_weights
-from convnext_cifar.resume import TrainingState
 
 EVERYTHING = ("--ema.decay", "0.9", "--ema.warmup-steps", "3", "--aug.mixup-alpha", "0.8",
               "--aug.cutmix-alpha", "1.0", "--aug.mix-mode", "elem", "--aug.randaugment",
@@ -75,29 +72,13 @@ def test_ema_weights_are_what_best_holds_when_ema_wins(cifar_root, tmp_path, mon
 @pytest.mark.parametrize("how", ["sigterm", "crash"])
 def test_every_feature_resumes_bit_exactly(cifar_root, tmp_path, everything, monkeypatch, how):
     if how == "sigterm":  # mid-epoch 2: the loader's device and host generators matter
-        real_call, calls = engine.TrainStep.__call__, []
-
-        def step_then_signal(self, x, y, n=None):
-            out = real_call(self, x, y, n)
-            calls.append(1)
-            if len(calls) == 6:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
-
-        monkeypatch.setattr(engine.TrainStep, "__call__", step_then_signal)
+        restore = signal_at_step(monkeypatch, 6)
         assert run(cifar_root, tmp_path) == 143
-        monkeypatch.setattr(engine.TrainStep, "__call__", real_call)
     else:  # a hard kill right after the first state is on disk
-        real_save = TrainingState.save
-
-        def save_then_die(*args, **kwargs):
-            real_save(*args, **kwargs)
-            raise SystemExit("killed")
-
-        monkeypatch.setattr(TrainingState, "save", save_then_die)
+        restore = die_after_state(monkeypatch)
         with pytest.raises(SystemExit):
             run(cifar_root, tmp_path)
-        monkeypatch.setattr(TrainingState, "save", real_save)
+    restore()
     assert "ema" in load_state(find_states(tmp_path)[-1])["components"]
     assert run(cifar_root, tmp_path, "--resume", "auto") == 0
     assert_same_run(everything, tmp_path)

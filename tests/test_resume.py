@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import small_run_args
+from conftest import die_after_state, signal_at_step, small_run_args
 from safetensors import safe_open
 
 from convnext_cifar import checkpoints, cli, engine
@@ -65,19 +65,10 @@ def reference(cifar_root, tmp_path_factory):
 @pytest.mark.parametrize("crash_after_state", [1, 2])
 def test_crash_after_any_checkpoint_then_resume_is_bit_exact(
         cifar_root, tmp_path, reference, monkeypatch, crash_after_state):
-    real_save, saved = TrainingState.save, []
-
-    def save_then_die(*args, **kwargs):  # a hard kill right after the k-th state is on disk
-        path = real_save(*args, **kwargs)
-        saved.append(path)
-        if len(saved) == crash_after_state:
-            raise SystemExit("killed")
-        return path
-
-    monkeypatch.setattr(TrainingState, "save", save_then_die)
+    restore = die_after_state(monkeypatch, crash_after_state)
     with pytest.raises(SystemExit):
         run(cifar_root, tmp_path)
-    monkeypatch.setattr(TrainingState, "save", real_save)
+    restore()
     assert len(find_states(tmp_path)) == crash_after_state
     assert run(cifar_root, tmp_path, "--resume", "auto") == 0
     assert_same_run(reference, tmp_path)
@@ -89,21 +80,12 @@ def test_crash_after_any_checkpoint_then_resume_is_bit_exact(
 ])
 def test_signal_writes_a_state_and_resume_is_bit_exact(
         cifar_root, tmp_path, reference, monkeypatch, capsys, signum, at_step, code):
-    real_call, calls = engine.TrainStep.__call__, []
-
-    def step_then_signal(self, x, y, n=None):
-        out = real_call(self, x, y, n)
-        calls.append(1)
-        if len(calls) == at_step:
-            os.kill(os.getpid(), signum)  # the real handler, through the real signal
-        return out
-
-    monkeypatch.setattr(engine.TrainStep, "__call__", step_then_signal)
+    restore = signal_at_step(monkeypatch, at_step, signum)
     assert run(cifar_root, tmp_path) == code
     err = capsys.readouterr().err
     assert f"(step {at_step}); state saved to" in err and "--resume auto" in err
     assert find_states(tmp_path)[-1].name == f"state_{at_step:08d}.pt"
-    monkeypatch.setattr(engine.TrainStep, "__call__", real_call)
+    restore()
     assert run(cifar_root, tmp_path, "--resume", "auto") == 0
     assert_same_run(reference, tmp_path)
 
@@ -135,18 +117,10 @@ def test_states_are_pruned_but_the_best_epoch_state_is_kept(cifar_root, tmp_path
 
 
 def test_best_checkpoint_across_resume(cifar_root, tmp_path, monkeypatch):
-    real_save, saved = TrainingState.save, []
-
-    def save_then_die(*args, **kwargs):
-        saved.append(real_save(*args, **kwargs))
-        if len(saved) == 1:
-            raise SystemExit("killed")
-        return saved[-1]
-
-    monkeypatch.setattr(TrainingState, "save", save_then_die)
+    restore = die_after_state(monkeypatch)
     with pytest.raises(SystemExit):
         run(cifar_root, tmp_path)
-    monkeypatch.setattr(TrainingState, "save", real_save)
+    restore()
     best = tmp_path / "best.safetensors"
     ckpt = load_weights(best)
     # An old best that no resumed epoch can beat: it must stay byte for byte.
@@ -316,18 +290,9 @@ def as_format_v1(state):
 
 def test_a_state_of_the_previous_format_still_resumes_bit_exactly(cifar_root, tmp_path, reference,
                                                                   monkeypatch):
-    real_call, calls = engine.TrainStep.__call__, []
-
-    def step_then_signal(self, x, y, n=None):
-        out = real_call(self, x, y, n)
-        calls.append(1)
-        if len(calls) == 6:  # mid-epoch: the data generator's state matters
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(engine.TrainStep, "__call__", step_then_signal)
+    restore = signal_at_step(monkeypatch, 6)  # mid-epoch: the data generator's state matters
     assert run(cifar_root, tmp_path) == 143
-    monkeypatch.setattr(engine.TrainStep, "__call__", real_call)
+    restore()
     for path in find_states(tmp_path):
         torch.save(as_format_v1(load_state(path)), path)
     assert load_state(find_states(tmp_path)[-1])["format"] == "convnext-cifar/state-v1"

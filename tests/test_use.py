@@ -12,16 +12,15 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import small_run_args
+from conftest import die_after_state, signal_at_step, small_run_args
 from PIL import Image
 from test_resume import EXACT, records
 
-from convnext_cifar import cli, engine
+from convnext_cifar import cli
 from convnext_cifar.checkpoints import load_weights
 from convnext_cifar.data import Normalize
 from convnext_cifar.datasets import load_dataset
 from convnext_cifar.engine import checkpoint_run, predict_logits
-from convnext_cifar.resume import TrainingState
 from convnext_cifar.runtime import resolve_runtime
 
 
@@ -182,28 +181,13 @@ def test_tensorboard_curves_continue_across_a_resume_without_gaps_or_repeats(
             "val/top5"} <= set(whole)
     assert [s for s, _ in whole["train/loss"]] == [r["step"] for r in records(tmp_path / "whole")
                                                    if "step" in r]
-    real_call, calls = engine.TrainStep.__call__, []
-
-    def step_then_signal(self, x, y, n=None):
-        out = real_call(self, x, y, n)
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(engine.TrainStep, "__call__", step_then_signal)
+    restore = signal_at_step(monkeypatch, 6)
     assert run(tmp_path / "cut") == 143
-    monkeypatch.setattr(engine.TrainStep, "__call__", real_call)
-    real_save = TrainingState.save
-
-    def save_then_die(*args, **kwargs):  # and a hard kill after the next state, mid-run
-        real_save(*args, **kwargs)
-        raise SystemExit("killed")
-
-    monkeypatch.setattr(TrainingState, "save", save_then_die)
+    restore()
+    restore = die_after_state(monkeypatch)  # and a hard kill after the next state, mid-run
     with pytest.raises(SystemExit):
         run(tmp_path / "cut", "--resume", "auto")
-    monkeypatch.setattr(TrainingState, "save", real_save)
+    restore()
     assert run(tmp_path / "cut", "--resume", "auto") == 0
     resumed = scalars(tmp_path / "cut")
     assert resumed.keys() == whole.keys()
