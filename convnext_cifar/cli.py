@@ -54,12 +54,16 @@ def starting_config(args: list[str]) -> TrainConfig:
     return PRESETS[preset or DEFAULT_PRESET]()
 
 
+def _first_sentence(doc: str | None) -> str:
+    return " ".join((doc or "").split()).split(". ")[0].rstrip(".")
+
+
 def _train_command(default: TrainConfig):
     def train(
         cfg: Annotated[TrainConfig, tyro.conf.arg(name="")] = default,
         preset: Annotated[PresetName, tyro.conf.arg(  # type: ignore[valid-type]
             help="Experiment to start from: " + "; ".join(
-                f"{name}: {cls.__doc__.splitlines()[0]}" for name, cls in PRESETS.items())
+                f"{name}: {_first_sentence(cls.__doc__)}" for name, cls in PRESETS.items())
         )] = DEFAULT_PRESET,
         config: Annotated[Path | None, tyro.conf.arg(
             help="Start from a saved config.json (e.g. a run's own); options given override it."
