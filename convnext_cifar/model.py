@@ -271,6 +271,7 @@ class ModelEma:
 
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.decay, self.warmup_steps = decay, warmup_steps
+        self._pairs: tuple | None = None  # (model, ema tensors, model tensors, non-float pairs)
 
     def decay_at(self, step: int) -> float:
         t = step - 1
@@ -283,15 +284,15 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         """Move the average towards `model` after optimizer step `step` (no host sync)."""
-        weight = 1.0 - self.decay_at(step)
-        ema, new = [], []
-        for a, b in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if a.is_floating_point():
-                ema.append(a)
-                new.append(b.float())
-            else:
-                a.copy_(b)
-        torch._foreach_lerp_(ema, new, weight)
+        if self._pairs is None or self._pairs[0] is not model:  # paired once, not every step
+            pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+            floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+            self._pairs = (model, [a for a, _ in floats], [b for _, b in floats],
+                           [(a, b) for a, b in pairs if not a.is_floating_point()])
+        _, ema, new, others = self._pairs
+        for a, b in others:
+            a.copy_(b)
+        torch._foreach_lerp_(ema, [b.float() for b in new], 1.0 - self.decay_at(step))
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
