@@ -102,7 +102,7 @@ def main(args: Args) -> dict:
             cfg = DataConfig(dataset="folder", root=root, workers=args.workers)
             cold, data = time_load(cfg)
             warm = statistics.median(time_load(cfg)[0] for _ in range(3))
-            images = len(data.train_images) + len(data.test_images)
+            images = len(data.train.images) + len(data.val.images)
             result[kind] = {"images": images, "decode_s": cold, "decode_img_per_s": images / cold,
                             "cached_start_s": warm}
             print(f"{kind}: {images} images decoded in {cold:.1f} s ({images / cold:.0f} img/s); "
@@ -127,8 +127,9 @@ def compare_loops(args: Args, folder_data, throughput) -> dict:
     device = torch.device("cpu")
     precision, channels_last, compile_on = throughput.default_settings(bench, device)
     n = bench.batch_size * bench.steps
-    folder = dataclasses.replace(folder_data, train_images=folder_data.train_images[:n],
-                                 train_labels=folder_data.train_labels[:n])
+    folder = dataclasses.replace(folder_data, train=dataclasses.replace(
+        folder_data.train, images=folder_data.train.images[:n],
+        labels=folder_data.train.labels[:n]))
     out = {}
     for name, data in (("folder", folder),
                        ("cifar_layout", throughput.synthetic_dataset(bench, device,

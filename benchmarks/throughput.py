@@ -194,7 +194,7 @@ def synthetic_dataset(args: Args, device, num_classes: int = 10):
     """Random uint8 images in CIFAR's layout: one training window's worth and one eval window's."""
     import torch
 
-    from convnext_cifar.datasets import CIFAR10, Dataset
+    from convnext_cifar.datasets import CIFAR10, Dataset, Split
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     n, n_eval = args.batch_size * args.steps, args.eval_batch_size * args.steps
@@ -205,16 +205,17 @@ def synthetic_dataset(args: Args, device, num_classes: int = 10):
     def labels(count):
         return torch.randint(0, num_classes, (count,), generator=gen)
 
-    return Dataset(images(n).to(device), labels(n).to(device), images(n_eval).to(device),
-                   labels(n_eval).to(device), [str(i) for i in range(num_classes)],
-                   CIFAR10.mean, CIFAR10.std)
+    train = Split(images(n).to(device), labels(n).to(device))
+    val = Split(images(n_eval).to(device), labels(n_eval).to(device))
+    return Dataset(val, [str(i) for i in range(num_classes)], CIFAR10.mean, CIFAR10.std,
+                   {"classes": [], "files": "synthetic"}, train=train)
 
 
 def bench_config(args: Args, device, precision: str = "auto", channels_last: bool = True,
                  compile_on: bool | None = None):
     """The preset's config (the reference experiment by default) with the benchmark's model,
     sizes and runtime (compile_on None: `auto`)."""
-    from convnext_cifar.config import PRESETS
+    from convnext_cifar.presets import PRESETS
 
     base = PRESETS[args.preset]()
     return dataclasses.replace(
@@ -232,16 +233,7 @@ def measure(args: Args, device, precision: str, channels_last: bool, compile_on:
     """Every figure of one configuration, on `data` (default: random CIFAR-layout images)."""
     import torch
 
-    from convnext_cifar.engine import (
-        Guard,
-        TrainStep,
-        Window,
-        build_run,
-        evaluate,
-        train_one_epoch,
-    )
-    from convnext_cifar.report import MetricsLog, Progress
-    from convnext_cifar.resume import Position
+    from convnext_cifar.engine import TrainStep, build_run
     from convnext_cifar.runtime import Runtime
 
     cfg = bench_config(args, device, precision, channels_last, compile_on)
@@ -250,36 +242,13 @@ def measure(args: Args, device, precision: str, channels_last: bool, compile_on:
         torch.cuda.reset_peak_memory_stats(device)
     data = data or synthetic_dataset(args, device, args.num_classes)
     clock = Clock(device)
-    n, n_eval = len(data.train_images), len(data.test_images)
     result: dict[str, Any] = {"precision": precision, "channels_last": channels_last,
                               "compile": compile_on, "compile_mode": args.compile_mode}
 
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(dataclasses.replace(cfg, work_dir=Path(tmp)), rt, data=data)
-        log, quiet = MetricsLog(Path(tmp) / "m.jsonl"), Progress(1, live=False)
-        quiet.log_train = lambda *a, **k: None  # the benchmark prints its own table
-        epoch = itertools.count()
-
-        def data_window():
-            for _ in run.loader.epoch(next(epoch)):
-                pass
-
-        def loop_window():
-            train_one_epoch(run, Position(epoch=next(epoch)), log, quiet, Window(device),
-                            Guard(device, 1))
-
-        x, y, _ = next(run.loader.epoch(0))
-
-        def bare_window():
-            for _ in range(args.steps):
-                run.step_fn(x, y)
-
-        def eval_window():
-            evaluate(run.forward, data.test_images, data.test_labels, args.eval_batch_size,
-                     run.normalize, rt, data.num_classes)
-
-        for name, fn, count in (("data", data_window, n), ("loop", loop_window, n),
-                                ("bare", bare_window, n), ("eval", eval_window, n_eval)):
+        timed, (x, y) = timed_paths(args, run, Path(tmp))
+        for name, (fn, count) in timed.items():
             for key, value in windows(clock, fn, count, args.windows).items():
                 result[f"{name}_{key}"] = value
         if not flops:  # counted on the eager model: the same arithmetic, without compile hooks
@@ -297,21 +266,51 @@ def measure(args: Args, device, precision: str, channels_last: bool, compile_on:
     return result
 
 
+def timed_paths(args: Args, run, tmp: Path) -> tuple[dict[str, tuple[Any, int]], tuple]:
+    """{name: (one window's work, images in it)} for data, loop, bare and eval, and the first
+    training batch (x, y)."""
+    from convnext_cifar.engine import Guard, Window, train_one_epoch
+    from convnext_cifar.evaluate import evaluate
+    from convnext_cifar.report import MetricsLog, Progress
+    from convnext_cifar.resume import Position
+
+    data, device = run.data, run.rt.device
+    log, quiet = MetricsLog(tmp / "m.jsonl"), Progress(1, live=False)
+    quiet.log_train = lambda *a, **k: None  # the benchmark prints its own table
+    epoch = itertools.count()
+    x, y, _ = next(run.loader.epoch(0))
+
+    def data_window():
+        for _ in run.loader.epoch(next(epoch)):
+            pass
+
+    def loop_window():
+        train_one_epoch(run, Position(epoch=next(epoch)), log, quiet, Window(device),
+                        Guard(device, 1))
+
+    def bare_window():
+        for _ in range(args.steps):
+            run.step_fn(x, y)
+
+    def eval_window():
+        evaluate(run.forward, data.val.images, data.val.labels, args.eval_batch_size,
+                 run.normalize, run.rt, data.num_classes)
+
+    n, n_eval = len(data.train.images), len(data.val.images)
+    return {"data": (data_window, n), "loop": (loop_window, n), "bare": (bare_window, n),
+            "eval": (eval_window, n_eval)}, (x, y)
+
+
 # ---- the baseline -----------------------------------------------------------------------------
 
-def baseline(args: Args, device) -> dict[str, Any]:
-    """What most users write: per-image PIL transforms in DataLoader workers, eager fp32."""
+def baseline_loader(args: Args, device):
+    """Random CIFAR-like images through per-image PIL transforms in a DataLoader's workers."""
     import numpy as np
-    import torch
-    import torch.nn.functional as F
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from convnext_cifar.config import ModelConfig, OptimConfig
     from convnext_cifar.datasets import CIFAR10
-    from convnext_cifar.model import build_model
-    from convnext_cifar.optim import build_optimizer
 
     class CIFARLike(Dataset):
         def __init__(self, images, labels, transform):
@@ -332,9 +331,21 @@ def baseline(args: Args, device) -> dict[str, Any]:
         transforms.Normalize([m / 255 for m in CIFAR10.mean], [s / 255 for s in CIFAR10.std])])
     dataset = CIFARLike(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                         rng.integers(0, args.num_classes, n), transform)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                        num_workers=args.baseline_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.baseline_workers > 0)
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                      num_workers=args.baseline_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=args.baseline_workers > 0)
+
+
+def baseline(args: Args, device) -> dict[str, Any]:
+    """What most users write: per-image PIL transforms in DataLoader workers, eager fp32."""
+    import torch
+    import torch.nn.functional as F
+
+    from convnext_cifar.config import ModelConfig, OptimConfig
+    from convnext_cifar.model import build_model
+    from convnext_cifar.optim import build_optimizer
+
+    loader = baseline_loader(args, device)
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=args.model, drop_path_rate=0.2), args.num_classes,
                         is_main=False).to(device)
@@ -352,6 +363,7 @@ def baseline(args: Args, device) -> dict[str, Any]:
 
     result = {"precision": "fp32", "channels_last": False, "compile": False,
               "workers": args.baseline_workers}
+    n = args.batch_size * args.steps
     for key, value in windows(Clock(device), epoch, n, args.windows).items():
         result[f"loop_{key}"] = value
     return result
@@ -409,7 +421,7 @@ def print_table(rows: list[dict[str, Any]], env: dict[str, Any], args: Args) -> 
 def main(args: Args) -> list[dict[str, Any]]:
     import torch
 
-    from convnext_cifar.config import PRESETS
+    from convnext_cifar.presets import PRESETS
 
     if args.preset not in PRESETS:
         raise SystemExit(f"unknown --preset {args.preset}; choose one of {', '.join(PRESETS)}")

@@ -1,5 +1,7 @@
-"""Batched, device-side training augmentations of the whole global batch, with timm's semantics.
+"""Every training augmentation, batched on the device, each a function of (batch, generator).
 
+- `crop_flip`: the zero-padded random crop and horizontal flip every run uses, one gather for
+  the whole batch (the loader draws its parameters for the global batch and crops its slice).
 - `RandAugment`: timm's `rand-m9-mstd0.5-inc1` and the like, on uint8 images. Every image draws
   its own ops and magnitudes; each layer applies them to the whole batch at once as one lookup
   table (point ops), one blend (enhance ops) and one affine resampling (geometric ops), with
@@ -9,7 +11,9 @@
 
 Per-pixel draws come from the loader's device generator; the few per-batch scalars of MixUp come
 from its host generator, so that slicing a batch needs no read from the device.
-`build_batch_transform` puts together what an `AugConfig` asks for, or returns None.
+`build_batch_transform` puts together what an `AugConfig` asks for, or returns None. The parser
+of RandAugment strings stays in config.py: AugConfig checks them when it is built, at the
+command line, where torch is not imported.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from convnext_cifar.config import AugConfig, RandAugmentSpec, parse_randaugment
-from convnext_cifar.data import to_device
+from convnext_cifar.runtime import to_device
 
 # timm's op lists (auto_augment._RAND_TRANSFORMS / _RAND_INCREASING_TRANSFORMS), same order
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
@@ -37,6 +41,37 @@ POINT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncrea
 ENHANCE_OPS = ("Color", "ColorIncreasing", "Contrast", "ContrastIncreasing", "Brightness",
                "BrightnessIncreasing", "Sharpness", "SharpnessIncreasing")
 AFFINE_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+# ---- random crop and flip (every run) ----------------------------------------------------------
+
+def draw_crop_flip(n: int, padding: int, flip_prob: float, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop offsets (n, 2) in [0, 2*padding] and flip flags (n,) for a batch of n images."""
+    dev = generator.device
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=dev)
+    flips = torch.rand(n, generator=generator, device=dev) < flip_prob
+    return offsets, flips
+
+
+def crop_flip(images: torch.Tensor, padding: int, flip_prob: float,
+              generator: torch.Generator, params: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+    """Random crop of each image from its zero-padded copy, then a random horizontal flip.
+
+    One gather does both for the whole batch; the result is NCHW with channels_last strides.
+    `params` (offsets, flips) are drawn from `generator` unless given.
+    """
+    n, _, h, w = images.shape
+    dev = images.device
+    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
+    offsets, flips = params or draw_crop_flip(n, padding, flip_prob, generator)
+    ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    rows = offsets[:, :1] + ys  # (n, h)
+    cols = offsets[:, 1:] + torch.where(flips[:, None], w - 1 - xs, xs)  # (n, w)
+    batch = torch.arange(n, device=dev)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2)
 
 
 # ---- RandAugment --------------------------------------------------------------------------------
@@ -428,10 +463,10 @@ class BatchAugment:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         x = images
         if self.randaugment is not None:
-            x = self.randaugment(x, generators.device)
+            x = self.randaugment(x, generators.on_device)
         if self.aug.erasing_prob > 0:
             x = random_erasing(x.float(), self.aug.erasing_prob, self.mean, self.std,
-                               generators.device)
+                               generators.on_device)
         if self.mixup is None:
             return x, labels
         n, _, h, w = x.shape

@@ -1,8 +1,7 @@
 """What a run writes: weights as safetensors with everything needed to rebuild the model in the
 metadata, resumable training states, and the lock that keeps one run per work dir.
 
-Every file is written with `files.atomic_write_bytes`: a final name never holds a half-written
-file.
+Every file is written with `files.write_file`: a final name never holds a half-written file.
 """
 
 from __future__ import annotations
@@ -19,9 +18,10 @@ import torch
 
 from convnext_cifar.config import TrainConfig, from_dict, to_dict
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import atomic_write_bytes, load_pth, require_file
+from convnext_cifar.files import load_pth, require_file, write_file
 
 FORMAT = "convnext-cifar/weights-v1"
+RESUME_ADVICE = "earlier files are intact; free space or fix permissions and resume"
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], cfg: TrainConfig,
@@ -41,11 +41,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], cfg: TrainConf
         "runtime": json.dumps(runtime),
         "weights": weights,
     }
-    try:
-        atomic_write_bytes(path, save(tensors, metadata=metadata))
-    except OSError as e:
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; earlier files "
-                        "are intact; free space or fix permissions and resume") from None
+    write_file(path, save(tensors, metadata=metadata), "checkpoint", RESUME_ADVICE)
 
 
 @dataclass
@@ -98,11 +94,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     `load_state` can read it with weights_only=True)."""
     buf = io.BytesIO()
     torch.save({"format": STATE_FORMAT, **state}, buf)
-    try:
-        atomic_write_bytes(path, buf.getvalue())
-    except OSError as e:
-        raise UserError(f"could not write training state {path}: {e.strerror or e}; earlier "
-                        "files are intact; free space or fix permissions and resume") from None
+    write_file(path, buf.getvalue(), "training state", RESUME_ADVICE)
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -142,12 +134,7 @@ STATUS_FILE = "status.json"
 def write_status(run_dir: Path, status: dict[str, Any]) -> None:
     """status.json: what `runs` shows without reading the states (running, finished,
     interrupted or diverged; epoch, step, wall time), rewritten atomically."""
-    try:
-        atomic_write_bytes(Path(run_dir) / STATUS_FILE, json.dumps(status).encode())
-    except OSError as e:
-        raise UserError(f"could not write {Path(run_dir) / STATUS_FILE}: {e.strerror or e}; "
-                        "earlier files are intact; free space or fix permissions and resume"
-                        ) from None
+    write_file(Path(run_dir) / STATUS_FILE, json.dumps(status).encode(), advice=RESUME_ADVICE)
 
 
 def lock_is_held(run_dir: Path) -> bool:

@@ -23,8 +23,9 @@ from typing import Annotated, Literal
 
 import tyro
 
-from convnext_cifar.config import PRESETS, TrainConfig, load_config_file
+from convnext_cifar.config import TrainConfig, load_config_file
 from convnext_cifar.errors import Interrupted, UserError
+from convnext_cifar.presets import PRESETS
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 DEFAULT_PRESET = next(iter(PRESETS))
@@ -98,12 +99,13 @@ def eval_command(
     tta: Literal["none", "flip"] | None = None,
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
 ) -> int:
-    """Evaluate a checkpoint on the test split: top-1, top-5, per-class accuracy, confusion.
+    """Evaluate a checkpoint on its dataset's held-out split: top-1, top-5, per-class accuracy,
+    confusion matrix.
 
     Args:
         ckpt: A .safetensors file written by `train` (e.g. work_dirs/NAME/best.safetensors).
-        data_root: Folder holding cifar-10-batches-py/ (default: as recorded in the checkpoint).
-        download: Download CIFAR-10 (checksum verified) when it is missing.
+        data_root: The dataset's root: CIFAR's parent or the image folder (default: recorded).
+        download: Download a missing CIFAR dataset (checksum verified).
         device: Torch device (default: as recorded; auto picks cuda when available).
         batch_size: Evaluation batch size (default: as recorded).
         tta: Test-time augmentation, none or flip (default: as the run validated).
@@ -113,7 +115,7 @@ def eval_command(
         raise UserError(f"invalid --batch-size {batch_size}: must be >= 1")
 
     def run() -> int:
-        from convnext_cifar.engine import evaluate_checkpoint
+        from convnext_cifar.evaluate import evaluate_checkpoint
         from convnext_cifar.report import print_eval
 
         result = evaluate_checkpoint(ckpt, data_root, download, device, batch_size, tta)

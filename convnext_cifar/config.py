@@ -1,17 +1,9 @@
-"""Typed, frozen configuration: one dataclass per concern, presets as subclasses.
+"""Typed, frozen configuration: one dataclass per concern, and the run settings that hold them.
 
-MMPretrain layered dict files through `_base_`; here a preset is a subclass that changes defaults:
-
-    ModelConfig -> ConvNeXtV2Tiny         (_base_/models/convnext_v2/tiny.py)
-    DataConfig  -> CIFAR10Data            (_base_/datasets/cifar10_bs16.py)
-                -> CIFAR100Data           (_base_/datasets/cifar100_bs16.py)
-    TrainConfig -> CIFAR10FineTune        (the reference experiment, default of `train`)
-                -> CIFAR10Smoke           (a quick CPU run: atto, no download of weights)
-                -> CIFAR100FineTune       (the same on CIFAR-100)
-                -> CIFAR10OfficialRecipe  (the official ConvNeXt-V2 fine-tuning recipe)
-                   -> CIFAR10OfficialRecipe224 (the same at 224 px)
-
-Every value is checked when the object is built; a bad one raises `UserError` naming the option.
+The presets (presets.py) are subclasses that change defaults, the way MMPretrain layered dict
+files through `_base_`. Every value is checked when the object is built; a bad one raises
+`UserError` naming the option. Also here: the JSON round trip of config.json and checkpoint
+metadata, and the parser of timm's RandAugment strings (AugConfig checks them when it is built).
 This module must not import torch or timm: `--help` has to answer fast.
 """
 
@@ -25,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from convnext_cifar.datasets import DATASETS
 from convnext_cifar.errors import UserError
 
 CONVNEXTV2_MODELS = (
@@ -37,8 +30,7 @@ CONVNEXTV2_MODELS = (
     "convnextv2_large",
     "convnextv2_huge",
 )
-DATASETS = ("cifar10", "cifar100", "folder")
-"""Names --data.dataset takes; what each one is lives in datasets.py."""
+DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]  (the registry's names)
 
 
 def _check(ok: bool, option: str, value: Any, must: str) -> None:
@@ -82,24 +74,11 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class ConvNeXtV2Tiny(ModelConfig):
-    """ConvNeXt-V2-Tiny as MMPretrain's _base_/models/convnext_v2/tiny.py defines it: drop-path
-    0.2 and label smoothing 0.2 (its LabelSmoothLoss), which the experiment inherits."""
-
-    name: str = "convnextv2_tiny"
-    """timm ConvNeXt-V2 variant: convnextv2_{atto,femto,pico,nano,tiny,base,large,huge}."""
-    drop_path_rate: float = 0.2
-    """Stochastic depth rate of the residual blocks."""
-    label_smoothing: float = 0.2
-    """Label smoothing of the cross-entropy training loss."""
-
-
-@dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how training batches are augmented."""
 
-    dataset: Literal["cifar10", "cifar100", "folder"] = "cifar10"
-    """cifar10, cifar100 (their python folders under --data.root) or folder (root/train/<class>)."""
+    dataset: DatasetName = "cifar10"
+    """The kind of dataset: a CIFAR (its python folder under --data.root) or an image folder."""
     root: Path = Path("data")
     """Folder holding (or receiving) the dataset's folder; for folder: holds train/ and val/."""
     labels: Literal["fine", "coarse"] = "fine"
@@ -152,33 +131,12 @@ class DataConfig:
         _check(self.image_size >= 32, "data.image_size", self.image_size, "must be >= 32")
         _check(self.limit_train >= 0, "data.limit_train", self.limit_train, "must be >= 0")
         _check(self.limit_val >= 0, "data.limit_val", self.limit_val, "must be >= 0")
-        _check(self.labels == "fine" or self.dataset == "cifar100", "data.labels", self.labels,
-               "coarse labels exist for --data.dataset cifar100 only")
         _check(0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction,
                "must be in [0, 1)")
         _check(0 < self.memory_share <= 1, "data.memory_share", self.memory_share,
                "must be in (0, 1]")
         _check(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
-
-
-@dataclass(frozen=True)
-class CIFAR10Data(DataConfig):
-    """CIFAR-10 as MMPretrain's _base_/datasets/cifar10_bs16.py defines it; its normalisation
-    is CIFAR-10's standard mean/std, which the dataset description holds (datasets.CIFAR10) and
-    a run records in its config.json."""
-
-    batch_size: int = 16
-    """Training batch size."""
-
-
-@dataclass(frozen=True)
-class CIFAR100Data(DataConfig):
-    """CIFAR-100 as MMPretrain's _base_/datasets/cifar100_bs16.py defines it (its own mean/std)."""
-
-    dataset: Literal["cifar10", "cifar100", "folder"] = "cifar100"
-    """cifar10, cifar100 (their python folders under --data.root) or folder (root/train/<class>)."""
-    batch_size: int = 16
-    """Training batch size."""
+        DATASETS[self.dataset].check(self)
 
 
 @dataclass(frozen=True)
@@ -415,117 +373,12 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """The name with its fields filled in, e.g. convnextv2-tiny_cifar10."""
-        dataset = self.data.dataset
-        if dataset == "folder":  # the folder's own name says more than "folder"
-            dataset = Path(self.data.root).resolve().name or dataset
+        dataset = DATASETS[self.data.dataset].run_label(self.data)
         return self.name.format(model=self.model.name.replace("_", "-"), dataset=dataset)
 
     @property
     def run_dir(self) -> Path:
         return self.work_dir if self.work_dir is not None else Path("work_dirs") / self.run_name
-
-
-@dataclass(frozen=True)
-class CIFAR10FineTune(TrainConfig):
-    """Reference experiment: FCMAE ConvNeXt-V2-Tiny fine-tuned on CIFAR-10 at 32x32."""
-
-    model: ModelConfig = field(default_factory=lambda: ConvNeXtV2Tiny(
-        pretrained="convnextv2_tiny.fcmae"))
-    """Network."""
-    data: DataConfig = field(default_factory=lambda: CIFAR10Data(batch_size=128))
-    """Dataset and augmentation."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=4e-3, weight_decay=0.05, clip_grad_norm=5.0))
-    """Optimiser."""
-    sched: SchedConfig = field(default_factory=lambda: SchedConfig(
-        epochs=100, warmup_epochs=10, start_factor=1e-3, min_lr=0.0))
-    """Learning-rate schedule."""
-    ckpt_interval: int = 10
-    """Write epoch_N.safetensors every N epochs (and after the last one)."""
-    log_interval: int = 50
-    """Log training loss, lr, grad norm and img/s every N steps."""
-
-
-@dataclass(frozen=True)
-class CIFAR10Smoke(CIFAR10FineTune):
-    """A quick CPU check of the whole path: atto from scratch, 5k images, 3 epochs."""
-
-    name: str = "{model}_{dataset}-smoke"
-    """Run name, default work dir work_dirs/<name>; {model} and {dataset} are filled in."""
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(
-        name="convnextv2_atto", pretrained="none", drop_path_rate=0.0, label_smoothing=0.2))
-    """Network."""
-    data: DataConfig = field(default_factory=lambda: CIFAR10Data(
-        batch_size=128, limit_train=5000, limit_val=2000))
-    """Dataset and augmentation."""
-    sched: SchedConfig = field(default_factory=lambda: SchedConfig(epochs=3, warmup_epochs=1))
-    """Learning-rate schedule."""
-    ckpt_interval: int = 1
-    """Write epoch_N.safetensors every N epochs (and after the last one)."""
-    log_interval: int = 10
-    """Log training loss, lr, grad norm and img/s every N steps."""
-
-
-@dataclass(frozen=True)
-class CIFAR10OfficialRecipe(CIFAR10FineTune):
-    """The official ConvNeXt-V2 Tiny fine-tuning recipe, adapted to CIFAR-10 at 32x32.
-
-    Taken as TRAINING.md gives it for Tiny: layer decay 0.9 with 'single' layer ids, EMA 0.9999
-    evaluated every epoch, MixUp 0.8 / CutMix 1.0 (switch 0.5, per batch), RandAugment
-    rand-m9-mstd0.5-inc1, random erasing 0.25, head init scale 0.001, drop-path 0.2, label
-    smoothing 0.1, AdamW weight decay 0.05, base LR 8e-4 per 256 images scaled linearly with
-    the batch (main_finetune.py's blr), no gradient clipping, cosine to min_lr 1e-6.
-    Changed for CIFAR-10, and why: 100 epochs with 10 of warmup instead of 300 and 40, because
-    50,000 images at 32x32 converge in the reference's 100 (and warmup keeps its share of the
-    run); batch 128 (the reference's) instead of 1024, with the LR scaled by that rule; warmup
-    from 1e-3 x lr instead of 0, as the reference (the first steps barely differ); the
-    reference's RandomCrop(32, padding 4) + flip instead of RandomResizedCrop at 224, whose
-    crops of a 32-pixel image would mostly be upsampled blur; RandAugment then runs at 32x32.
-    """
-
-    name: str = "{model}_{dataset}-official-recipe"
-    """Run name, default work dir work_dirs/<name>; {model} and {dataset} are filled in."""
-    model: ModelConfig = field(default_factory=lambda: ConvNeXtV2Tiny(
-        pretrained="convnextv2_tiny.fcmae", label_smoothing=0.1, head_init_scale=0.001))
-    """Network."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        lr=8e-4, base_batch_size=256, weight_decay=0.05, clip_grad_norm=None, layer_decay=0.9))
-    """Optimiser."""
-    sched: SchedConfig = field(default_factory=lambda: SchedConfig(
-        epochs=100, warmup_epochs=10, start_factor=1e-3, min_lr=1e-6))
-    """Learning-rate schedule."""
-    aug: AugConfig = field(default_factory=lambda: AugConfig(
-        mixup_alpha=0.8, cutmix_alpha=1.0, randaugment="rand-m9-mstd0.5-inc1",
-        erasing_prob=0.25))
-    """MixUp/CutMix, RandAugment, random erasing."""
-    ema: EmaConfig = field(default_factory=lambda: EmaConfig(decay=0.9999))
-    """EMA of the weights."""
-
-
-@dataclass(frozen=True)
-class CIFAR10OfficialRecipe224(CIFAR10OfficialRecipe):
-    """The official-recipe preset with every image upsampled on the device to 224x224, the
-    resolution the FCMAE backbone was pre-trained at, for the best transfer accuracy (49x the
-    compute per image: a GPU preset). Augmentation still runs at 32x32, before upsampling."""
-
-    name: str = "{model}_{dataset}-224"
-    """Run name, default work dir work_dirs/<name>; {model} and {dataset} are filled in."""
-    data: DataConfig = field(default_factory=lambda: CIFAR10Data(batch_size=128, image_size=224))
-    """Dataset and augmentation."""
-
-
-@dataclass(frozen=True)
-class CIFAR100FineTune(CIFAR10FineTune):
-    """The reference experiment on CIFAR-100: the same model, recipe and schedule, 100 classes."""
-
-    data: DataConfig = field(default_factory=lambda: CIFAR100Data(batch_size=128))
-    """Dataset and augmentation."""
-
-
-PRESETS: dict[str, type[TrainConfig]] = {
-    "cifar10": CIFAR10FineTune, "smoke": CIFAR10Smoke, "cifar100": CIFAR100FineTune,
-    "cifar10-official-recipe": CIFAR10OfficialRecipe, "cifar10-224": CIFAR10OfficialRecipe224}
-"""Presets selectable with `train --preset NAME`; the first is the default."""
 
 
 # ---- JSON round trip (config.json, checkpoint metadata, --config) -------------------------------

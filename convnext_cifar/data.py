@@ -1,8 +1,9 @@
 """The training and evaluation batches, made on the device from device-resident uint8 images.
 
-A training batch is a gather from a seeded per-epoch permutation, then one indexing op that does
-the zero-padded random crop and the horizontal flip for every image at once, then an optional
-transform of the whole global batch, then normalisation. No DataLoader, no per-image Python.
+A training batch is a gather from a seeded per-epoch permutation, then the zero-padded random
+crop and horizontal flip of every image at once (augment.crop_flip), then an optional transform
+of the whole global batch (augment.BatchAugment), then normalisation. No DataLoader, no
+per-image Python.
 """
 
 from __future__ import annotations
@@ -16,38 +17,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from convnext_cifar.augment import crop_flip, draw_crop_flip
 from convnext_cifar.config import DataConfig
 from convnext_cifar.distributed import Dist
+from convnext_cifar.runtime import to_device
 
 
 class Generators:
     """The loader's random sources, reseeded each epoch and saved in its state.
 
-    `device` draws per-pixel and per-image values on the data's device; `host` draws the few
-    values that must be known on the host without reading the device (MixUp's per-batch lambda
-    and box, used to slice).
+    `on_device` draws per-pixel and per-image values on the training device; `host` draws the
+    few values that must be known on the host without reading the device (MixUp's per-batch
+    lambda and box, used to slice).
     """
 
     def __init__(self, device: torch.device, order_device: torch.device | None = None):
-        self.device = torch.Generator(device=device)
+        self.on_device = torch.Generator(device=device)
         self.host = np.random.default_rng(0)
-        # The epoch's permutation is drawn where the images are: on the device, from `device`
-        # itself; for images kept in host memory, from a CPU generator of its own.
-        self.order = (self.device if order_device is None or order_device == torch.device(device)
+        # The epoch's permutation is drawn where the images are: on the device, from
+        # `on_device` itself; for images kept in host memory, from a CPU generator of its own.
+        self.order = (self.on_device
+                      if order_device is None or order_device == torch.device(device)
                       else torch.Generator(device=order_device))
 
     def seed(self, seed: int, epoch: int) -> None:
-        self.device.manual_seed(seed * 1_000_003 + epoch)
-        if self.order is not self.device:
+        self.on_device.manual_seed(seed * 1_000_003 + epoch)
+        if self.order is not self.on_device:
             self.order.manual_seed(seed * 1_000_003 + epoch)
         self.host = np.random.default_rng([seed, epoch])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.device.get_state(),
+        return {"generator": self.on_device.get_state(),
                 "host": json.dumps(self.host.bit_generator.state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.device.set_state(state["generator"])
+        self.on_device.set_state(state["generator"])
         if "host" in state:  # states written before the host generator existed did not use it
             self.host.bit_generator.state = json.loads(state["host"])
 
@@ -62,36 +66,7 @@ from `generators`, so that each rank and a resumed run draw the same numbers.
 """
 
 
-# ---- batched augmentation and normalisation ---------------------------------------------------
-
-def draw_crop_flip(n: int, padding: int, flip_prob: float, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop offsets (n, 2) in [0, 2*padding] and flip flags (n,) for a batch of n images."""
-    dev = generator.device
-    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=dev)
-    flips = torch.rand(n, generator=generator, device=dev) < flip_prob
-    return offsets, flips
-
-
-def crop_flip(images: torch.Tensor, padding: int, flip_prob: float,
-              generator: torch.Generator, params: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> torch.Tensor:
-    """Random crop of each image from its zero-padded copy, then a random horizontal flip.
-
-    One gather does both for the whole batch; the result is NCHW with channels_last strides.
-    `params` (offsets, flips) are drawn from `generator` unless given.
-    """
-    n, _, h, w = images.shape
-    dev = images.device
-    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
-    offsets, flips = params or draw_crop_flip(n, padding, flip_prob, generator)
-    ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
-    rows = offsets[:, :1] + ys  # (n, h)
-    cols = offsets[:, 1:] + torch.where(flips[:, None], w - 1 - xs, xs)  # (n, w)
-    batch = torch.arange(n, device=dev)[:, None, None]
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
-    return out.permute(0, 3, 1, 2)
-
+# ---- normalisation and batches ---------------------------------------------------------------
 
 class Normalize:
     """uint8 (or 0-255 float) batch -> float, normalised, resized to `size`, in the chosen
@@ -162,33 +137,24 @@ class DeviceLoader:
         b, cfg = self.cfg.batch_size, self.cfg
         for i in range(start, len(self)):
             idx = order[i * b:(i + 1) * b]
-            offsets, flips = draw_crop_flip(len(idx), cfg.padding, cfg.flip_prob, gens.device)
+            # drawn for the whole global batch, so that every rank's slice sees its own draws
+            offsets, flips = draw_crop_flip(len(idx), cfg.padding, cfg.flip_prob, gens.on_device)
             lo, hi = self.dist.shard(len(idx))
             if self.transform is None:  # crop/flip only this rank's slice
                 images, labels = self._gather(idx[lo:hi])
-                x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.device,
+                x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device,
                               (offsets[lo:hi], flips[lo:hi]))
                 y = labels
             else:  # the transform mixes images across the global batch: make all of it
                 images, labels = self._gather(idx)
-                x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.device, (offsets, flips))
+                x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device, (offsets, flips))
                 x, y = self.transform(x, labels, gens, epoch)
                 x, y = x[lo:hi], y[lo:hi]
             yield self.normalize(x), y, len(idx)
 
-
     def _gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's images and labels on the training device."""
         return to_device(self.images[idx], self.device), to_device(self.labels[idx], self.device)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` on `device`; from host memory to a GPU through pinned memory, without blocking."""
-    if t.device == device:
-        return t
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,

@@ -1,5 +1,6 @@
 """The training loop, written out: fit() -> train() -> train_one_epoch() -> TrainStep, and
-evaluate(). `build_run` builds what they run, the same way for `train`, `eval` and the benchmark.
+validate(). `build_run` builds what they run, the same way for `train` and the benchmark. Using
+a trained model (eval, predict, export) is evaluate.py's, which never imports this module.
 
 Scalars stay on the device between log points: the only host-device syncs are at a log point,
 at the end of an epoch and after validation.
@@ -11,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from convnext_cifar import distributed
 from convnext_cifar.augment import build_batch_transform
 from convnext_cifar.checkpoints import (
-    Checkpoint,
     WorkDirLock,
     find_states,
     load_weights,
@@ -32,18 +31,13 @@ from convnext_cifar.checkpoints import (
     write_status,
 )
 from convnext_cifar.config import TrainConfig, config_json
-from convnext_cifar.data import DeviceLoader, Normalize, eval_batches
-from convnext_cifar.datasets import (
-    Dataset,
-    load_dataset,
-    normalisation,
-    prepare_dataset,
-    stored_size,
-)
+from convnext_cifar.data import DeviceLoader, Normalize
+from convnext_cifar.datasets import Dataset, load_dataset, prepare_dataset
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import Interrupted, TrainingDiverged, UserError
-from convnext_cifar.files import atomic_write_bytes, remove_stale_temp_files
-from convnext_cifar.model import ModelEma, build_model, layout_mismatch
+from convnext_cifar.evaluate import evaluate
+from convnext_cifar.files import remove_stale_temp_files, write_file
+from convnext_cifar.model import ModelEma, build_model
 from convnext_cifar.optim import build_optimizer, lr_at, peak_lr, set_lr
 from convnext_cifar.report import MetricsLog, Progress, TensorBoardLog
 from convnext_cifar.resume import (
@@ -205,12 +199,12 @@ class Guard:
         self.streak.copy_(state["streak"])
 
 
-# ---- what a run is made of, built one way for train, eval and the benchmark ---------------------
+# ---- what a run is made of, built one way for train and the benchmark -------------------------
 
 @dataclass
 class Run:
-    """The parts of a run: data, model, the module to call (maybe compiled), and for training
-    the step, the loader and the EMA of the weights (with the module that evaluates it)."""
+    """The parts of a training run: data, model, the module to call (maybe compiled), the step,
+    the loader, and the EMA of the weights when it is on."""
 
     cfg: TrainConfig
     rt: Runtime
@@ -219,26 +213,24 @@ class Run:
     model: torch.nn.Module
     forward: torch.nn.Module
     normalize: Normalize
-    step_fn: TrainStep | None = None
-    loader: DeviceLoader | None = None
+    step_fn: TrainStep
+    loader: DeviceLoader
     ema: ModelEma | None = None
-    ema_forward: torch.nn.Module | None = None
 
 
 def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
-              data: Dataset | None = None, *, train: bool = True, pretrained: bool = True) -> Run:
+              data: Dataset | None = None, *, pretrained: bool = True) -> Run:
     """Build what `cfg` describes on `rt`: the dataset (unless given), the model (from its
-    pretrained weights when `pretrained`), and with `train` the optimizer, step and loader."""
+    pretrained weights when `pretrained`), the optimizer, the step, the loader and the EMA."""
     dist = dist or Dist()
     if data is None:
-        data = load_dataset(cfg.data, rt.device, train=train)
+        data = load_dataset(cfg.data, rt.device)
+    if data.train is None:
+        raise ValueError("training needs the dataset's training split")
     seed_everything(cfg.seed)
     model_cfg = cfg.model if pretrained else dataclasses.replace(cfg.model, pretrained="none")
     model, forward = prepare_model(build_model(model_cfg, data.num_classes, dist.is_main), rt)
     normalize = Normalize(data.mean, data.std, cfg.data.image_size, rt.device, rt.channels_last)
-    run = Run(cfg, rt, dist, data, model, forward, normalize)
-    if not train:
-        return run
     ddp, train_forward = None, forward
     if dist.enabled:
         # Same initial weights on every rank (seeded above), but each rank its own drop-path noise.
@@ -247,16 +239,15 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
             model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
         train_forward = compiled(ddp, rt)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
-    run.step_fn = TrainStep(train_forward, optimizer, rt,
-                            cross_entropy_sum(cfg.model.label_smoothing),
-                            cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, dist.world)
+    step_fn = TrainStep(train_forward, optimizer, rt, cross_entropy_sum(cfg.model.label_smoothing),
+                        cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, dist.world)
     transform = build_batch_transform(cfg.aug, data.num_classes, data.mean, data.std)
-    run.loader = DeviceLoader(data.train_images, data.train_labels, cfg.data, cfg.seed, normalize,
-                              dist, transform)
+    loader = DeviceLoader(data.train.images, data.train.labels, cfg.data, cfg.seed, normalize,
+                          dist, transform)
+    ema = None
     if cfg.ema.decay > 0:
-        run.ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup_steps)
-        run.ema_forward = compiled(run.ema.module, rt)
-    return run
+        ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup_steps, wrap=lambda m: compiled(m, rt))
+    return Run(cfg, rt, dist, data, model, forward, normalize, step_fn, loader, ema)
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -272,6 +263,7 @@ def train_one_epoch(run: Run, position: Position, log: MetricsLog, progress: Pro
     step_fn.forward.train()
     steps, top_lr = len(loader), peak_lr(cfg.optim, cfg.data.batch_size)
     progress.start_epoch(position.epoch + 1, steps, done=position.batch)
+    # each batch arrives gathered, cropped, flipped, augmented and mixed (data.py, augment.py)
     for x, y, n in loader.epoch(position.epoch, start=position.batch):
         lr = lr_at(position.step, top_lr, cfg.sched, steps)
         set_lr(step_fn.optimizer, lr)
@@ -311,42 +303,25 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     log = MetricsLog(cfg.run_dir / "metrics.jsonl", is_main=dist.is_main)
     position, window = Position(), Window(rt.device)
     guard = Guard(rt.device, patience=50 if rt.precision == "fp16" else 1)
-    components = {
+    state = TrainingState(cfg, dist, len(run.loader), {
         "run": position, "model": run.model, "optimizer": run.step_fn.optimizer,
         "scaler": run.step_fn.scaler, "rng": GlobalRng(rt.device, dist), "loader": run.loader,
-        "window": window, "guard": guard, "log": log}
-    if run.ema is not None:
-        components["ema"] = run.ema
-    state = TrainingState(cfg, dist, components)
-    if found is None:
-        log.truncate(0)
-    else:
-        state.restore(found[1], found[0])
-        position.best_top1 = max(position.best_top1, _best_on_disk(cfg.run_dir))
-        progress.message(f"resumed from {found[0]} at epoch {position.epoch + 1}, batch "
-                         f"{position.batch}, step {position.step}")
-    if cfg.log.tensorboard and dist.is_main:  # a resumed run drops what followed its state
-        log.tensorboard = TensorBoardLog(cfg.run_dir / "tb", position.step + 1 if found else None)
-    status = RunStatus(run, position, log)
-    steps, epochs = len(run.loader), cfg.sched.epochs
-
-    def save_state() -> Path:  # the state of the best epoch is kept besides the newest ones
-        status.tick()
-        return state.save(position.step, position.best_epoch * steps or None)
-
-    with status, StopSignals() as stop:
-        while position.epoch < epochs:
+        "window": window, "guard": guard, "log": log,
+        **({"ema": run.ema} if run.ema is not None else {})})
+    _start_or_resume(state, found, log, progress)
+    with RunStatus(run, position, log) as status, StopSignals() as stop:
+        while position.epoch < cfg.sched.epochs:
             if not train_one_epoch(run, position, log, progress, window, guard, stop):
-                raise stop.interrupted(save_state(), position, cfg)
-            epoch, last = position.epoch, position.epoch == epochs
+                raise stop.interrupted(state.save(), position, cfg)
+            epoch, last = position.epoch, position.epoch == cfg.sched.epochs
             metrics: dict[str, float] = {}
             if epoch % cfg.val_interval == 0 or last:
                 metrics = validate(run, position, log, progress)
             if epoch % cfg.ckpt_interval == 0 or last:
                 save_weights_of(run, f"epoch_{epoch}.safetensors", epoch, metrics)
             stopping = dist.any(stop.requested, rt.device)
-            if epoch % cfg.state_interval == 0 or last or stopping:
-                path = save_state()
+            if state.due() or stopping:
+                path = state.save()
                 if stopping and not last:
                     raise stop.interrupted(path, position, cfg)
             status.write("running")
@@ -356,22 +331,34 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
             "work_dir": str(cfg.run_dir)}
 
 
+def _start_or_resume(state: TrainingState, found: tuple[Path, dict[str, Any]] | None,
+                     log: MetricsLog, progress: Progress) -> None:
+    """A fresh start empties metrics.jsonl; a resumption restores every component of `found`
+    (metrics.jsonl is cut back to what that state had seen) and reopens TensorBoard there."""
+    cfg, position = state.cfg, state.position
+    if found is None:
+        log.truncate(0)
+    else:
+        state.restore(found[1], found[0])
+        position.best_top1 = max(position.best_top1, _best_on_disk(cfg.run_dir))
+        progress.message(f"resumed from {found[0]} at epoch {position.epoch + 1}, batch "
+                         f"{position.batch}, step {position.step}")
+    if cfg.log.tensorboard and state.dist.is_main:  # a resumed run drops what followed its state
+        log.tensorboard = TensorBoardLog(cfg.run_dir / "tb", position.step + 1 if found else None)
+
+
 class RunStatus:
-    """status.json of a run (rank 0) and its wall-time count: "running" while the run lives,
-    then "finished", "interrupted" (a signal; a kill leaves "running" without the lock) or
-    "diverged". As a context manager it writes the outcome, and closes TensorBoard."""
+    """status.json of a run (rank 0): "running" while the run lives, then "finished",
+    "interrupted" (a signal; a kill leaves "running" without the lock) or "diverged". As a
+    context manager it writes the outcome, and closes TensorBoard."""
 
     def __init__(self, run: Run, position: Position, log: MetricsLog):
         self.run, self.position, self.log = run, position, log
-        self.start, self.before = time.monotonic(), position.elapsed_s
-
-    def tick(self) -> None:
-        self.position.elapsed_s = self.before + time.monotonic() - self.start
 
     def write(self, status: str) -> None:
-        self.tick()
         if self.run.dist.is_main:
             p = self.position
+            p.tick()
             write_status(self.run.cfg.run_dir, {
                 "status": status, "epoch": p.epoch, "epochs": self.run.cfg.sched.epochs,
                 "step": p.step, "best_top1": p.best_top1, "best_epoch": p.best_epoch,
@@ -399,7 +386,7 @@ def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
     candidates = {"raw": (run.model, _validation_metrics(run, run.forward))}
     record = {"epoch": position.epoch, **candidates["raw"][1]}
     if run.ema is not None:
-        candidates["ema"] = (run.ema.module, _validation_metrics(run, run.ema_forward))
+        candidates["ema"] = (run.ema.module, _validation_metrics(run, run.ema.forward))
         record.update({f"ema_{k}": v for k, v in candidates["ema"][1].items()})
     log.write(record, step=position.step)
     weights = max(candidates, key=lambda k: candidates[k][1]["top1"])  # a tie keeps raw
@@ -412,7 +399,7 @@ def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
 
 
 def _validation_metrics(run: Run, forward: torch.nn.Module) -> dict[str, float]:
-    res = evaluate(forward, run.data.test_images, run.data.test_labels,
+    res = evaluate(forward, run.data.val.images, run.data.val.labels,
                    run.cfg.data.eval_batch_size, run.normalize, run.rt, run.data.num_classes,
                    run.dist, run.cfg.eval.tta)
     return {"val_loss": res.loss, "top1": res.top1, "top5": res.top5}
@@ -435,125 +422,6 @@ def _best_on_disk(run_dir: Path) -> float:
         return float(load_weights(path).metrics.get("top1", -1.0))
     except UserError:
         return -1.0
-
-
-# ---- evaluation --------------------------------------------------------------------------------
-
-@dataclass
-class EvalResult:
-    num_images: int
-    loss: float
-    top1: float
-    top5: float
-    confusion: list[list[int]]  # rows: true class, columns: predicted class
-
-    def per_class(self, classes: list[str]) -> dict[str, float]:
-        return {name: 100.0 * row[i] / max(sum(row), 1)
-                for i, (name, row) in enumerate(zip(classes, self.confusion))}
-
-
-def predict_logits(forward: torch.nn.Module, x: torch.Tensor, rt: Runtime,
-                   tta: str = "none") -> torch.Tensor:
-    """fp32 logits of a normalised batch; with flip TTA the log of the mean softmax of the image
-    and its mirror (so softmax, argmax and the loss all see the averaged probabilities)."""
-    with rt.autocast():
-        logits = forward(x)
-        if tta == "flip":
-            mirrored = forward(x.flip(3))
-    if tta != "flip":
-        return logits.float()
-    probs = (logits.float().softmax(1) + mirrored.float().softmax(1)) / 2
-    return probs.log()
-
-
-@torch.inference_mode()
-def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int, normalize: Normalize, rt: Runtime, num_classes: int,
-             dist: Dist | None = None, tta: str = "none") -> EvalResult:
-    """Every test image once, in order; counts stay on the device until the end.
-
-    Under DDP each rank takes a contiguous share of the images and the counts are added across
-    ranks, so every image is counted once and every rank gets the same result.
-    """
-    forward.eval()
-    dist = dist or Dist()
-    n = len(images)
-    lo, hi = dist.shard(n)
-    images, labels = images[lo:hi], labels[lo:hi]
-    dev = normalize.mean.device  # the images may live in host memory (Dataset.placement)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    top1 = torch.zeros((), dtype=torch.int64, device=dev)
-    top5 = torch.zeros((), dtype=torch.int64, device=dev)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=dev)
-    k = min(5, num_classes)
-    for x, y in eval_batches(images, labels, batch_size, normalize):
-        logits = predict_logits(forward, x, rt, tta)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        topk = logits.topk(k, dim=1).indices
-        top1 += (topk[:, 0] == y).sum()
-        top5 += (topk == y[:, None]).any(dim=1).sum()
-        cell = y * num_classes + topk[:, 0]  # scatter_add: bincount would read its max
-        confusion.scatter_add_(0, cell, torch.ones_like(cell))
-    sums = dist.all_reduce_sum(torch.stack([loss_sum, top1.double(), top5.double()]))
-    confusion = dist.all_reduce_sum(confusion)
-    loss_total, top1_count, top5_count = sums.tolist()
-    return EvalResult(n, loss_total / n, 100.0 * int(top1_count) / n, 100.0 * int(top5_count) / n,
-                      confusion.view(num_classes, num_classes).tolist())
-
-
-def checkpoint_run(ckpt: Checkpoint, path: Path, cfg: TrainConfig, rt: Runtime,
-                   data: Dataset | None = None) -> Run:
-    """The model a checkpoint describes, with its weights, on `rt` (no optimizer). Without
-    `data` the run holds no images, only the checkpoint's classes and normalisation."""
-    if data is None:
-        empty = torch.empty(0, 3, stored_size(cfg.data), stored_size(cfg.data), dtype=torch.uint8)
-        no_labels = torch.empty(0, dtype=torch.int64)
-        data = Dataset(empty, no_labels, empty, no_labels, ckpt.classes,
-                       *normalisation(cfg.data))
-    run = build_run(cfg, rt, data=data, train=False, pretrained=False)
-    if problem := layout_mismatch(run.model, ckpt.state_dict):
-        raise UserError(f"{path} does not match the model its metadata describes ({problem}); "
-                        "the file is damaged or was edited")
-    run.model.load_state_dict(ckpt.state_dict)
-    run.model.eval()
-    return run
-
-
-def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: bool | None = None,
-                        device: str | None = None, batch_size: int | None = None,
-                        tta: str | None = None) -> dict[str, Any]:
-    """Rebuild the model from a checkpoint's own metadata and evaluate the test split."""
-    ckpt = load_weights(path)
-    changes = {k: v for k, v in (("root", data_root), ("download", download),
-                                 ("eval_batch_size", batch_size)) if v is not None}
-    cfg = dataclasses.replace(
-        ckpt.config, data=dataclasses.replace(ckpt.config.data, **changes),
-        eval=dataclasses.replace(ckpt.config.eval, tta=tta or ckpt.config.eval.tta),
-        device=device or ckpt.config.device)
-    rt = resolve_runtime(cfg)
-    data = load_dataset(cfg.data, rt.device, train=False)
-    if data.classes != ckpt.classes:
-        raise UserError(f"{cfg.data.root} does not hold the classes {path} was trained on ("
-                        f"{_class_difference(ckpt.classes, data.classes)}); evaluate a dataset "
-                        "with the same class folders")
-    run = checkpoint_run(ckpt, path, cfg, rt, data)
-    res = evaluate(run.forward, data.test_images, data.test_labels, cfg.data.eval_batch_size,
-                   run.normalize, rt, data.num_classes, tta=cfg.eval.tta)
-    for note in data.notes:
-        print(f"warning: {note}", file=sys.stderr)
-    return {"checkpoint": str(path), "epoch": ckpt.epoch, "weights": ckpt.weights,
-            "tta": cfg.eval.tta, "num_images": res.num_images,
-            "top1": res.top1, "top5": res.top5, "loss": res.loss,
-            "per_class": res.per_class(data.classes), "confusion": res.confusion,
-            "recorded": ckpt.metrics}
-
-
-def _class_difference(trained: list[str], found: list[str]) -> str:
-    missing, extra = sorted(set(trained) - set(found)), sorted(set(found) - set(trained))
-    if not missing and not extra:
-        return "the same names in another order"
-    return (f"missing: {', '.join(missing) or 'none'}; not trained on: "
-            f"{', '.join(extra) or 'none'}")
 
 
 # ---- the train command -------------------------------------------------------------------------
@@ -606,8 +474,5 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
 
 
 def write_config(cfg: TrainConfig) -> None:
-    try:
-        atomic_write_bytes(cfg.run_dir / "config.json", config_json(cfg).encode())
-    except OSError as e:
-        raise UserError(f"cannot write to work dir {cfg.run_dir}: {e.strerror or e}; "
-                        "pick another with --work-dir") from None
+    write_file(cfg.run_dir / "config.json", config_json(cfg).encode(),
+               advice="pick another work dir with --work-dir")

@@ -5,7 +5,6 @@ normalisation in the file's metadata. Written to a temporary name, then renamed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 from pathlib import Path
@@ -13,11 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from convnext_cifar.checkpoints import load_weights
-from convnext_cifar.datasets import normalisation, stored_size
-from convnext_cifar.engine import checkpoint_run
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import atomic_write_bytes
+from convnext_cifar.evaluate import load_model
+from convnext_cifar.files import write_file
 from convnext_cifar.runtime import Runtime
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
@@ -53,31 +50,27 @@ def export_checkpoint(ckpt_path: Path, out: Path, fmt: str | None = None,
         raise UserError(f"cannot write {out}: {out.parent} is not a folder")
     if fmt == "onnx":
         _require_onnx()
-    ckpt = load_weights(ckpt_path)
-    cfg = dataclasses.replace(ckpt.config, device="cpu")
-    rt = Runtime(torch.device("cpu"), "fp32", compile=False, channels_last=False)
-    model = checkpoint_run(ckpt, ckpt_path, cfg, rt).model
-    data = dataclasses.replace(cfg.data, **dict(zip(("mean", "std"), normalisation(cfg.data))))
+    loaded = load_model(ckpt_path, rt=Runtime(torch.device("cpu"), "fp32", compile=False,
+                                              channels_last=False))
+    model, ckpt, data = loaded.model, loaded.checkpoint, loaded.cfg.data
+    mean, std = (list(values) for values in loaded.normalisation)
+    stored = loaded.stored_size
     metadata = {"classes": ckpt.classes, "image_size": data.image_size,
-                "input_size": stored_size(data) if include_preprocessing else data.image_size,
-                "mean": list(data.mean), "std": list(data.std), "resize": data.resize,
+                "input_size": stored if include_preprocessing else data.image_size,
+                "mean": mean, "std": std, "resize": data.resize,
                 "input": ("uint8 NCHW RGB 0-255 at input_size; normalised inside"
                           if include_preprocessing else
                           "float32 NCHW, (pixels 0-255 - mean) / std, at image_size"),
                 "output": "logits (N, classes)", "checkpoint": str(ckpt_path),
                 "epoch": ckpt.epoch, "weights": ckpt.weights, "metrics": ckpt.metrics}
     if include_preprocessing:
-        model = WithPreprocessing(model, data.mean, data.std, data.image_size).eval()
-        example = torch.randint(0, 256, (2, 3, stored_size(data), stored_size(data)),
-                                dtype=torch.uint8)
+        model = WithPreprocessing(model, mean, std, data.image_size).eval()
+        example = torch.randint(0, 256, (2, 3, stored, stored), dtype=torch.uint8)
     else:
         example = torch.randn(2, 3, data.image_size, data.image_size)
     batch = torch.export.Dim("batch", min=1, max=65536)
     blob = (_onnx_bytes if fmt == "onnx" else _pt2_bytes)(model, example, batch, metadata)
-    try:
-        atomic_write_bytes(out, blob)
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
+    write_file(out, blob, advice="nothing was written")
     return metadata
 
 

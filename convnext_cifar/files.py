@@ -1,6 +1,7 @@
 """Safe file handling shared by every module that reads or writes files.
 
-- `atomic_write_bytes`: a final name is either the old file or the complete new one.
+- `atomic_write_bytes`: a final name is either the old file or the complete new one;
+  `write_file` does that or raises the one-line user error naming the path.
 - `require_file`: one clear error for a missing, empty or directory path.
 - `load_pth`: `torch.load(weights_only=True)`, with the objects other toolboxes pickle beside their
   weights read as inert placeholders; any other global refuses the file, running nothing.
@@ -42,6 +43,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_file(path: Path, data: bytes, what: str = "",
+               advice: str = "earlier files are intact; free space or fix permissions") -> None:
+    """`atomic_write_bytes`, or one UserError: could not write [what] PATH: reason; advice."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        name = f"{what} {path}" if what else str(path)
+        raise UserError(f"could not write {name}: {e.strerror or e}; {advice}") from None
 
 
 def remove_stale_temp_files(folder: Path) -> None:

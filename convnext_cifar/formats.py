@@ -24,7 +24,6 @@ import torch
 from convnext_cifar.errors import UserError
 from convnext_cifar.files import load_pth, require_file
 
-LAYOUTS = ("timm", "mmpretrain", "official")
 # (dims, depths) of timm's convnextv2_* variants, for inferring the size from the weights
 VARIANTS = {
     "convnextv2_atto": ((40, 80, 160, 320), (2, 2, 6, 2)),

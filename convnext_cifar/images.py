@@ -21,7 +21,6 @@ import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 MAX_IMAGE_PIXELS = 100_000_000  # 10,000 x 10,000: far beyond any photo, far below a bomb
-RESIZE_MODES = ("center-crop", "squash")
 
 
 class BadImage(Exception):

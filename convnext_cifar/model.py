@@ -11,7 +11,7 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,7 +20,7 @@ import torch
 
 from convnext_cifar.config import ModelConfig
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import atomic_write_bytes
+from convnext_cifar.files import write_file
 from convnext_cifar.formats import SourceWeights, infer_variant, load_source
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -248,10 +248,7 @@ def convert_to_timm(src: str, dst: Path, name: str | None = None, layout: str = 
                 "converted_by": f"convnext-cifar {__version__}"}
     tensors = {k: v.contiguous() for k, v in report.tensors.items()}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write_bytes(dst, save(tensors, metadata=metadata))
-    except OSError as e:
-        raise UserError(f"could not write {dst}: {e.strerror or e}") from None
+    write_file(dst, save(tensors, metadata=metadata), advice="nothing was written")
     return name, report
 
 
@@ -263,13 +260,16 @@ class ModelEma:
     The decay after optimizer step t (1-based) is timm's ModelEmaV3.get_decay(t): 0 at the first
     step (the average starts as a copy), then `decay`; with `warmup_steps` N > 0 it ramps in as
     min(decay, 1 - (1 + (t - 1) / N) ** -2/3) (ModelEmaV3 with use_warmup, warmup_gamma N).
-    Stateful: its state is the averaged module's state dict.
+    Stateful: its state is the averaged module's state dict. `forward` is the module to call
+    (`wrap(module)`: compiled, say, as the run's own forward is).
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float, warmup_steps: int = 0):
+    def __init__(self, model: torch.nn.Module, decay: float, warmup_steps: int = 0,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
         import copy
 
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.forward = wrap(self.module) if wrap is not None else self.module
         self.decay, self.warmup_steps = decay, warmup_steps
         self._pairs: tuple | None = None  # (model, ema tensors, model tensors, non-float pairs)
 

@@ -2,8 +2,10 @@
 
 A training state is a mapping of named stateful components (model, optimizer, loader, ...), each
 with `state_dict()` / `load_state_dict()`; `TrainingState` saves and restores them by iterating
-that mapping, so a new piece of run state is one more entry. Also here: finding the state to
-resume from, refusing changed options, and stopping cleanly on SIGINT/SIGTERM.
+that mapping, so a new piece of run state is one more entry (declared optional when states
+written before it existed should still resume). It also owns when states are written and which
+are kept. Also here: finding the state to resume from, refusing changed options, and stopping
+cleanly on SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,12 +56,23 @@ class Position:
     best_epoch: int = 0
     elapsed_s: float = 0.0  # wall time spent training, over every resumption
 
+    def __post_init__(self) -> None:
+        self._since = time.monotonic()
+
+    def tick(self) -> None:
+        """Add the wall time since the last tick (or the start, or the restore) to elapsed_s."""
+        now = time.monotonic()
+        self.elapsed_s += now - self._since
+        self._since = now
+
     def state_dict(self) -> dict[str, Any]:
+        self.tick()
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+        self._since = time.monotonic()
 
 
 class GlobalRng:
@@ -96,24 +110,39 @@ class GlobalRng:
 
 
 class TrainingState:
-    """A run's stateful components by name, saved to and restored from one state file."""
+    """A run's stateful components by name, written to one state file on the run's cadence.
 
-    def __init__(self, cfg: TrainConfig, dist: Dist, components: dict[str, Stateful]):
-        self.cfg, self.dist, self.components = cfg, dist, components
+    `components["run"]` is the run's `Position`. Names in `optional` may be missing from a
+    state (one written before they existed): they then keep their fresh state on restore.
+    """
 
-    def save(self, step: int, keep_step: int | None) -> Path:
-        """Write state_<step>.pt (rank 0; every rank must call it) and prune older states."""
-        path = state_path(self.cfg.run_dir, step)
+    def __init__(self, cfg: TrainConfig, dist: Dist, steps_per_epoch: int,
+                 components: dict[str, Stateful], optional: tuple[str, ...] = ()):
+        self.cfg, self.dist, self.steps_per_epoch = cfg, dist, steps_per_epoch
+        self.components, self.optional = components, optional
+        self.position: Position = components["run"]  # type: ignore[assignment]
+
+    def due(self) -> bool:
+        """Whether the epoch just ended is one to write a state after: every --state-interval
+        epochs, and after the last."""
+        epoch = self.position.epoch
+        return epoch % self.cfg.state_interval == 0 or epoch == self.cfg.sched.epochs
+
+    def save(self) -> Path:
+        """Write state_<step>.pt (rank 0; every rank must call it) and prune older states: the
+        newest --keep-last stay, and the state of the best epoch."""
+        path = state_path(self.cfg.run_dir, self.position.step)
         states = {name: c.state_dict() for name, c in self.components.items()}
         if self.dist.is_main:
             save_state(path, {"config": config_json(self.cfg), "components": states})
-            prune_states(self.cfg.run_dir, self.cfg.keep_last, keep_step=keep_step)
+            best_step = self.position.best_epoch * self.steps_per_epoch
+            prune_states(self.cfg.run_dir, self.cfg.keep_last, keep_step=best_step or None)
         return path
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
         """Load every component from `state` (as `find_resume_state` returned it)."""
         saved = state["components"]
-        missing = [name for name in self.components if name not in saved]
+        missing = [n for n in self.components if n not in saved and n not in self.optional]
         if missing:
             raise UserError(f"{path} ({state['format']}) holds no {', '.join(missing)}; resume "
                             "it with the version that wrote it")
@@ -122,6 +151,8 @@ class TrainingState:
             raise UserError(f"{path} does not fit this model ({problem}); resume with the run's "
                             "own config.json")
         for name, component in self.components.items():
+            if name not in saved:
+                continue
             try:
                 component.load_state_dict(saved[name])
             except (RuntimeError, ValueError, KeyError, TypeError) as e:

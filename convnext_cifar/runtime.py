@@ -112,6 +112,15 @@ def compiled(module: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     return torch.compile(module, dynamic=False, mode=rt.compile_mode)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; from host memory to a GPU through pinned memory, without blocking."""
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def prepare_model(model: torch.nn.Module, rt: Runtime) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Move to the device and memory format; return (model, the module to call: maybe compiled)."""
     model = model.to(rt.device, memory_format=rt.memory_format)

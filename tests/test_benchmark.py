@@ -64,8 +64,8 @@ def test_the_benchmark_times_what_train_builds():
     """The benchmark's run comes from engine.build_run with the reference config: the same
     model, optimizer groups, loss and loader `train` uses, for its class count."""
     from benchmarks.throughput import Args, bench_config, synthetic_dataset
-    from convnext_cifar.config import CIFAR10FineTune
     from convnext_cifar.engine import build_run
+    from convnext_cifar.presets import CIFAR10FineTune
     from convnext_cifar.runtime import resolve_runtime
 
     args = Args(model="convnextv2_atto", batch_size=8, steps=2, num_classes=7)

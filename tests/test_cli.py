@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from convnext_cifar import cli, engine
-from convnext_cifar.config import CIFAR10Smoke, config_json
+from convnext_cifar.config import config_json
+from convnext_cifar.presets import CIFAR10Smoke
 
 PUBLIC_OPTIONS = [
     "--ema.decay", "--ema.warmup-steps", "--aug.mixup-alpha", "--aug.cutmix-alpha",

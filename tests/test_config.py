@@ -4,11 +4,6 @@ import json
 import pytest
 
 from convnext_cifar.config import (
-    CIFAR10Data,
-    CIFAR10FineTune,
-    CIFAR10Smoke,
-    CIFAR100FineTune,
-    ConvNeXtV2Tiny,
     DataConfig,
     ModelConfig,
     OptimConfig,
@@ -20,6 +15,13 @@ from convnext_cifar.config import (
     to_dict,
 )
 from convnext_cifar.errors import UserError
+from convnext_cifar.presets import (
+    CIFAR10Data,
+    CIFAR10FineTune,
+    CIFAR10Smoke,
+    CIFAR100FineTune,
+    ConvNeXtV2Tiny,
+)
 
 
 def _diff(a, b):

@@ -3,6 +3,7 @@ import hashlib
 import io
 import os
 import tarfile
+import urllib.request
 
 import numpy as np
 import pytest
@@ -10,8 +11,9 @@ import torch
 from cifar_files import dump_py3, learnable_images, write_cifar10
 
 from convnext_cifar import datasets
+from convnext_cifar.augment import crop_flip
 from convnext_cifar.config import DataConfig
-from convnext_cifar.data import DeviceLoader, Normalize, crop_flip, eval_batches
+from convnext_cifar.data import DeviceLoader, Normalize, eval_batches
 from convnext_cifar.datasets import CIFAR10, load_dataset
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
@@ -35,10 +37,10 @@ def test_reads_python2_pickles_exactly(tmp_path):
     raw = (tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes()
     assert raw[:2] == b"\x80\x02" and b"U\x04data" in raw  # Python 2 byte-string keys
     ds = load_cifar10(cfg(tmp_path))
-    assert ds.train_images.dtype == torch.uint8 and ds.train_images.shape == (37, 3, 32, 32)
-    assert torch.equal(ds.train_images, torch.from_numpy(train[0]))
-    assert torch.equal(ds.train_labels, torch.from_numpy(train[1]))
-    assert torch.equal(ds.test_images, torch.from_numpy(test[0]))
+    assert ds.train.images.dtype == torch.uint8 and ds.train.images.shape == (37, 3, 32, 32)
+    assert torch.equal(ds.train.images, torch.from_numpy(train[0]))
+    assert torch.equal(ds.train.labels, torch.from_numpy(train[1]))
+    assert torch.equal(ds.val.images, torch.from_numpy(test[0]))
     assert ds.classes[0] == "airplane" and len(ds.classes) == 10
     assert (ds.mean, ds.std) == (CIFAR10.mean, CIFAR10.std)  # CIFAR-10's own, when not given
     own = load_cifar10(cfg(tmp_path, mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0)))
@@ -49,7 +51,7 @@ def test_user_copy_with_other_batch_sizes_loads_with_one_warning(tmp_path, capsy
     train, test = learnable_images(23, seed=5), learnable_images(7, seed=6)
     write_cifar10(tmp_path, train, test, dump=dump_py3)  # re-pickled by Python 3
     ds = load_cifar10(cfg(tmp_path, limit_val=5))
-    assert len(ds.train_images) == 23 and len(ds.test_images) == 5
+    assert len(ds.train.images) == 23 and len(ds.val.images) == 5
     (note,) = ds.notes
     assert "not byte-identical to the official archive" in note and "data_batch_1" in note
     assert load_cifar10(cfg(tmp_path)).notes == [note]  # the same one line, checked once
@@ -101,12 +103,12 @@ def _archive(tmp_path):
 def test_download_verifies_checksum_and_unpacks(tmp_path, monkeypatch):
     blob = _archive(tmp_path)
     urls = []
-    monkeypatch.setattr(datasets.urllib.request, "urlopen",
+    monkeypatch.setattr(urllib.request, "urlopen",
                         lambda url, timeout: urls.append(url) or io.BytesIO(blob))
     monkeypatch.setitem(datasets.DATASETS, "cifar10", dataclasses.replace(
         CIFAR10, archive_md5=hashlib.md5(blob).hexdigest()))
     ds = load_cifar10(dataclasses.replace(DataConfig(), root=tmp_path / "dl", download=True))
-    assert len(ds.train_images) == 10 and not list((tmp_path / "dl").glob("*.part"))
+    assert len(ds.train.images) == 10 and not list((tmp_path / "dl").glob("*.part"))
     assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
 
     monkeypatch.setitem(datasets.DATASETS, "cifar10", dataclasses.replace(
@@ -208,7 +210,7 @@ def test_sharded_loader_slices_the_same_global_batches_and_augmentations(transfo
 def mix_with_next(x, y, generators, epoch):
     """A global-batch transform: blends each image with the next one by a random weight, as a
     MixUp would, and turns labels into matching soft targets."""
-    lam = torch.rand(len(x), 1, 1, 1, generator=generators.device, device=x.device)
+    lam = torch.rand(len(x), 1, 1, 1, generator=generators.on_device, device=x.device)
     lam = lam * float(generators.host.random())  # a host draw too
     mixed = lam * x.float() + (1 - lam) * x.float().roll(1, 0)
     onehot = torch.nn.functional.one_hot(y % 50, 50).float()

@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 import time
+import urllib.request
 import zlib
 
 import numpy as np
@@ -15,11 +16,13 @@ import torch
 from cifar_files import dump_py3, learnable_images, write_cifar100, write_image_folder
 from PIL import Image
 
-from convnext_cifar import datasets, images
+from convnext_cifar import datasets, folders, images
 from convnext_cifar.config import DataConfig
-from convnext_cifar.datasets import CIFAR100, load_dataset, placement, stratified_split
+from convnext_cifar.datasets import CIFAR100, load_dataset
 from convnext_cifar.errors import UserError
+from convnext_cifar.folders import stratified_split
 from convnext_cifar.images import read_image
+from convnext_cifar.placement import choose as placement
 
 
 def cfg(root, **kw):
@@ -43,11 +46,11 @@ def test_cifar100_fine_and_coarse_labels_and_names(cifar100_root):
     fine = load_dataset(cfg(cifar100_root, dataset="cifar100"))
     train, _ = learnable_images(300, 0, 100)
     assert fine.num_classes == 100 and fine.classes[7] == "fine_07"
-    assert torch.equal(fine.train_images, torch.from_numpy(train))
+    assert torch.equal(fine.train.images, torch.from_numpy(train))
     assert (fine.mean, fine.std) == (CIFAR100.mean, CIFAR100.std)  # CIFAR-100's own
     coarse = load_dataset(cfg(cifar100_root, dataset="cifar100", labels="coarse"))
     assert coarse.num_classes == 20 and coarse.classes[3] == "coarse_03"
-    assert torch.equal(coarse.train_labels, fine.train_labels // 5)
+    assert torch.equal(coarse.train.labels, fine.train.labels // 5)
     assert len(fine.notes) == 1 and "not byte-identical" in fine.notes[0]
 
 
@@ -58,13 +61,13 @@ def test_cifar100_download_checks_the_archive(tmp_path, monkeypatch):
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         tar.add(src / "cifar-100-python", arcname="cifar-100-python")
     blob, urls = buf.getvalue(), []
-    monkeypatch.setattr(datasets.urllib.request, "urlopen",
+    monkeypatch.setattr(urllib.request, "urlopen",
                         lambda url, timeout: urls.append(url) or io.BytesIO(blob))
     monkeypatch.setitem(datasets.DATASETS, "cifar100", dataclasses.replace(
         CIFAR100, archive_md5=hashlib.md5(blob).hexdigest()))
     data = load_dataset(dataclasses.replace(cfg(tmp_path / "dl", dataset="cifar100"),
                                             download=True))
-    assert len(data.train_images) == 20
+    assert len(data.train.images) == 20
     assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
 
 
@@ -165,12 +168,12 @@ def folder_root(tmp_path_factory):
 def test_folder_reads_classes_labels_and_measures_mean_std(folder_root):
     data = load_dataset(folder_cfg(folder_root))
     assert data.classes == ["cat", "dog", "eel"]
-    assert data.train_labels.tolist() == [0] * 12 + [1] * 10 + [2] * 8
-    assert data.test_labels.tolist() == [0] * 4 + [1] * 4 + [2] * 3
+    assert data.train.labels.tolist() == [0] * 12 + [1] * 10 + [2] * 8
+    assert data.val.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 3
     with Image.open(folder_root / "train" / "dog" / "0003.png") as img:
         want = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-    assert torch.equal(data.train_images[12 + 3], want)  # 32 x 32 PNG: stored as it is
-    x = data.train_images.transpose(0, 1).reshape(3, -1).double()
+    assert torch.equal(data.train.images[12 + 3], want)  # 32 x 32 PNG: stored as it is
+    x = data.train.images.transpose(0, 1).reshape(3, -1).double()
     assert data.mean == pytest.approx(tuple(x.mean(1).tolist()))
     assert data.std == pytest.approx(tuple(x.std(1).tolist()))
     given = load_dataset(folder_cfg(folder_root, mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0)))
@@ -181,7 +184,7 @@ def test_folder_any_size_is_resized_and_test_is_an_alias_of_val(tmp_path):
     write_image_folder(tmp_path, {"train": {"a": 3, "b": 3}, "test": {"a": 2, "b": 2}}, size=57,
                        suffix=".jpg")
     data = load_dataset(folder_cfg(tmp_path, image_size=40))
-    assert data.train_images.shape == (6, 3, 40, 40) and len(data.test_images) == 4
+    assert data.train.images.shape == (6, 3, 40, 40) and len(data.val.images) == 4
 
 
 def test_the_cache_hits_and_misses_when_a_file_changes(tmp_path, monkeypatch):
@@ -190,16 +193,16 @@ def test_the_cache_hits_and_misses_when_a_file_changes(tmp_path, monkeypatch):
     cache = sorted(p.name for p in (tmp_path / ".convnext-cifar-cache").iterdir())
     assert [n.split("-")[0] for n in cache] == ["train", "val"]
     calls = []
-    real = datasets.read_images
-    monkeypatch.setattr(datasets, "read_images", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = folders.read_images
+    monkeypatch.setattr(folders, "read_images", lambda *a, **k: calls.append(a) or real(*a, **k))
     second = load_dataset(folder_cfg(tmp_path))
-    assert calls == [] and torch.equal(first.train_images, second.train_images)  # a hit
+    assert calls == [] and torch.equal(first.train.images, second.train.images)  # a hit
     changed = tmp_path / "train" / "b" / "0002.png"
     Image.new("RGB", (32, 32), (255, 0, 0)).save(changed)
     os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
     third = load_dataset(folder_cfg(tmp_path))
     assert len(calls) == 1 and len(calls[0][0]) == 10  # train/ decoded again; val/ still cached
-    assert (third.train_images[7] == torch.tensor([255, 0, 0]).view(3, 1, 1)).all()
+    assert (third.train.images[7] == torch.tensor([255, 0, 0]).view(3, 1, 1)).all()
     load_dataset(folder_cfg(tmp_path, image_size=48))  # another size: another entry
     assert len(calls) == 3
 
@@ -209,10 +212,10 @@ def test_val_fraction_holds_out_a_stratified_seeded_share(tmp_path):
     with pytest.raises(UserError, match="no val/ or test/ folder.*--data.val-fraction"):
         load_dataset(folder_cfg(tmp_path))
     data = load_dataset(folder_cfg(tmp_path, val_fraction=0.2))
-    assert torch.bincount(data.test_labels).tolist() == [4, 2, 1]
-    assert torch.bincount(data.train_labels).tolist() == [16, 8, 1]
+    assert torch.bincount(data.val.labels).tolist() == [4, 2, 1]
+    assert torch.bincount(data.train.labels).tolist() == [16, 8, 1]
     again = load_dataset(folder_cfg(tmp_path, val_fraction=0.2))
-    assert torch.equal(data.test_images, again.test_images)  # the same seed, the same split
+    assert torch.equal(data.val.images, again.val.images)  # the same seed, the same split
     files = [(f"f{i}", i % 2) for i in range(40)]
     other = stratified_split(files, 0.25, seed=1)[1]
     assert other != stratified_split(files, 0.25, seed=0)[1] and len(other) == 10
@@ -244,7 +247,7 @@ def test_skip_bad_images_leaves_them_out_and_says_how_many(tmp_path):
     (tmp_path / "train" / "a" / "0001.png").write_bytes(b"garbage")
     (tmp_path / "train" / "b" / "zz.png").write_bytes(png_claiming(100_000, 100_000))
     data = load_dataset(folder_cfg(tmp_path, skip_bad_images=True))
-    assert data.train_labels.tolist() == [0, 0, 1, 1, 1]
+    assert data.train.labels.tolist() == [0, 0, 1, 1, 1]
     (note,) = data.notes
     assert "skipped 2 image(s)" in note and "0001.png" in note
 
@@ -256,13 +259,13 @@ def test_placement_keeps_what_fits_on_the_device_else_host_else_stops(monkeypatc
     assert placement(9 * gb, 10 * gb, 64 * gb, 0.8, cpu=True) == ""  # no separate host memory
     assert placement(60 * gb, 10 * gb, 64 * gb, 0.8, cpu=False) == ""
     assert placement(1, 10 * gb, 64 * gb, 1e-12, cpu=False) == "host"  # a forced tiny share
-    monkeypatch.setattr(datasets, "host_free_memory", lambda: 200_000)  # a forced small limit
+    monkeypatch.setattr(folders, "host_free_memory", lambda: 200_000)  # a forced small limit
     with pytest.raises(UserError) as e:
         load_dataset(folder_cfg(folder_root, image_size=64))
     message = str(e.value)
     assert "41 x 3 x 64 x 64 bytes" in message and "in host memory" in message
     assert "use --data.image-size 36 or less" in message  # 64 * sqrt(0.8 * 200000 / 503808)
-    monkeypatch.setattr(datasets, "host_free_memory", lambda: 10_000_000)
+    monkeypatch.setattr(folders, "host_free_memory", lambda: 10_000_000)
     with pytest.raises(UserError, match=r"use --data.image-size (\d+) or less"):
         load_dataset(folder_cfg(folder_root, image_size=512, memory_share=0.9))
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from convnext_cifar import cli, runtime
 from convnext_cifar.config import DataConfig, OptimConfig, SchedConfig, TrainConfig
 from convnext_cifar.data import DeviceLoader, Normalize
-from convnext_cifar.datasets import CIFAR10, Dataset
+from convnext_cifar.datasets import CIFAR10, Dataset, Split
 from convnext_cifar.distributed import Dist
 from convnext_cifar.engine import (
     Guard,
@@ -123,8 +123,8 @@ def tiny_run(rt, images, labels, cfg):
     """A Run of the tiny model on given device-resident data (no dataset files)."""
     model, fwd = prepare_model(tiny_model(), rt)
     normalize = Normalize(CIFAR10.mean, CIFAR10.std, 32, rt.device, True)
-    data = Dataset(images, labels, images, labels, [str(i) for i in range(10)], CIFAR10.mean,
-                   CIFAR10.std)
+    data = Dataset(Split(images, labels), [str(i) for i in range(10)], CIFAR10.mean, CIFAR10.std,
+                   {}, train=Split(images, labels))
     step = TrainStep(fwd, build_optimizer(model, cfg.optim, rt.device), rt, cross_entropy_sum(0.0),
                      5.0)
     loader = DeviceLoader(images, labels, cfg.data, 0, normalize)
@@ -257,7 +257,8 @@ def test_mixed_precision_steps_run_and_fp16_uses_a_grad_scaler(precision):
 def test_default_work_dir_says_what_ran():
     from pathlib import Path
 
-    from convnext_cifar.config import CIFAR10FineTune, CIFAR10Smoke, ModelConfig
+    from convnext_cifar.config import ModelConfig
+    from convnext_cifar.presets import CIFAR10FineTune, CIFAR10Smoke
 
     ref = CIFAR10FineTune()
     assert ref.run_dir == Path("work_dirs/convnextv2-tiny_cifar10")

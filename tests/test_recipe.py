@@ -55,7 +55,7 @@ def test_ema_weights_are_what_best_holds_when_ema_wins(cifar_root, tmp_path, mon
 
     def ema_always_wins(run, forward):
         metrics = real(run, forward)
-        if forward is run.ema_forward:
+        if forward is run.ema.forward:
             metrics["top1"] = 100.0
         return metrics
 

@@ -14,10 +14,10 @@ import torch
 from conftest import die_after_state, signal_at_step, small_run_args
 from safetensors import safe_open
 
-from convnext_cifar import checkpoints, cli, engine
+from convnext_cifar import cli, engine, files
 from convnext_cifar.checkpoints import WorkDirLock, find_states, load_state, load_weights
 from convnext_cifar.engine import Guard
-from convnext_cifar.resume import StopSignals, TrainingState
+from convnext_cifar.resume import Position, StopSignals, TrainingState
 
 EXACT = ("--sched.epochs", "3", "--sched.warmup-epochs", "1", "--data.limit-train", "200",
          "--data.limit-val", "100", "--model.drop-path-rate", "0.1", "--keep-last", "10",
@@ -201,7 +201,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step(cifar_root, tmp_path, monke
 
 def test_failed_write_reports_path_and_keeps_earlier_files(cifar_root, tmp_path, monkeypatch,
                                                            capsys):
-    real_write, writes = checkpoints.atomic_write_bytes, []
+    real_write, writes = files.atomic_write_bytes, []
 
     def disk_full_on_second_state(path, data):
         if path.name.startswith("state_"):
@@ -210,7 +210,7 @@ def test_failed_write_reports_path_and_keeps_earlier_files(cifar_root, tmp_path,
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_write(path, data)
 
-    monkeypatch.setattr(checkpoints, "atomic_write_bytes", disk_full_on_second_state)
+    monkeypatch.setattr(files, "atomic_write_bytes", disk_full_on_second_state)
     assert run(cifar_root, tmp_path) == 2
     err = capsys.readouterr().err
     assert f"could not write training state {tmp_path / 'state_00000008.pt'}" in err
@@ -232,6 +232,11 @@ def _final_files_load(work):
             load_state(path)
 
 
+def _logged_bytes(work):
+    path = work / "metrics.jsonl"
+    return path.stat().st_size if path.exists() else 0
+
+
 EPOCHS = "80"  # 2 steps each: room for 12 kills of a few epochs' progress each
 KILLS = 12
 
@@ -246,15 +251,18 @@ def test_kill_9_at_random_moments_never_loses_the_run(cifar_root, tmp_path):
     kills = during_save = 0
     newest = []  # the step of the newest state after each kill
     for attempt in range(KILLS):
+        logged = _logged_bytes(tmp_path)
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         start = time.monotonic()
         target_save = attempt % 2 == 1  # every other kill aims at a checkpoint being written
-        delay, saw_tmp = rng.uniform(0.5, 3.0), False
-        while proc.poll() is None and time.monotonic() - start < 60:
-            if target_save and list(tmp_path.glob(".*.tmp")) and time.monotonic() - start > 3:
+        delay, saw_tmp, training = rng.uniform(0.5, 3.0), False, None
+        while proc.poll() is None and time.monotonic() - start < 120:
+            if training is None and _logged_bytes(tmp_path) > logged:
+                training = time.monotonic()  # startup (imports, model) takes seconds: wait it out
+            if target_save and list(tmp_path.glob(".*.tmp")) and training is not None:
                 saw_tmp = True
                 break
-            if not target_save and time.monotonic() - start > 3 + delay:
+            if not target_save and training is not None and time.monotonic() - training > delay:
                 break
             time.sleep(0.001)
         if proc.poll() is not None:  # ended by itself: finished early, or failed
@@ -324,16 +332,24 @@ def test_training_state_saves_and_restores_every_component_by_name(tmp_path):
             self.value = int(state["value"])
 
     cfg = TrainConfig(work_dir=tmp_path, keep_last=1)
-    model = torch.nn.Linear(2, 2)
-    saved = TrainingState(cfg, Dist(), {"model": model, "extra": Counter(7)})
-    path = saved.save(step=3, keep_step=None)
+    model, position = torch.nn.Linear(2, 2), Position(step=3)
+    saved = TrainingState(cfg, Dist(), 1, {"run": position, "model": model, "extra": Counter(7)})
+    path = saved.save()
     state = load_state(path)
-    assert set(state["components"]) == {"model", "extra"}
+    assert path.name == "state_00000003.pt"
+    assert set(state["components"]) == {"run", "model", "extra"}
     fresh, target = Counter(0), torch.nn.Linear(2, 2)
-    TrainingState(cfg, Dist(), {"model": target, "extra": fresh}).restore(state, path)
+    TrainingState(cfg, Dist(), 1, {"run": Position(), "model": target, "extra": fresh}).restore(
+        state, path)
     assert fresh.value == 7 and torch.equal(target.weight, model.weight)
-    more = TrainingState(cfg, Dist(), {"model": target, "ema": Counter(0)})
+    more = TrainingState(cfg, Dist(), 1, {"run": Position(), "model": target, "ema": Counter(0)})
     with pytest.raises(engine.UserError, match="holds no ema"):
         more.restore(state, path)
-    saved.save(step=5, keep_step=None)
+    # a component declared optional may be missing from older states: it stays as it is
+    newer = Counter(5)
+    TrainingState(cfg, Dist(), 1, {"run": Position(), "model": target, "ema": newer},
+                  optional=("ema",)).restore(state, path)
+    assert newer.value == 5
+    position.step = 5
+    saved.save()
     assert [p.name for p in find_states(tmp_path)] == ["state_00000005.pt"]  # keep_last 1

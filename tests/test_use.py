@@ -20,8 +20,7 @@ from convnext_cifar import cli
 from convnext_cifar.checkpoints import load_weights
 from convnext_cifar.data import Normalize
 from convnext_cifar.datasets import load_dataset
-from convnext_cifar.engine import checkpoint_run, predict_logits
-from convnext_cifar.runtime import resolve_runtime
+from convnext_cifar.evaluate import load_model, predict_logits
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +33,11 @@ def trained(cifar_root, tmp_path_factory):
 
 def eval_probabilities(best, root):
     """What `eval` computes for every test image, image by image: its softmax."""
-    ckpt = load_weights(best)
-    rt = resolve_runtime(ckpt.config)
-    data = load_dataset(ckpt.config.data, rt.device, train=False)
-    run = checkpoint_run(ckpt, best, ckpt.config, rt, data)
+    run = load_model(best)
+    data = load_dataset(run.cfg.data, run.rt.device, train=False)
     with torch.inference_mode():
-        x = run.normalize(data.test_images)
-        return predict_logits(run.forward, x, rt).softmax(1), data.test_images
+        x = run.normalize(data.val.images)
+        return predict_logits(run.forward, x, run.rt).softmax(1), data.val.images
 
 
 # ---- predict ----------------------------------------------------------------------------------
@@ -104,9 +101,7 @@ def test_predict_and_export_bad_input_is_one_line(trained, tmp_path, capsys, arg
 # ---- export ------------------------------------------------------------------------------------
 
 def eager_logits(best, x):
-    ckpt = load_weights(best)
-    rt = resolve_runtime(ckpt.config)
-    run = checkpoint_run(ckpt, best, ckpt.config, rt)
+    run = load_model(best)
     with torch.inference_mode():
         return run.model(x.contiguous()).float()
 
