@@ -6,10 +6,12 @@ Every file is written with `files.write_file`: a final name never holds a half-w
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,11 @@ RESUME_ADVICE = "earlier files are intact; free space or fix permissions and res
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], cfg: TrainConfig,
                  classes: list[str], epoch: int, metrics: dict[str, float],
-                 runtime: dict[str, Any], weights: str = "raw") -> None:
+                 runtime: dict[str, Any], weights: str = "raw",
+                 identity: dict[str, Any] | None = None) -> None:
     """Model weights (contiguous, on the CPU) plus config, classes, epoch, the metrics of these
-    weights and which weights they are (raw, or the EMA of the run's weights)."""
+    weights, which weights they are (raw, or the EMA of the run's weights) and the identity of
+    the dataset they were trained and validated on."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -40,6 +44,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], cfg: TrainConf
         "metrics": json.dumps(metrics),
         "runtime": json.dumps(runtime),
         "weights": weights,
+        **({"dataset": json.dumps(identity)} if identity is not None else {}),
     }
     write_file(path, save(tensors, metadata=metadata), "checkpoint", RESUME_ADVICE)
 
@@ -52,6 +57,7 @@ class Checkpoint:
     epoch: int
     metrics: dict[str, float]
     weights: str = "raw"  # "ema": the EMA of the run's weights
+    identity: dict[str, Any] | None = None  # the dataset's (datasets.identity_of); None: older
 
 
 def load_weights(path: Path) -> Checkpoint:
@@ -70,12 +76,48 @@ def load_weights(path: Path) -> Checkpoint:
         raise UserError(f"{path} was not written by convnext-cifar (no '{FORMAT}' metadata); "
                         "use `convnext-cifar train --model.pretrained` to start from other weights")
     try:
-        config = from_dict(TrainConfig, json.loads(metadata["config"]))
-        return Checkpoint(state_dict, config, json.loads(metadata["classes"]),
-                          int(metadata["epoch"]), json.loads(metadata["metrics"]),
-                          metadata.get("weights", "raw"))
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{path} has damaged metadata ({e})") from None
+        ckpt = Checkpoint(state_dict, from_dict(TrainConfig, json.loads(metadata["config"])),
+                          json.loads(metadata["classes"]), int(metadata["epoch"]),
+                          json.loads(metadata["metrics"]), metadata.get("weights", "raw"),
+                          json.loads(metadata.get("dataset", "null")))
+        problem = _metadata_problem(ckpt)
+    except (KeyError, ValueError, TypeError, UserError) as e:
+        problem = str(e)
+    if problem:
+        raise UserError(f"{path} has damaged metadata ({problem}); it was edited or written by "
+                        "something else: use another checkpoint of the run")
+    return ckpt
+
+
+def weights_epoch(path: Path) -> int:
+    """The epoch a weights file records, from its metadata alone (-1 if it is unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("epoch", -1))
+    except Exception:  # a damaged file: the caller treats it as of no known epoch
+        return -1
+
+
+def _metadata_problem(ckpt: Checkpoint) -> str:
+    """What is wrong with a checkpoint's metadata values ('' if nothing)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not (isinstance(ckpt.classes, list) and ckpt.classes
+            and all(isinstance(c, str) for c in ckpt.classes)):
+        return f"classes is {ckpt.classes!r}, not a list of class names"
+    if not (isinstance(ckpt.metrics, dict) and all(number(v) for v in ckpt.metrics.values())):
+        return f"metrics is {ckpt.metrics!r}, not an object of numbers"
+    if ckpt.weights not in ("raw", "ema"):
+        return f"weights is {ckpt.weights!r}, not raw or ema"
+    if ckpt.epoch < 0:
+        return f"epoch is {ckpt.epoch}"
+    if ckpt.identity is not None and not (isinstance(ckpt.identity, dict)
+                                          and isinstance(ckpt.identity.get("classes"), list)):
+        return "dataset is not an identity object"
+    return ""
 
 
 # ---- full training state, for exact resume ------------------------------------------------------
@@ -137,22 +179,34 @@ def write_status(run_dir: Path, status: dict[str, Any]) -> None:
     write_file(Path(run_dir) / STATUS_FILE, json.dumps(status).encode(), advice=RESUME_ADVICE)
 
 
+# The work-dir lock is an open-file-description lock (Linux): `lock_is_held` can ask whether it is
+# held without taking it, so that `runs` never makes a training that starts at that instant fail.
+# Elsewhere it is a flock, which can only be tested by taking it for a moment.
+_OFD = hasattr(fcntl, "F_OFD_SETLK")
+
+
+def _ofd_request(kind: int, command: int, fd: int) -> int:
+    """F_OFD_SETLK / F_OFD_GETLK on the whole file; returns the lock type the kernel reports."""
+    request = struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)  # struct flock, pid 0
+    return struct.unpack("hhqqi4x", fcntl.fcntl(fd, command, request))[0]
+
+
 def lock_is_held(run_dir: Path) -> bool:
     """Whether a live process holds the work dir's lock (a training is running there)."""
-    import fcntl
-
     try:
         fd = os.open(Path(run_dir) / ".lock", os.O_RDONLY)
     except OSError:
         return False
     try:
+        if _OFD:
+            return _ofd_request(fcntl.F_WRLCK, fcntl.F_OFD_GETLK, fd) != fcntl.F_UNLCK
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except (BlockingIOError, PermissionError):
         return True
     except OSError:
         return False
     finally:
-        os.close(fd)  # closing releases a lock taken here
+        os.close(fd)  # closing releases a flock taken here
     return False
 
 
@@ -164,14 +218,19 @@ class WorkDirLock:
         self.fd: int | None = None
 
     def __enter__(self) -> WorkDirLock:
-        import fcntl
-
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if _OFD:
+                _ofd_request(fcntl.F_WRLCK, fcntl.F_OFD_SETLK, self.fd)
+            else:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError) as e:
+            if self.fd is None:
+                raise UserError(f"cannot use work dir {self.path.parent}: {e.strerror or e}; "
+                                "pick another with --work-dir") from None
             holder = self.path.read_text().strip() or "another process"
             os.close(self.fd)
+            self.fd = None
             raise UserError(f"work dir {self.path.parent} is in use by a running training "
                             f"({holder}); wait for it or pick another --work-dir") from None
         except OSError as e:
@@ -183,5 +242,5 @@ class WorkDirLock:
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
+            os.close(self.fd)  # closing releases the lock
             self.fd = None

@@ -49,9 +49,14 @@ def load(spec: Cifar, cfg: DataConfig, train: bool) -> Dataset:
     return Dataset(
         val=split(spec.test_files, cfg.limit_val), classes=classes,
         mean=tuple(cfg.mean or spec.mean), std=tuple(cfg.std or spec.std),
-        identity=identity_of(classes, [f"{n} {md5}" for n, md5 in checksums.items()]),
+        identity=identity_of(classes, _listed(spec.train_files, checksums),
+                             _listed(spec.test_files + (spec.meta_file,), checksums)),
         train=split(spec.train_files, cfg.limit_train) if train else None,
         notes=_unofficial(spec, folder, checksums))
+
+
+def _listed(names: tuple[str, ...], checksums: dict[str, str]) -> list[str]:
+    return [f"{n} {checksums.get(n, 'missing')}" for n in names]
 
 
 def _read_batch(path: Path, spec: Cifar, fix: str) -> tuple[torch.Tensor, torch.Tensor]:

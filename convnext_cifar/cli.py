@@ -154,19 +154,23 @@ def predict_command(
         raise UserError(f"invalid --batch-size {batch_size}: must be >= 1")
 
     def run() -> int:
-        from convnext_cifar.predict import predict, write_csv
+        from convnext_cifar.predict import CsvWriter, predict
         from convnext_cifar.report import print_predictions
 
-        predictions, failed = predict(ckpt, paths, batch_size, top_k, tta, device)
-        if csv is not None:
-            write_csv(csv, predictions, top_k)
-        if json_output:
-            for p in predictions:
-                print(json.dumps(p.as_dict()))
-        elif csv is None:
-            print_predictions(predictions, top_k)
-        for path, reason in failed:
-            _say(f"convnext-cifar: cannot read {path}: {reason}")
+        failed = 0
+        chunks = predict(ckpt, paths, batch_size, top_k, tta, device)  # checks come first
+        with CsvWriter(csv, top_k) if csv is not None else contextlib.nullcontext() as table:
+            for predictions, unreadable in chunks:  # printed as they come: any number of files
+                if table is not None:
+                    table.write(predictions)
+                if json_output:
+                    for p in predictions:
+                        print(json.dumps(p.as_dict()), flush=True)
+                elif csv is None and predictions:
+                    print_predictions(predictions, top_k)
+                for path, reason in unreadable:
+                    _say(f"convnext-cifar: cannot read {path}: {reason}")
+                failed += len(unreadable)
         return 1 if failed else 0
 
     return run

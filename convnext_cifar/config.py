@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class DataConfig:
     """Largest share of the device's free memory the images may take (else host memory)."""
     workers: int = 0
     """Processes decoding folder images (0: one per CPU core)."""
+    cache_dir: Path | None = None
+    """folder: the decoded-image cache (None: ROOT/.convnext-cifar-cache); for read-only data."""
     download: bool = True
     """Download the official archive (checksum verified) when the data is missing."""
     batch_size: int = 128
@@ -362,8 +365,8 @@ class TrainConfig:
             self.name.format(model="", dataset="")
         except (KeyError, IndexError, ValueError):
             _check(False, "name", self.name, "may only use the fields {model} and {dataset}")
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-               "device", self.device, "use auto, cpu, cuda or cuda:N")
+        _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
+               self.device, "use auto, cpu, mps, cuda or cuda:N")
         for option in ("val_interval", "ckpt_interval", "log_interval", "state_interval",
                        "keep_last"):
             _check(getattr(self, option) >= 1, option, getattr(self, option), "must be >= 1")

@@ -61,12 +61,34 @@ class Dataset:
         return len(self.classes)
 
 
-def identity_of(classes: list[str], files: list[str]) -> dict[str, Any]:
-    """A dataset's identity: its class names in label order and a fingerprint of its files
-    (one line each: a folder's relative path and label, a CIFAR file's name and checksum), so a
-    moved but identical dataset keeps its identity."""
-    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
-    return {"classes": list(classes), "files": digest}
+def identity_of(classes: list[str], train: list[str] | None, val: list[str]) -> dict[str, Any]:
+    """A dataset's identity: its class names in label order and a fingerprint of each split's
+    files (one line each: a folder image's path below the root, a CIFAR file's name and
+    checksum), so a moved but identical dataset keeps its identity. `train` is None where the
+    training split was not listed (evaluation)."""
+
+    def fingerprint(lines: list[str]) -> str:
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+    return {"classes": list(classes), "train": None if train is None else fingerprint(train),
+            "val": fingerprint(val)}
+
+
+def identity_difference(recorded: dict[str, Any], found: dict[str, Any],
+                        splits: tuple[str, ...] = ("train", "val")) -> str:
+    """What differs between two identities, in words ('' when nothing does); a split missing
+    from either is not compared."""
+    old, new = recorded.get("classes", []), found.get("classes", [])
+    if old != new:
+        missing, extra = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+        if not missing and not extra:
+            return "the same class names in another order"
+        return (f"classes missing: {', '.join(missing) or 'none'}; classes not in the run: "
+                f"{', '.join(extra) or 'none'}")
+    changed = [s for s in splits if recorded.get(s) and found.get(s)
+               and recorded[s] != found[s]]
+    return " and ".join(f"the {s} files (fingerprint {recorded[s]} -> {found[s]})"
+                        for s in changed)
 
 
 class DatasetKind(ABC):

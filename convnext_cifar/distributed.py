@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
 
 from convnext_cifar.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,17 +79,46 @@ def stop() -> None:
         tdist.destroy_process_group()
 
 
-def main_first(dist: Dist, work: Callable[[], None]) -> None:
-    """Run `work` (a download, a cache to build) on rank 0 while the others wait; a UserError
-    it raises is raised on every rank, so that all of them stop with the same line."""
+def from_main(dist: Dist, work: Callable[[], T]) -> T:
+    """`work()` on rank 0 alone, its result sent to every rank: what rank 0 decides (the state
+    to resume, the work dir's checks) holds for all, whatever the other ranks' disks hold. A
+    UserError it raises is raised on every rank, with the same line."""
     if not dist.enabled:
-        return
-    message = [None]
+        return work()
+    message: list[Any] = [None, None]
     if dist.is_main:
         try:
-            work()
+            message = [work(), None]
         except UserError as e:
-            message = [str(e)]
+            message = [None, str(e)]
     tdist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise UserError(message[0])
+    if message[1] is not None:
+        raise UserError(message[1])
+    return message[0]
+
+
+def together(dist: Dist, work: Callable[[], T]) -> T:
+    """`work()` on every rank; a UserError on any rank is raised on all of them (the lowest
+    rank's line), so that no rank waits alone in a collective the others never reach."""
+    if not dist.enabled:
+        return work()
+    result, error = None, None
+    try:
+        result = work()
+    except UserError as e:
+        error = str(e)
+    errors: list[Any] = [None] * dist.world
+    tdist.all_gather_object(errors, error)
+    if first := next((e for e in errors if e is not None), None):
+        raise UserError(first)
+    return result  # type: ignore[return-value]
+
+
+def main_first(dist: Dist, work: Callable[[], None]) -> None:
+    """Run `work` (a download, a cache to build) on rank 0 while the others wait, then on the
+    first process of every other node (whose disk may not be rank 0's); a UserError on any of
+    them is raised on every rank."""
+    if not dist.enabled:
+        return
+    from_main(dist, work)
+    together(dist, work if dist.local_rank == 0 and not dist.is_main else lambda: None)

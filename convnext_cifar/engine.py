@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,12 +42,16 @@ from convnext_cifar.model import ModelEma, build_model
 from convnext_cifar.optim import build_optimizer, lr_at, peak_lr, set_lr
 from convnext_cifar.report import MetricsLog, Progress, TensorBoardLog
 from convnext_cifar.resume import (
+    DatasetRecord,
     GlobalRng,
     Position,
     StopSignals,
     TrainingState,
+    earlier_results,
     find_resume_state,
+    recorded_normalisation,
     refuse_changes,
+    set_aside_after,
 )
 from convnext_cifar.runtime import (
     Runtime,
@@ -55,6 +60,8 @@ from convnext_cifar.runtime import (
     resolve_runtime,
     seed_everything,
 )
+
+VAL_FILES = "val_files.txt"  # in the work dir: the held-out images of a folder dataset
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -306,8 +313,8 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     state = TrainingState(cfg, dist, len(run.loader), {
         "run": position, "model": run.model, "optimizer": run.step_fn.optimizer,
         "scaler": run.step_fn.scaler, "rng": GlobalRng(rt.device, dist), "loader": run.loader,
-        "window": window, "guard": guard, "log": log,
-        **({"ema": run.ema} if run.ema is not None else {})})
+        "window": window, "guard": guard, "log": log, "dataset": DatasetRecord(run.data.identity),
+        **({"ema": run.ema} if run.ema is not None else {})}, optional=("dataset",))
     _start_or_resume(state, found, log, progress)
     with RunStatus(run, position, log) as status, StopSignals() as stop:
         while position.epoch < cfg.sched.epochs:
@@ -340,7 +347,8 @@ def _start_or_resume(state: TrainingState, found: tuple[Path, dict[str, Any]] | 
         log.truncate(0)
     else:
         state.restore(found[1], found[0])
-        position.best_top1 = max(position.best_top1, _best_on_disk(cfg.run_dir))
+        if state.dist.is_main:
+            _best_after_resume(position, cfg.run_dir, progress)
         progress.message(f"resumed from {found[0]} at epoch {position.epoch + 1}, batch "
                          f"{position.batch}, step {position.step}")
     if cfg.log.tensorboard and state.dist.is_main:  # a resumed run drops what followed its state
@@ -410,7 +418,19 @@ def save_weights_of(run: Run, name: str, epoch: int, metrics: dict[str, float],
     if run.dist.is_main:
         state_dict = (module or run.model).state_dict()
         save_weights(run.cfg.run_dir / name, state_dict, run.cfg, run.data.classes, epoch,
-                     metrics, run.rt.as_dict(), weights)
+                     metrics, run.rt.as_dict(), weights, run.data.identity)
+
+
+def _best_after_resume(position: Position, run_dir: Path, progress: Progress) -> None:
+    """The best top-1 to beat: the state's, or a better one best.safetensors holds (written
+    before a crash, after the state). When the file holding the state's best is gone (a
+    rollback set it aside) the next validation writes a new one."""
+    if position.best_epoch and not (run_dir / "best.safetensors").exists():
+        progress.warning(f"best.safetensors of epoch {position.best_epoch} (top-1 "
+                         f"{position.best_top1:.2f}) is not in {run_dir}; it will hold the best "
+                         "weights from the next validation on")
+        position.best_top1, position.best_epoch = -1.0, 0
+    position.best_top1 = max(position.best_top1, _best_on_disk(run_dir))
 
 
 def _best_on_disk(run_dir: Path) -> float:
@@ -430,8 +450,9 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
         allow_changes: bool = False) -> dict[str, Any]:
     """Run the whole training described by `cfg` (or continue it); returns the best top-1.
 
-    Under torchrun every process calls this; rank 0 alone writes into the work dir. Everything
-    a user can get wrong (data, state to resume, options) is checked before anything is written.
+    Under torchrun every process calls this; rank 0 alone reads and writes the work dir (other
+    nodes' may be other disks) and decides for all. Everything a user can get wrong (data,
+    state to resume, options, a work dir in use) is checked before anything is written.
     """
     dist = distributed.from_env()
     cfg = dataclasses.replace(cfg, name=cfg.run_name, work_dir=cfg.run_dir)
@@ -443,36 +464,47 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
                         f"accumulation steps (a multiple of {per_step})")
     distributed.start(dist, rt.device)
     try:
-        found = find_resume_state(cfg, resume)
+        found = distributed.from_main(dist, lambda: find_resume_state(cfg, resume))
+        cfg = recorded_normalisation(found, cfg)
         # The dataset before any weights: a missing one fails at once, with no download.
         # Under torchrun rank 0 downloads or decodes it first; the others then read it.
         distributed.main_first(dist, lambda: prepare_dataset(cfg.data))
-        data = load_dataset(cfg.data, rt.device)
+        data = distributed.together(dist, lambda: load_dataset(cfg.data, rt.device))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, mean=data.mean, std=data.std))  # recorded in config.json
         if found is not None and not allow_changes:
-            refuse_changes(found, cfg)
+            distributed.together(dist, lambda: refuse_changes(found, cfg, data.identity))
         # A resumed run takes its weights from the state: no download of pretrained weights.
         run = build_run(cfg, rt, dist, data, pretrained=found is None)
-        try:
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create work dir {cfg.run_dir}: {e.strerror or e}; pick "
-                            "another with --work-dir") from None
-        with WorkDirLock(cfg.run_dir) if dist.is_main else contextlib.nullcontext():
-            if dist.is_main:
-                remove_stale_temp_files(cfg.run_dir)
-            if found is None and find_states(cfg.run_dir):
-                raise UserError(f"work dir {cfg.run_dir} holds the training states of an earlier "
-                                f"run ({find_states(cfg.run_dir)[-1].name}); continue it with "
-                                "--resume auto or start a new run with another --work-dir")
-            if dist.is_main:
-                write_config(cfg)
+        with contextlib.ExitStack() as work_dir:
+            distributed.from_main(dist, lambda: claim_work_dir(cfg, data, found, work_dir))
             return train(run, found, live_progress)
     finally:
         distributed.stop()
 
 
-def write_config(cfg: TrainConfig) -> None:
+def claim_work_dir(cfg: TrainConfig, data: Dataset, found: tuple[Path, dict[str, Any]] | None,
+                   stack: contextlib.ExitStack) -> None:
+    """On rank 0: create and lock the work dir (held until `stack` closes), refuse a fresh start
+    over an earlier run's results, set aside what a rollback abandons, write config.json and
+    the held-out files."""
+    try:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create work dir {cfg.run_dir}: {e.strerror or e}; pick "
+                        "another with --work-dir") from None
+    stack.enter_context(WorkDirLock(cfg.run_dir))
+    remove_stale_temp_files(cfg.run_dir)
+    if found is None and (results := earlier_results(cfg.run_dir)):
+        states = [r for r in results if r.startswith("state_")]
+        advice = ("continue it with --resume auto, or" if states else
+                  "it has no training state left to continue;")
+        raise UserError(f"work dir {cfg.run_dir} holds the results of an earlier run "
+                        f"({', '.join(results[:4])}{', ...' if len(results) > 4 else ''}); "
+                        f"{advice} start a new run with another --work-dir")
+    if found is not None and (note := set_aside_after(found, cfg.run_dir)):
+        print(note, file=sys.stderr, flush=True)
     write_file(cfg.run_dir / "config.json", config_json(cfg).encode(),
                advice="pick another work dir with --work-dir")
+    if data.val.files:  # the held-out images, one path below the dataset's root a line
+        write_file(cfg.run_dir / VAL_FILES, "".join(f + "\n" for f in data.val.files).encode())

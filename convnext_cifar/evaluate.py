@@ -17,11 +17,16 @@ import torch.nn.functional as F
 from convnext_cifar.checkpoints import Checkpoint, load_weights
 from convnext_cifar.config import TrainConfig
 from convnext_cifar.data import Normalize, eval_batches
-from convnext_cifar.datasets import load_dataset, normalisation, stored_size
+from convnext_cifar.datasets import (
+    identity_difference,
+    load_dataset,
+    normalisation,
+    stored_size,
+)
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
 from convnext_cifar.model import build_model, layout_mismatch
-from convnext_cifar.runtime import Runtime, prepare_model, resolve_runtime
+from convnext_cifar.runtime import Runtime, device_problem, prepare_model, resolve_runtime
 
 
 @dataclass
@@ -65,9 +70,13 @@ class LoadedModel:
 
 def load_model(path: Path, device: str | None = None, tta: str | None = None,
                rt: Runtime | None = None) -> LoadedModel:
-    """The model a checkpoint describes, with its weights, ready to run on `rt` (default: the
-    recorded device, or `device`, resolved as `train` resolves it)."""
+    """The model a checkpoint describes, with its weights, ready to run on `rt` (default:
+    `device`, else the recorded device where this machine has it, resolved as `train` does)."""
     ckpt = load_weights(path)
+    if device is None and (problem := device_problem(ckpt.config.device)):
+        print(f"note: {path} was trained on {ckpt.config.device}, which is not here ({problem}); "
+              "running on --device auto", file=sys.stderr)
+        device = "auto"
     cfg = dataclasses.replace(ckpt.config, device=device or ckpt.config.device,
                               eval=dataclasses.replace(ckpt.config.eval,
                                                        tta=tta or ckpt.config.eval.tta))
@@ -163,6 +172,14 @@ def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: boo
         raise UserError(f"{data_cfg.root} does not hold the classes {path} was trained on ("
                         f"{_class_difference(loaded.classes, data.classes)}); evaluate a "
                         "dataset with the same class folders")
+    recorded = loaded.checkpoint.identity
+    if recorded and (difference := identity_difference(recorded, data.identity, ("val",))):
+        if data_root is None:  # the run's own data, changed: its numbers would not compare
+            raise UserError(f"{data_cfg.root} no longer holds the held-out images {path} was "
+                            f"validated on ({difference}); to evaluate these images anyway, "
+                            f"name them: --data.root {data_cfg.root}")
+        data.notes.append(f"{data_cfg.root} holds other images than the run's held-out split "
+                          f"({difference}): the numbers are for these images")
     res = evaluate(loaded.forward, data.val.images, data.val.labels, data_cfg.eval_batch_size,
                    loaded.normalize, loaded.rt, data.num_classes, tta=loaded.tta)
     for note in data.notes:

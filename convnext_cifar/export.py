@@ -5,8 +5,12 @@ normalisation in the file's metadata. Written to a temporary name, then renamed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +22,9 @@ from convnext_cifar.files import write_file
 from convnext_cifar.runtime import Runtime
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
+# Weights above this go to OUT.onnx.data (a protobuf message holds at most 2 GB), with room for
+# the graph itself.
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
 METADATA_FILE = "convnext_cifar.json"  # the pt2 archive's extra file with the metadata
 
 
@@ -61,7 +68,8 @@ def export_checkpoint(ckpt_path: Path, out: Path, fmt: str | None = None,
                 "input": ("uint8 NCHW RGB 0-255 at input_size; normalised inside"
                           if include_preprocessing else
                           "float32 NCHW, (pixels 0-255 - mean) / std, at image_size"),
-                "output": "logits (N, classes)", "checkpoint": str(ckpt_path),
+                "output": "logits (N, classes)", "checkpoint": Path(ckpt_path).name,
+                "checkpoint_sha256": _sha256(Path(ckpt_path)),
                 "epoch": ckpt.epoch, "weights": ckpt.weights, "metrics": ckpt.metrics}
     if include_preprocessing:
         model = WithPreprocessing(model, mean, std, data.image_size).eval()
@@ -69,9 +77,20 @@ def export_checkpoint(ckpt_path: Path, out: Path, fmt: str | None = None,
     else:
         example = torch.randn(2, 3, data.image_size, data.image_size)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    blob = (_onnx_bytes if fmt == "onnx" else _pt2_bytes)(model, example, batch, metadata)
-    write_file(out, blob, advice="nothing was written")
+    if fmt == "onnx":
+        _write_onnx(model, example, batch, metadata, out)
+    else:
+        write_file(out, _pt2_bytes(model, example, batch, metadata),
+                   advice="nothing was written")
     return metadata
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _require_onnx() -> None:
@@ -83,16 +102,25 @@ def _require_onnx() -> None:
                         "'convnext-cifar[export]' (onnx, onnxscript, onnxruntime)") from None
 
 
-def _onnx_bytes(model, example, batch, metadata) -> bytes:
-    import onnx
-
+def _write_onnx(model, example, batch, metadata, out: Path) -> None:
+    """OUT.onnx, with the weights in OUT.onnx.data beside it when they pass protobuf's 2 GB
+    limit; written in a temporary folder beside OUT, then renamed (the data file first)."""
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each pass
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},),
                                     input_names=["images"], output_names=["logits"],
                                     verbose=False)
-    proto = program.model_proto
-    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
-    return proto.SerializeToString()
+    program.model.metadata_props.update({k: json.dumps(v) for k, v in metadata.items()})
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        program.save(tmp / out.name, external_data=weights > EXTERNAL_DATA_BYTES)
+        for written in sorted(tmp.iterdir(), key=lambda p: p.name == out.name):
+            os.replace(written, out.parent / written.name)
+    except OSError as e:
+        raise UserError(f"could not write {out}: {e.strerror or e}; nothing was written"
+                        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pt2_bytes(model, example, batch, metadata) -> bytes:

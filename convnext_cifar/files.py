@@ -1,7 +1,8 @@
 """Safe file handling shared by every module that reads or writes files.
 
-- `atomic_write_bytes`: a final name is either the old file or the complete new one;
-  `write_file` does that or raises the one-line user error naming the path.
+- `atomic_writer` / `atomic_write_bytes`: a final name is either the old file or the complete
+  new one; `write_file` does that or raises the one-line user error naming the path;
+  `remove_stale_temp_files` cleans up after a process killed while writing.
 - `require_file`: one clear error for a missing, empty or directory path.
 - `load_pth`: `torch.load(weights_only=True)`, with the objects other toolboxes pickle beside their
   weights read as inert placeholders; any other global refuses the file, running nothing.
@@ -11,38 +12,55 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
-import tempfile
+import secrets
+import socket
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from convnext_cifar.errors import UserError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+_HOST = socket.gethostname().replace(".", "_")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either the old file or the complete new one."""
+def temp_path(path: Path) -> Path:
+    """A temporary name beside `path` that says which host and process write it."""
+    return path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(3)}.tmp"
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: on success it is fsynced and renamed over `path`
+    (which is either the old file or the complete new one); on any error it is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as open() gives
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either the old file or the complete new one."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def write_file(path: Path, data: bytes, what: str = "",
@@ -55,10 +73,43 @@ def write_file(path: Path, data: bytes, what: str = "",
         raise UserError(f"could not write {name}: {e.strerror or e}; {advice}") from None
 
 
-def remove_stale_temp_files(folder: Path) -> None:
-    """Temporary files left by a process killed while writing (never under a final name)."""
+def remove_stale_temp_files(folder: Path, shared: bool = False) -> None:
+    """Temporary files left by a process killed while writing (never under a final name).
+
+    In a folder only this process writes to (a locked work dir) every one is stale; in a
+    `shared` one (a decode cache two runs may fill at once) only those of dead processes of
+    this host, and unnamed ones a day old.
+    """
     for path in Path(folder).glob(".*.tmp"):
+        if shared:
+            parts = path.name.split(".")
+            try:
+                pid = int(parts[-3])
+            except (IndexError, ValueError):
+                pid = None
+            if pid is None:
+                if time.time() - _mtime(path) < 86400:
+                    continue
+            elif parts[-4] != _HOST or _alive(pid):
+                continue
         path.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -1,7 +1,9 @@
 """Image folders: root/train/<class>/<image> with root/val/ (or test/), or a held-out share of
-train/. The files are listed, decoded once in parallel worker processes (images.py) at the
-training size and cached under root/.convnext-cifar-cache/, keyed by everything that changes
-the decoded images."""
+train/. The files are listed (every directory once, links included, no image under two classes),
+split by a stable hash of each path, decoded once in parallel worker processes (images.py) at
+the training size and streamed into a cache file (root/.convnext-cifar-cache/, or
+--data.cache-dir), keyed by everything that changes the decoded images; runs read the cache
+memory-mapped."""
 
 from __future__ import annotations
 
@@ -13,50 +15,47 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 
 from convnext_cifar.datasets import Dataset, Split, identity_of
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import atomic_write_bytes
-from convnext_cifar.images import is_image, read_images
+from convnext_cifar.files import atomic_writer, remove_stale_temp_files
+from convnext_cifar.images import decode_chunks, is_image, read_images
 from convnext_cifar.placement import host_free_memory, too_big
 
 if TYPE_CHECKING:
     from convnext_cifar.config import DataConfig
 
 FOLDER_CACHE = ".convnext-cifar-cache"
-CACHE_VERSION = 1
-KEEP_CACHES = 3  # per split, newest first
+CACHE_FORMAT = "convnext-cifar/decode-cache-v2"
+KEEP_CACHES = 3  # per split (and dataset), newest first
+
+
+class ImageFile(NamedTuple):
+    """An image of a folder dataset: its path, its path below the dataset's root, its class
+    index, and what the cache key notes of the file (a replaced file changes at least ctime)."""
+
+    path: str
+    rel: str
+    label: int
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
 
 
 def load(cfg: DataConfig, train: bool, host_share: float) -> Dataset:
     """The folder's held-out split (and with `train` its training split); the decoded images
-    must fit in `host_share` of host memory."""
+    must fit in `host_share` of host memory. Without `train`, a folder with val/ (or test/)
+    needs no train/."""
     root = Path(cfg.root)
-    if not (root / "train").is_dir():
-        raise UserError(f"image folder {root} has no train/ folder; lay it out as "
-                        f"{root}/train/<class>/<image> with {root}/val/<class>/<image> (or "
-                        "test/), or pass --data.root to such a folder")
-    classes, train_files = list_classes(root / "train")
-    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if val_dir is not None:
-        val_classes, val_files = list_classes(val_dir)
-        if val_classes != classes:
-            only_train = sorted(set(classes) - set(val_classes))
-            only_val = sorted(set(val_classes) - set(classes))
-            raise UserError(f"{root}/train and {val_dir} have different classes (only in "
-                            f"train: {', '.join(only_train) or 'none'}; only in {val_dir.name}: "
-                            f"{', '.join(only_val) or 'none'}); give both the same class folders")
-    elif cfg.val_fraction > 0:
-        train_files, val_files = stratified_split(train_files, cfg.val_fraction, cfg.split_seed)
-    else:
-        raise UserError(f"image folder {root} has no val/ or test/ folder; add one, or hold out "
-                        "part of train/ with --data.val-fraction 0.1")
+    classes, train_files, val_files, notes = list_splits(root, cfg, need_train=train)
     train_files = _limit(train_files, cfg.limit_train, cfg.split_seed)
     val_files = _limit(val_files, cfg.limit_val, cfg.split_seed)
-    size, notes = cfg.image_size, []
+    size = cfg.image_size
     count = len(train_files) * train + len(val_files)
-    need = count * 3 * size * size
+    need = count * 3 * size * size  # one copy: decoding streams into the cache file
     if need > host_share * host_free_memory():
         raise too_big(need, host_free_memory(), host_share, size, count, "in host memory")
     train_split = decode_split(root, "train", train_files, cfg, notes) if train else None
@@ -65,70 +64,172 @@ def load(cfg: DataConfig, train: bool, host_share: float) -> Dataset:
     if mean is None or std is None:  # no standard values: measured on the training images
         measured = channel_stats((train_split or val_split).images)
         mean, std = mean or measured[0], std or measured[1]
-    skip = len(str(root)) + 1
-    listed = [f"{f.path[skip:]}\t{f.label}" for f in train_files + val_files]
+    identity = identity_of(classes, [f.rel for f in train_files] if train_files else None,
+                           [f.rel for f in val_files])
     return Dataset(val=val_split, classes=classes, mean=tuple(mean), std=tuple(std),
-                   identity=identity_of(classes, listed), train=train_split, notes=notes)
+                   identity=identity, train=train_split, notes=notes)
 
 
-class ImageFile(NamedTuple):
-    """An image of a folder dataset: its path, class index, and what the cache key notes."""
+def list_splits(root: Path, cfg: DataConfig, need_train: bool = True
+                ) -> tuple[list[str], list[ImageFile], list[ImageFile], list[str]]:
+    """(classes, training files, held-out files, notes): from val/ (or test/), or the
+    --data.val-fraction share of train/. Training files are [] when not needed and absent."""
+    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() and (need_train or val_dir is None):
+        raise UserError(f"image folder {root} has no train/ folder; lay it out as "
+                        f"{root}/train/<class>/<image> with {root}/val/<class>/<image> (or "
+                        "test/), or pass --data.root to such a folder")
+    notes: list[str] = []
+    if val_dir is not None:
+        val_classes, val_files = list_classes(val_dir, root, notes)
+        if not need_train and not (root / "train").is_dir():
+            return val_classes, [], val_files, notes
+    classes, train_files = list_classes(root / "train", root, notes)
+    if val_dir is not None:
+        if val_classes != classes:
+            only_train = sorted(set(classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(classes))
+            raise UserError(f"{root}/train and {val_dir} have different classes (only in "
+                            f"train: {', '.join(only_train) or 'none'}; only in {val_dir.name}: "
+                            f"{', '.join(only_val) or 'none'}); give both the same class folders")
+    elif cfg.val_fraction > 0:
+        train_files, val_files = hash_split(train_files, cfg.val_fraction, cfg.split_seed)
+    else:
+        raise UserError(f"image folder {root} has no val/ or test/ folder; add one, or hold out "
+                        "part of train/ with --data.val-fraction 0.1")
+    return classes, train_files, val_files, notes
 
-    path: str
-    label: int
-    size: int
-    mtime_ns: int
 
+def list_classes(split_dir: Path, root: Path, notes: list[str]
+                 ) -> tuple[list[str], list[ImageFile]]:
+    """Sorted class folder names and every image file under them (recursively, links
+    followed) with its class index, in a fixed order.
 
-def list_classes(split_dir: Path) -> tuple[list[str], list[ImageFile]]:
-    """Sorted class folder names and every image file under them (recursively) with its
-    class index, in a fixed order."""
+    Every directory is read once: a link back up (a loop) or into another class's folder adds
+    nothing, and an image reachable twice (two links, a hard link) is listed once, under the
+    class whose own folder holds it.
+    """
     classes = sorted(p.name for p in split_dir.iterdir()
                      if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{split_dir} holds no class folders; put each class's images in "
                         f"{split_dir}/<class>/")
+    walk = _Walk(root)
+    for index, name in enumerate(classes):  # each class's own tree, links not yet followed
+        walk.tree(index, str(split_dir / name))
+    for index in range(len(classes)):  # then what links lead to that nothing listed yet
+        walk.links(index)
     files = []
     for index, name in enumerate(classes):
-        found = _image_files(str(split_dir / name))
+        found = sorted(walk.found[index])
         if not found:
             raise UserError(f"class folder {split_dir / name} holds no images (.png, .jpg, "
                             ".jpeg, .bmp, .webp, .gif); add some or remove the folder")
-        files += [ImageFile(path, index, size, mtime) for path, size, mtime in found]
+        files += found
+    if walk.left_out:
+        notes.append(f"left out {len(walk.left_out)} link(s) under {split_dir} that lead to a "
+                     "folder or image already listed (a loop, or another class's files), e.g. "
+                     f"{walk.left_out[0]}")
     return classes, files
 
 
-def _image_files(folder: str) -> list[tuple[str, int, int]]:
-    """(path, bytes, mtime) of the image files under `folder`, sorted; one stat each."""
-    found, pending = [], [folder]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
+class _Walk:
+    """Directories and images seen so far, by (device, inode), while listing one split."""
+
+    def __init__(self, root: Path):
+        self.skip = len(str(root)) + 1
+        self.dirs: set[tuple[int, int]] = set()
+        self.images: set[tuple[int, int]] = set()
+        self.found: dict[int, list[ImageFile]] = {}
+        self.pending_links: dict[int, list[str]] = {}
+        self.left_out: list[str] = []
+
+    def tree(self, label: int, folder: str) -> None:
+        self.found.setdefault(label, [])
+        self.pending_links.setdefault(label, [])
+        try:
+            st = os.stat(folder)  # the class folder itself may be a link: follow it
+        except OSError as e:
+            raise UserError(f"cannot read {folder}: {e.strerror or e}") from None
+        if (st.st_dev, st.st_ino) in self.dirs:
+            self.left_out.append(folder)
+            return
+        self.dirs.add((st.st_dev, st.st_ino))
+        pending = [folder]
+        while pending:
+            here = pending.pop()
+            try:
+                entries = list(os.scandir(here))
+            except OSError as e:
+                raise UserError(f"cannot read {here}: {e.strerror or e}; fix its permissions "
+                                "or move it out of the dataset") from None
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
-                if entry.is_dir():
-                    pending.append(entry.path)
-                elif entry.is_file() and is_image(Path(entry.name)):
-                    st = entry.stat()
-                    found.append((entry.path, st.st_size, st.st_mtime_ns))
-    return sorted(found)
+                if entry.is_symlink():
+                    self.pending_links[label].append(entry.path)
+                elif entry.is_dir(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) not in self.dirs:
+                        self.dirs.add((st.st_dev, st.st_ino))
+                        pending.append(entry.path)
+                elif entry.is_file(follow_symlinks=False) and is_image(entry.name):
+                    self._add(label, entry.path, entry.stat(follow_symlinks=False))
+
+    def links(self, label: int) -> None:
+        pending = self.pending_links[label]
+        while pending:
+            path = pending.pop()
+            try:
+                st = os.stat(path)
+            except OSError:  # dangling, or a loop of links
+                self.left_out.append(path)
+                continue
+            if os.path.isdir(path):
+                if (st.st_dev, st.st_ino) in self.dirs:
+                    self.left_out.append(path)
+                    continue
+                self.dirs.discard((st.st_dev, st.st_ino))  # tree() registers it again
+                self.tree(label, path)
+            elif is_image(path):
+                self._add(label, path, st)
+
+    def _add(self, label: int, path: str, st: os.stat_result) -> None:
+        key = (st.st_dev, st.st_ino)
+        if key in self.images:
+            self.left_out.append(path)
+            return
+        self.images.add(key)
+        self.found[label].append(ImageFile(path, path[self.skip:], label, st.st_size,
+                                           st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
 
 
-def stratified_split(files: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, val): `fraction` of each class (at least one image, if it has two) held out,
-    chosen by a seeded permutation; both keep the files' order."""
-    generator = torch.Generator().manual_seed(seed)
-    held: set[int] = set()
-    by_class: dict[int, list[int]] = {}
-    for i, file in enumerate(files):
-        label = file[1]
-        by_class.setdefault(label, []).append(i)
-    for _, members in sorted(by_class.items()):
-        count = min(len(members) - 1, max(1, round(fraction * len(members))))
-        order = torch.randperm(len(members), generator=generator).tolist()
-        held.update(members[j] for j in order[:count])
-    return ([f for i, f in enumerate(files) if i not in held],
-            [f for i, f in enumerate(files) if i in held])
+def held_out(rel: str, seed: int, fraction: float) -> bool:
+    """Whether the file at `rel` (below the dataset's root) is held out: a hash of the path and
+    the seed, so adding or removing images moves only those images."""
+    digest = hashlib.sha256(f"{seed}\0{rel}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def hash_split(files: list[ImageFile], fraction: float, seed: int
+               ) -> tuple[list[ImageFile], list[ImageFile]]:
+    """(train, val): each file held out or not by `held_out`; a class of two or more images
+    that the hash left without a held-out image (or with no training image) gives up its
+    lowest-hash (highest-hash) one, so every class is in both. Both keep the files' order."""
+    held = {f.path for f in files if held_out(f.rel, seed, fraction)}
+    by_class: dict[int, list[ImageFile]] = {}
+    for f in files:
+        by_class.setdefault(f.label, []).append(f)
+    for members in by_class.values():
+        if len(members) < 2:
+            continue
+        ranked = sorted(members, key=lambda f: hashlib.sha256(f"{seed}\0{f.rel}".encode())
+                        .digest())
+        if not any(f.path in held for f in members):
+            held.add(ranked[0].path)
+        elif all(f.path in held for f in members):
+            held.discard(ranked[-1].path)
+    return [f for f in files if f.path not in held], [f for f in files if f.path in held]
 
 
 def _limit(files: list[ImageFile], limit: int, seed: int) -> list[ImageFile]:
@@ -142,73 +243,195 @@ def _limit(files: list[ImageFile], limit: int, seed: int) -> list[ImageFile]:
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (unbiased) std of uint8 images on 0-255 pixels, exactly, from each
-    channel's 256-bin histogram (fast for millions of pixels)."""
+    channel's 256-bin histogram (fast for millions of pixels; a chunk of images at a time)."""
     if not len(images):
         return (127.5, 127.5, 127.5), (64.0, 64.0, 64.0)
+    hist = torch.zeros(images.shape[1], 256, dtype=torch.float64)
+    rows = max(1, 2**20 // images[0, 0].numel())  # a million pixels at a time: small copies
+    for chunk in images.split(rows):
+        for c in range(images.shape[1]):
+            hist[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256).double()
     values = torch.arange(256, dtype=torch.float64)
-    means, stds = [], []
-    for c in range(images.shape[1]):
-        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
-        n = hist.sum()
-        mean = (hist * values).sum() / n
-        var = (hist * (values - mean) ** 2).sum() / (n - 1)
-        means.append(mean.item())
-        stds.append(var.sqrt().item())
-    return tuple(means), tuple(stds)
+    n = hist.sum(1)
+    mean = (hist * values).sum(1) / n
+    var = (hist * (values - mean[:, None]) ** 2).sum(1) / (n - 1)
+    return tuple(mean.tolist()), tuple(var.sqrt().tolist())
 
+
+# ---- the decode cache ------------------------------------------------------------------------
 
 def decode_split(root: Path, split: str, files: list[ImageFile], cfg: DataConfig,
                  notes: list[str]) -> Split:
-    """The split's images at cfg.image_size, from the cache when its files are unchanged."""
-    cache_dir = root / FOLDER_CACHE
-    key = _cache_key(root, files, cfg)
-    path = cache_dir / f"{split}-{key}.safetensors"
-    cached = _read_cache(path)
+    """The split's images at cfg.image_size: from the cache when its files are unchanged, else
+    decoded into it (or, where no cache can be written, into memory)."""
+    path = cache_path(root, split, files, cfg)
+    cached = read_cache(path, len(files), cfg.image_size)
+    if cached is None:
+        try:
+            write_cache(path, root, split, files, cfg)
+            cached = read_cache(path, len(files), cfg.image_size)
+        except OSError as e:
+            notes.append(f"could not cache the decoded images in {path.parent} "
+                         f"({e.strerror or e}); the next run decodes them again (give a "
+                         "writable --data.cache-dir)")
     if cached is not None:
-        images, labels, skipped = cached
+        offset, ok = cached
+        images = read_rows(path, offset, ok, cfg.image_size)
     else:
-        images, labels, skipped = _decode(root, split, files, cfg)
-        _write_cache(path, images, labels, skipped, notes)
-    if skipped:
-        notes.append(f"skipped {len(skipped)} image(s) of {root}/{split} that cannot be read "
-                     f"(--data.skip-bad-images), e.g. {skipped[0]}")
-    if not len(images):
+        images, bad = _decode_in_memory(root, split, files, cfg)
+        unread = {str(p) for p, _ in bad}
+        ok = np.array([f.path not in unread for f in files])
+        images = images[torch.from_numpy(ok)] if not ok.all() else images
+    kept = [f for f, good in zip(files, ok) if good]
+    if len(kept) < len(files):
+        first = next(f.path for f, good in zip(files, ok) if not good)
+        notes.append(f"skipped {len(files) - len(kept)} image(s) of {root}/{split} that cannot "
+                     f"be read (--data.skip-bad-images), e.g. {first}")
+    if not kept:
         raise UserError(f"no readable images in {root} for {split}")
-    skip = len(str(root)) + 1
-    unread = set(skipped)
-    return Split(images, labels, [f.path[skip:] for f in files if f.path not in unread])
+    labels = torch.tensor([f.label for f in kept], dtype=torch.int64)
+    return Split(images, labels, [f.rel for f in kept])
 
 
-def _cache_key(root: Path, files: list[ImageFile], cfg: DataConfig) -> str:
-    """Changes with the file list, any file's size or mtime, the image size and resize mode."""
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, cfg.image_size, cfg.resize,
+def cache_path(root: Path, split: str, files: list[ImageFile], cfg: DataConfig) -> Path:
+    """<cache dir>/<split>-<key>.safetensors; in a --data.cache-dir shared by several datasets
+    the root's own tag comes first, so that each prunes only its own entries."""
+    h = hashlib.sha256(json.dumps([CACHE_FORMAT, cfg.image_size, cfg.resize,
                                    cfg.skip_bad_images]).encode())
-    skip = len(str(root)) + 1  # the path below the root: the cache survives moving the root
-    h.update("".join(f"{f.path[skip:]}\0{f.label}\0{f.size}\0{f.mtime_ns}\n"
-                     for f in files).encode())
-    return h.hexdigest()[:24]
+    h.update("".join(f"{f.rel}\0{f.label}\0{f.size}\0{f.mtime_ns}\0{f.ino}\0{f.ctime_ns}\n"
+                     for f in files).encode())  # paths below the root: moving it keeps a hit
+    if cfg.cache_dir is None:
+        return root / FOLDER_CACHE / f"{split}-{h.hexdigest()[:24]}.safetensors"
+    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    return Path(cfg.cache_dir) / f"{split}-{tag}-{h.hexdigest()[:24]}.safetensors"
 
 
-def _decode(root: Path, split: str, files: list[ImageFile], cfg: DataConfig
-            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    paths = [Path(f.path) for f in files]
+def read_cache(path: Path, count: int, size: int) -> tuple[int, np.ndarray] | None:
+    """(where the images start in the file, which rows decoded) of a cache entry, or None when
+    it is missing, damaged, of another format or another shape (a miss)."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        if header.get("__metadata__", {}).get("format") != CACHE_FORMAT:
+            return None
+        base = 8 + length
+        if header["images"]["shape"] != [count, 3, size, size] or path.stat().st_size != (
+                base + header["ok"]["data_offsets"][1]):
+            return None
+        ok_at = base + header["ok"]["data_offsets"][0]
+        ok = np.fromfile(path, np.uint8, count, offset=ok_at).astype(bool)
+        return base + header["images"]["data_offsets"][0], ok
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_rows(path: Path, offset: int, ok: np.ndarray, size: int) -> torch.Tensor:
+    """The decoded rows of a cache entry read straight into one tensor (no second copy, no
+    mapping that would count the file as resident memory)."""
+    row = 3 * size * size
+    images = torch.empty((int(ok.sum()), 3, size, size), dtype=torch.uint8)
+    into = memoryview(images.numpy()).cast("B")
+    flips = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
+    done = 0
+    with open(path, "rb") as f:
+        for start, stop in zip(flips[::2], flips[1::2]):  # each run of decoded rows
+            f.seek(offset + int(start) * row)
+            length = int(stop - start) * row
+            if f.readinto(into[done:done + length]) != length:
+                raise OSError(f"{path} ended early")
+            done += length
+    return images
+
+
+def write_cache(path: Path, root: Path, split: str, files: list[ImageFile], cfg: DataConfig
+                ) -> None:
+    """Decode `files` straight into a new cache file (safetensors: labels, images, and which
+    rows decoded), a few chunks in memory at a time; then prune older entries. A file that
+    cannot be decoded stops it with one line, unless --data.skip-bad-images."""
+    n, size = len(files), cfg.image_size
+    labels = np.array([f.label for f in files], dtype="<i8")
+    sizes = {"labels": ("I64", [n], 8 * n),  # in the file's order: `ok` is known last
+             "images": ("U8", [n, 3, size, size], n * 3 * size * size), "ok": ("U8", [n], n)}
+    header, offset = {"__metadata__": {"format": CACHE_FORMAT}}, 0
+    for name, (dtype, shape, length) in sizes.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + length]}
+        offset += length
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path.parent, shared=True)
+    ok = np.ones(n, dtype=np.uint8)
+    start_time, bad = time.monotonic(), []
+    try:
+        with atomic_writer(path) as f, _DecodeProgress(n, f"decoding {n} images of "
+                                                          f"{root}/{split}") as bar:
+            f.write(len(text).to_bytes(8, "little") + text + labels.tobytes())
+            for _, block, block_bad in decode_chunks([Path(p.path) for p in files], size,
+                                                         cfg.resize, cfg.workers):
+                f.write(np.ascontiguousarray(block).data)
+                bad += block_bad
+                bar.advance(len(block))
+            _refuse_bad(bad, cfg)
+            index = {p.path: i for i, p in enumerate(files)}
+            ok[[index[str(p)] for p, _ in bad]] = 0
+            f.write(ok.tobytes())
+    except BaseException:
+        if created:
+            _remove_if_empty(path.parent)
+        raise
+    _report(root, split, n, start_time)
+    _prune(path)
+
+
+def _decode_in_memory(root: Path, split: str, files: list[ImageFile], cfg: DataConfig
+                      ) -> tuple[torch.Tensor, list]:
     start = time.monotonic()
-    with _DecodeProgress(len(paths), f"decoding {len(paths)} images of {root}/{split}") as bar:
-        images, bad = read_images(paths, cfg.image_size, cfg.resize, cfg.workers, bar.advance)
-    labels = torch.tensor([f.label for f in files], dtype=torch.int64)
+    with _DecodeProgress(len(files), f"decoding {len(files)} images of {root}/{split}") as bar:
+        images, bad = read_images([Path(f.path) for f in files], cfg.image_size, cfg.resize,
+                                  cfg.workers, bar.advance)
+    _refuse_bad(bad, cfg)
+    _report(root, split, len(files), start)
+    return images, bad
+
+
+def _refuse_bad(bad: list, cfg: DataConfig) -> None:
     if bad and not cfg.skip_bad_images:
         path, reason = bad[0]
         more = f" ({len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(f"cannot read image {path}: {reason}{more}; fix or remove it, or pass "
                         "--data.skip-bad-images to leave unreadable files out")
-    if bad:
-        keep = torch.ones(len(paths), dtype=torch.bool)
-        keep[[paths.index(p) for p, _ in bad]] = False
-        images, labels = images[keep], labels[keep]
+
+
+def _report(root: Path, split: str, count: int, start: float) -> None:
     seconds = time.monotonic() - start
-    print(f"decoded {len(paths)} images of {root}/{split} in {seconds:.1f} s "
-          f"({len(paths) / max(seconds, 1e-9):.0f} img/s)", file=sys.stderr, flush=True)
-    return images, labels, [str(p) for p, _ in bad]
+    print(f"decoded {count} images of {root}/{split} in {seconds:.1f} s "
+          f"({count / max(seconds, 1e-9):.0f} img/s)", file=sys.stderr, flush=True)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _prune(path: Path) -> None:
+    """Keep the KEEP_CACHES newest entries of this split (and dataset); another run may be
+    pruning the same folder at the same time, so a vanished file is no error."""
+    prefix = path.name[:-len(path.name.split("-")[-1])]  # "<split>-" or "<split>-<tag>-"
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    entries = [p for p in path.parent.glob(prefix + "*.safetensors")
+               if p.name.count("-") == path.name.count("-")]
+    for stale in sorted(entries, key=mtime, reverse=True)[KEEP_CACHES:]:
+        stale.unlink(missing_ok=True)
 
 
 class _DecodeProgress:
@@ -237,35 +460,3 @@ class _DecodeProgress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            skipped = json.loads(f.metadata()["skipped"])
-            return f.get_tensor("images"), f.get_tensor("labels"), skipped
-    except Exception:  # a damaged cache file is a cache miss; it is rewritten
-        return None
-
-
-def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, skipped: list[str],
-                 notes: list[str]) -> None:
-    from safetensors.torch import save
-
-    try:
-        path.parent.mkdir(exist_ok=True)
-        atomic_write_bytes(path, save({"images": images.contiguous(), "labels": labels},
-                                      metadata={"skipped": json.dumps(skipped)}))
-    except OSError as e:
-        notes.append(f"could not cache the decoded images in {path.parent} ({e.strerror or e}); "
-                     "the next run decodes them again")
-        return
-    split = path.name.split("-")[0]
-    older = sorted(path.parent.glob(f"{split}-*.safetensors"), key=lambda p: p.stat().st_mtime,
-                   reverse=True)
-    for stale in older[KEEP_CACHES:]:
-        stale.unlink(missing_ok=True)

@@ -1,18 +1,21 @@
-"""Image files -> uint8 RGB tensors at the training size: one file (`read_image`) or many in
-parallel worker processes (`read_images`). Used for image-folder datasets and by `predict`.
+"""Image files -> uint8 RGB tensors at the training size: one file (`read_image`), or many in
+parallel worker processes, chunk by chunk (`decode_chunks`; `read_images` collects them). Used
+for image-folder datasets and by `predict`.
 
-PNG, JPEG, WebP and GIF (first frame) are decoded by torchvision.io; BMP, and anything
-torchvision refuses (a CMYK JPEG, say), by Pillow. Grayscale, palette, RGBA and CMYK images
-become RGB. Every file's header is read first and an image claiming more than
-`MAX_IMAGE_PIXELS` pixels is refused by name before anything is decoded or allocated.
+PNG, JPEG and WebP are decoded by torchvision.io; GIF (first frame only: an animated GIF is
+never expanded frame by frame), BMP, and anything torchvision refuses (a CMYK JPEG, say), by
+Pillow. Grayscale, palette, RGBA and CMYK images become RGB. Every file's header is read first
+and an image claiming more than `MAX_IMAGE_PIXELS` pixels is refused by name before anything is
+decoded or allocated. Pillow's own process-wide pixel limit is left as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -27,17 +30,29 @@ class BadImage(Exception):
     """A file that cannot be read as an image; the message says why."""
 
 
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+def is_image(path: Path | str) -> bool:
+    name = os.path.basename(path)
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
+
+
+@contextlib.contextmanager
+def _header_only():
+    """Pillow's pixel limit lifted while one header is read (MAX_IMAGE_PIXELS, with its own
+    message, applies instead), and put back at once: the process keeps Pillow's protection."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield Image
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file's header alone; refuses a decompression bomb."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below, with our own message
     try:
-        with Image.open(path) as img:
+        with _header_only() as Image, Image.open(path) as img:
             width, height = img.size
     except Exception as e:  # truncated, not an image, unknown format: many error types
         raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
@@ -54,6 +69,8 @@ def decode_rgb(path: Path) -> torch.Tensor:
 
     image_size(path)
     data = path.read_bytes()
+    if data[:4] == b"GIF8":  # torchvision decodes every frame of an animation: Pillow, the first
+        return _decode_with_pillow(path)
     try:
         with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec; it still works
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -61,7 +78,7 @@ def decode_rgb(path: Path) -> torch.Tensor:
                                    mode=tio.ImageReadMode.RGB)
     except Exception:  # BMP, CMYK JPEG and the like: Pillow knows them
         img = _decode_with_pillow(path)
-    if img.ndim == 4:  # an animated GIF: every frame came back
+    if img.ndim == 4:  # an animation torchvision expanded: keep its first frame
         img = img[0]
     if img.dtype != torch.uint8:  # 16-bit PNG
         img = (img.to(torch.int32) >> 8).to(torch.uint8)
@@ -69,10 +86,8 @@ def decode_rgb(path: Path) -> torch.Tensor:
 
 
 def _decode_with_pillow(path: Path) -> torch.Tensor:
-    from PIL import Image
-
     try:
-        with Image.open(path) as img:
+        with _header_only() as Image, Image.open(path) as img:
             img.seek(0)
             rgb = img.convert("RGB")
             return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
@@ -111,34 +126,49 @@ def _read_chunk(args: tuple[list[str], int, str]) -> tuple[np.ndarray, list[tupl
     return out, bad
 
 
-def read_images(paths: list[Path], size: int, mode: str, workers: int = 0,
-                progress: Callable[[int], None] | None = None
-                ) -> tuple[torch.Tensor, list[tuple[Path, str]]]:
-    """Many files as one uint8 (N, 3, size, size) tensor, decoded in `workers` processes
-    (0: one per core); returns it and the (path, reason) of the files that could not be read
-    (their rows are zeros). `progress(n)` is called as chunks of n files finish."""
+def decode_chunks(paths: list[Path], size: int, mode: str, workers: int = 0, chunk: int = 0
+                  ) -> Iterator[tuple[int, np.ndarray, list[tuple[Path, str]]]]:
+    """(start, uint8 (k, 3, size, size), [(path, reason) of the files that could not be read,
+    their rows zeros]) for consecutive chunks of `paths`, in order, decoded in `workers`
+    processes (0: one per core). Only a few chunks are in memory at a time."""
     import torchvision.io  # noqa: F401  (imported here once: forked workers inherit it)
     from torchvision.transforms.v2 import functional  # noqa: F401
 
     workers = workers or os.cpu_count() or 1
-    chunk = max(16, min(512, len(paths) // (workers * 4) or 16))
-    jobs = [([str(p) for p in paths[i:i + chunk]], size, mode)
-            for i in range(0, len(paths), chunk)]
-    images = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
-    bad: list[tuple[Path, str]] = []
-    if workers == 1 or len(jobs) == 1:
-        results = map(_read_chunk, jobs)
-        return _collect(results, jobs, chunk, paths, images, bad, progress)
+    chunk = chunk or max(16, min(256, len(paths) // (workers * 16)))  # few in memory at once
+    starts = range(0, len(paths), chunk)
+    jobs = [([str(p) for p in paths[i:i + chunk]], size, mode) for i in starts]
+    if workers == 1 or len(jobs) <= 1:
+        for start, job in zip(starts, jobs):
+            block, bad = _read_chunk(job)
+            yield start, block, [(paths[start + i], reason) for i, reason in bad]
+        return
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return _collect(pool.map(_read_chunk, jobs), jobs, chunk, paths, images, bad, progress)
+        for start, (block, bad) in zip(starts, _bounded_map(pool, jobs, 2 * workers)):
+            yield start, block, [(paths[start + i], reason) for i, reason in bad]
 
 
-def _collect(results, jobs, chunk, paths, images, bad, progress):
-    for j, (block, block_bad) in enumerate(results):
-        start = j * chunk
+def _bounded_map(pool: ProcessPoolExecutor, jobs: list, ahead: int) -> Iterator:
+    """pool.map in order with at most `ahead` chunks decoded and not yet consumed."""
+    pending = [pool.submit(_read_chunk, job) for job in jobs[:ahead]]
+    for i in range(len(jobs)):
+        result = pending.pop(0).result()
+        if i + ahead < len(jobs):
+            pending.append(pool.submit(_read_chunk, jobs[i + ahead]))
+        yield result
+
+
+def read_images(paths: list[Path], size: int, mode: str, workers: int = 0,
+                progress: Callable[[int], None] | None = None
+                ) -> tuple[torch.Tensor, list[tuple[Path, str]]]:
+    """Many files as one uint8 (N, 3, size, size) tensor (the rows of unreadable files are
+    zeros) and the (path, reason) of those files. `progress(n)` is called as chunks finish."""
+    images = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
+    bad: list[tuple[Path, str]] = []
+    for start, block, block_bad in decode_chunks(paths, size, mode, workers):
         images[start:start + len(block)] = block
-        bad += [(paths[start + i], reason) for i, reason in block_bad]
+        bad += block_bad
         if progress is not None:
             progress(len(block))
     return torch.from_numpy(images), bad

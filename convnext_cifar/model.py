@@ -243,7 +243,7 @@ def convert_to_timm(src: str, dst: Path, name: str | None = None, layout: str = 
     model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     report = fit_to_model(model, source.state_dict, source.ignored)
     metadata = {"format": "timm", "model": name, "num_classes": str(num_classes),
-                "source_layout": source.layout, "source_file": str(Path(src).resolve()),
+                "source_layout": source.layout, "source_file": Path(src).name,
                 "source_weights": weights,
                 "converted_by": f"convnext-cifar {__version__}"}
     tensors = {k: v.contiguous() for k, v in report.tensors.items()}

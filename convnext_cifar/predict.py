@@ -9,15 +9,19 @@ and run in batches on the device exactly as `evaluate` runs test images (the sam
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from convnext_cifar.errors import UserError
-from convnext_cifar.evaluate import load_model
-from convnext_cifar.files import write_file
-from convnext_cifar.images import is_image, read_images
+from convnext_cifar.evaluate import LoadedModel, load_model
+from convnext_cifar.files import atomic_writer
+from convnext_cifar.images import decode_chunks, is_image
 
 
 @dataclass
@@ -47,8 +51,10 @@ def image_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 def predict(ckpt_path: Path, paths: list[Path], batch_size: int = 256, top_k: int = 5,
             tta: str | None = None, device: str | None = None
-            ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
-    """Top-k predictions for every readable image; and the (path, reason) of the others."""
+            ) -> Iterator[tuple[list[Prediction], list[tuple[Path, str]]]]:
+    """Top-k predictions, a batch of files at a time: (the readable files' predictions, the
+    (path, reason) of the others). Only a few batches of images are in memory at once, so any
+    number of files can be predicted; checkpoint and path errors come before the first batch."""
     model = load_model(ckpt_path, device, tta)
     num_classes = len(model.classes)
     if not 1 <= top_k <= num_classes:
@@ -58,24 +64,49 @@ def predict(ckpt_path: Path, paths: list[Path], batch_size: int = 256, top_k: in
     if not files:
         raise UserError("no image files (.png, .jpg, .jpeg, .bmp, .webp, .gif) in "
                         + ", ".join(str(p) for p in paths))
-    data_cfg = model.cfg.data
-    images, bad = read_images(files, model.stored_size, data_cfg.resize, data_cfg.workers)
-    failed += bad
-    unreadable = {p for p, _ in bad}
-    keep = [i for i, f in enumerate(files) if f not in unreadable]
-    images, files = images[keep], [files[i] for i in keep]
-    top = model.probabilities(images, batch_size).topk(top_k, dim=1)
-    predictions = [Prediction(str(f), [model.classes[j] for j in idx], p)
-                   for f, idx, p in zip(files, top.indices.tolist(), top.values.tolist())]
-    return predictions, failed
+    return _predictions(model, files, failed, batch_size, top_k)
 
 
-def write_csv(path: Path, predictions: list[Prediction], top_k: int) -> None:
-    """path, class_1, prob_1, ..., class_k, prob_k; written to a temporary name, then renamed."""
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["path"] + [f"{name}_{i}" for i in range(1, top_k + 1)
-                                for name in ("class", "prob")])
-    for p in predictions:
-        writer.writerow([p.path] + [v for c, q in zip(p.classes, p.probs) for v in (c, f"{q:.6f}")])
-    write_file(path, text.getvalue().encode(), advice="give --csv a writable path")
+def _predictions(model: LoadedModel, files: list[Path], failed: list[tuple[Path, str]],
+                 batch_size: int, top_k: int
+                 ) -> Iterator[tuple[list[Prediction], list[tuple[Path, str]]]]:
+    yield [], failed  # the paths that are no files, at once
+    data = model.cfg.data
+    for start, block, bad in decode_chunks(files, model.stored_size, data.resize, data.workers,
+                                           chunk=batch_size):
+        unreadable = {p for p, _ in bad}
+        keep = [i for i, f in enumerate(files[start:start + len(block)]) if f not in unreadable]
+        images = torch.from_numpy(block[keep])
+        top = model.probabilities(images, batch_size).topk(top_k, dim=1)
+        yield [Prediction(str(files[start + i]), [model.classes[j] for j in idx], p)
+               for i, idx, p in zip(keep, top.indices.tolist(), top.values.tolist())], bad
+
+
+class CsvWriter:
+    """path, class_1, prob_1, ..., class_k, prob_k, row by row into a temporary file that is
+    renamed to `path` when every row is in (a failure leaves no partial file)."""
+
+    def __init__(self, path: Path, top_k: int):
+        self.path, self.top_k, self.stack = Path(path), top_k, contextlib.ExitStack()
+
+    def __enter__(self) -> CsvWriter:
+        try:
+            self.file = self.stack.enter_context(atomic_writer(self.path))
+        except OSError as e:
+            raise UserError(f"could not write {self.path}: {e.strerror or e}; give --csv a "
+                            "writable path") from None
+        self._rows([["path"] + [f"{name}_{i}" for i in range(1, self.top_k + 1)
+                                for name in ("class", "prob")]])
+        return self
+
+    def write(self, predictions: list[Prediction]) -> None:
+        self._rows([[p.path] + [v for c, q in zip(p.classes, p.probs) for v in (c, f"{q:.6f}")]
+                    for p in predictions])
+
+    def _rows(self, rows: list[list[str]]) -> None:
+        text = io.StringIO()
+        csv.writer(text).writerows(rows)
+        self.file.write(text.getvalue().encode())
+
+    def __exit__(self, *exc) -> bool:
+        return self.stack.__exit__(*exc)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -26,16 +28,19 @@ import torch.distributed as tdist
 
 from convnext_cifar.checkpoints import (
     STATE_FORMAT,
+    STATE_PATTERN,
     find_states,
     load_state,
     prune_states,
     save_state,
     state_path,
+    weights_epoch,
 )
 from convnext_cifar.config import TrainConfig, config_json, flatten, from_dict, to_dict
+from convnext_cifar.datasets import identity_difference
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import Interrupted, UserError
-from convnext_cifar.files import first_line
+from convnext_cifar.files import first_line, write_file
 from convnext_cifar.model import layout_mismatch
 
 
@@ -70,6 +75,8 @@ class Position:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if missing := {"epoch", "batch", "step"} - set(state):
+            raise KeyError(", ".join(sorted(missing)))
         for k, v in state.items():
             setattr(self, k, v)
         self._since = time.monotonic()
@@ -181,6 +188,7 @@ RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "comp
                      "channels_last", "log.tensorboard",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
                      "keep_last", "data.root", "data.download", "data.eval_batch_size",
+                     "data.workers", "data.memory_share", "data.cache_dir",
                      "model.pretrained", "model.pretrained_format", "model.pretrained_prefix",
                      "model.pretrained_weights", "model.head_init_scale")  # (only the start)
 
@@ -196,28 +204,136 @@ def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
             if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A training state of this or an older format, in the current layout, with the pieces
+    resuming reads checked (one UserError naming the file otherwise)."""
+    state = load_state(path)
+    try:
+        state = upgrade_state(state)
+        run, log = state["components"]["run"], state["components"]["log"]
+        json.loads(state["config"])
+        problem = "" if all(isinstance(run.get(k), int) for k in ("epoch", "batch", "step")) \
+            and isinstance(log.get("bytes"), int) and isinstance(
+                state["components"].get("model"), dict) else "its run position is incomplete"
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        problem = f"{type(e).__name__}: {first_line(e)}"
+    if problem:
+        raise UserError(f"{path} is a damaged training state ({problem}); resume from another "
+                        "state of the run (--resume PATH), or --resume auto")
+    return state
+
+
 def find_resume_state(cfg: TrainConfig, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
     """The training state to resume from (`auto`: the newest readable one in the work dir)."""
     if not resume:
         return None
     if resume != "auto":
-        return Path(resume), upgrade_state(load_state(Path(resume)))
+        return Path(resume), read_state(Path(resume))
     for path in reversed(find_states(cfg.run_dir)):
         try:
-            return path, upgrade_state(load_state(path))
+            return path, read_state(path)
         except UserError as e:
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
     print(f"no training state in {cfg.run_dir}; starting fresh", file=sys.stderr)
     return None
 
 
-def refuse_changes(found: tuple[Path, dict[str, Any]], cfg: TrainConfig) -> None:
-    """Stop when `cfg` would make the resumed run another run than the one saved."""
+def refuse_changes(found: tuple[Path, dict[str, Any]], cfg: TrainConfig,
+                   identity: dict[str, Any]) -> None:
+    """Stop when `cfg` or the dataset (its `identity`) would make the resumed run another run
+    than the one saved."""
     path, state = found
+    recorded = state["components"].get("dataset")
+    if recorded and (difference := identity_difference(recorded, identity)):
+        raise UserError(f"cannot resume {path}: {cfg.data.root} is not the data the run trained "
+                        f"on ({difference}); point --data.root at the run's data, or pass "
+                        "--resume-allow-changes to continue on this data")
     if changes := config_changes(json.loads(state["config"]), cfg):
         raise UserError(f"cannot resume {path}: the config differs in " + ", ".join(changes)
                         + "; resume with the run's own config.json (--config) or pass "
                         "--resume-allow-changes")
+
+
+def recorded_normalisation(found: tuple[Path, dict[str, Any]] | None, cfg: TrainConfig
+                           ) -> TrainConfig:
+    """`cfg` with the mean/std the resumed run recorded, unless options give them: a run keeps
+    its normalisation (measured once on a folder's images) however its data may change."""
+    if found is None or cfg.data.mean is not None or cfg.data.std is not None:
+        return cfg
+    data = json.loads(found[1]["config"]).get("data", {})
+    if data.get("mean") is None or data.get("std") is None:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, mean=tuple(data["mean"]), std=tuple(data["std"])))
+
+
+class DatasetRecord:
+    """The dataset's identity as a component of the training state; a resumption compares it
+    (refuse_changes) before anything is written, so loading it back changes nothing."""
+
+    def __init__(self, identity: dict[str, Any]):
+        self.identity = identity
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.identity
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+# ---- what a fresh start or a rollback finds in the work dir --------------------------------------
+
+SET_ASIDE = "set-aside"  # WORK_DIR/set-aside/<when>-after-step-<step>/: an abandoned line
+EPOCH_PATTERN = re.compile(r"^epoch_(\d+)\.safetensors$")
+
+
+def earlier_results(run_dir: Path) -> list[str]:
+    """The files of an earlier run's results in `run_dir` (states, weights, logged metrics)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    names = sorted(p.name for p in run_dir.iterdir()
+                   if STATE_PATTERN.match(p.name) or EPOCH_PATTERN.match(p.name)
+                   or p.name == "best.safetensors")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        names.append(metrics.name)
+    return names
+
+
+def set_aside_after(found: tuple[Path, dict[str, Any]], run_dir: Path) -> str:
+    """A rollback: when the work dir holds states newer than the one resumed, move them, the
+    metrics records logged after it, later epoch_N weights and a best.safetensors of a later
+    epoch to WORK_DIR/set-aside/, where nothing picks them up; the resumed line is the run from
+    then on. Returns the one line that says so ('' when it is no rollback: what a crash left
+    after the newest state is written again, identically, by the resumed run)."""
+    path, state = found
+    run, run_dir = state["components"]["run"], Path(run_dir)
+    step, epoch = run["step"], run["epoch"]
+    moving = [p for p in find_states(run_dir) if int(STATE_PATTERN.match(p.name)[1]) > step]
+    if not moving:
+        return ""
+    moving += sorted((p for p in run_dir.glob("epoch_*.safetensors")
+                      if EPOCH_PATTERN.match(p.name) and int(EPOCH_PATTERN.match(p.name)[1])
+                      > epoch), key=lambda p: int(EPOCH_PATTERN.match(p.name)[1]))
+    best = run_dir / "best.safetensors"
+    if best.exists() and weights_epoch(best) > epoch:
+        moving.append(best)
+    dest = run_dir / SET_ASIDE / f"{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step}"
+    dest.mkdir(parents=True, exist_ok=True)
+    metrics, logged = run_dir / "metrics.jsonl", state["components"]["log"]["bytes"]
+    records = 0
+    if metrics.is_file() and metrics.stat().st_size > logged:
+        with open(metrics, "rb") as f:
+            f.seek(logged)
+            tail = f.read()
+        write_file(dest / "metrics.jsonl", tail)
+        records = tail.count(b"\n")
+    for p in moving:
+        os.replace(p, dest / p.name)
+    what = [p.name for p in moving] + ([f"{records} metrics records"] if records else [])
+    return (f"resuming from {path.name} (step {step}), not the newest state: set aside "
+            f"{', '.join(what)} in {dest}; the run goes on from step {step}")
 
 
 # ---- stopping ------------------------------------------------------------------------------------

@@ -16,67 +16,95 @@ NOT_COMPARED = ("name", "work_dir")  # differ between runs by construction
 
 
 def find_runs(folders: list[Path]) -> list[Path]:
-    """Work dirs (folders with a config.json) at or below `folders`, each once, sorted."""
+    """Work dirs (folders with a config.json) at or below `folders`, each once, sorted; a folder
+    that cannot be read is passed over."""
     found: set[Path] = set()
     for folder in folders:
         pending = [(Path(folder), 0)]
         while pending:
             here, depth = pending.pop()
-            if (here / "config.json").is_file():
-                found.add(here.resolve())
+            try:
+                if (here / "config.json").is_file():
+                    found.add(here.resolve())
+                    continue
+                if depth < MAX_DEPTH and here.is_dir():
+                    pending += [(p, depth + 1) for p in here.iterdir()
+                                if p.is_dir() and not p.name.startswith(".")]
+            except OSError:  # unreadable: not ours to list
                 continue
-            if depth < MAX_DEPTH and here.is_dir():
-                pending += [(p, depth + 1) for p in here.iterdir()
-                            if p.is_dir() and not p.name.startswith(".")]
     return sorted(found)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's complete lines (a line being appended right now is left out)."""
+    """metrics.jsonl's complete records (a line being appended right now is left out)."""
     try:
         text = path.read_text()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return []
     records = []
     for line in text.split("\n"):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # empty, or cut short by a writer or a kill
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
     return records
 
 
-def summarize(run_dir: Path) -> dict[str, Any] | None:
-    """One row of the table; None when config.json cannot be read."""
+def _read_json(path: Path) -> Any:
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def is_run_config(config: Any) -> bool:
+    """Whether a config.json is one a run wrote (another tool's is passed over)."""
+    return isinstance(config, dict) and all(
+        isinstance(config.get(k), dict) for k in ("model", "data", "optim", "sched")) and (
+        isinstance(config["model"].get("name"), str))
+
+
+def summarize(run_dir: Path) -> dict[str, Any] | None:
+    """One row of the table; None when the folder is not a run's work dir."""
+    config = _read_json(run_dir / "config.json")
+    if not is_run_config(config):
         return None
     records = read_records(run_dir / "metrics.jsonl")
-    val = [r for r in records if "top1" in r]
-    train = [r for r in records if "loss" in r]
+    val = [r for r in records if _number(r.get("top1"))]
+    train = [r for r in records if _number(r.get("loss"))]
     status = _status(run_dir)
-    best = max(val, key=lambda r: max(r["top1"], r.get("ema_top1", -1)), default=None)
-    data = config.get("data", {})
+    best = max(val, key=lambda r: max(r["top1"], _ema(r)), default=None)
     return {
-        "work_dir": str(run_dir), "name": config.get("name", run_dir.name),
-        "model": config.get("model", {}).get("name"), "dataset": data.get("dataset"),
-        "epochs_done": status.get("epoch", max((r["epoch"] for r in val), default=0)),
-        "epochs": config.get("sched", {}).get("epochs"),
-        "best_top1": max(best["top1"], best.get("ema_top1", -1)) if best else None,
+        "work_dir": str(run_dir), "name": str(config.get("name", run_dir.name)),
+        "model": config["model"]["name"], "dataset": config["data"].get("dataset"),
+        "epochs_done": status["epoch"] if isinstance(status.get("epoch"), int) else max(
+            (r["epoch"] for r in val), default=0),
+        "epochs": config["sched"].get("epochs"),
+        "best_top1": max(best["top1"], _ema(best)) if best else None,
         "best_epoch": best["epoch"] if best else None,
         "last_top1": val[-1]["top1"] if val else None,
-        "img_per_s": train[-1]["img_per_s"] if train else None,
-        "wall_s": status.get("elapsed_s"), "status": status["status"],
+        "img_per_s": train[-1]["img_per_s"] if train and _number(train[-1].get("img_per_s"))
+        else None,
+        "wall_s": status["elapsed_s"] if _number(status.get("elapsed_s")) else None,
+        "status": status["status"],
         "config": flatten(config)}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _ema(record: dict[str, Any]) -> float:
+    return record["ema_top1"] if _number(record.get("ema_top1")) else -1.0
 
 
 def _status(run_dir: Path) -> dict[str, Any]:
     """status.json, with what the lock says: a run whose file says running but whose lock no
     process holds was killed (interrupted)."""
-    try:
-        status = json.loads((run_dir / STATUS_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+    status = _read_json(run_dir / STATUS_FILE)
+    if not isinstance(status, dict) or not isinstance(status.get("status"), str):
         status = {"status": "interrupted" if find_states(run_dir) else "not started"}
     if lock_is_held(run_dir):
         status["status"] = "running"
@@ -93,5 +121,12 @@ def compare(rows: list[dict[str, Any]]) -> list[str]:
 
 def list_runs(folders: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
     """Every run's row, and the options that differ between them."""
-    rows = [row for d in find_runs(folders) if (row := summarize(d)) is not None]
+    rows = []
+    for work_dir in find_runs(folders):
+        try:
+            row = summarize(work_dir)
+        except OSError:  # a work dir that cannot be read: passed over, quietly
+            continue
+        if row is not None:
+            rows.append(row)
     return rows, compare(rows) if len(rows) > 1 else []

@@ -57,15 +57,35 @@ class Runtime:
                 "channels_last": self.channels_last, "torch": torch.__version__}
 
 
-def resolve_runtime(cfg: TrainConfig, dist: Dist | None = None) -> Runtime:
-    name = cfg.device
+def device_problem(name: str) -> str:
+    """Why the device `name` (a valid --device value) cannot be used here ('' if it can)."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "CUDA is not available here"
+        count, index = torch.cuda.device_count(), int(name.partition(":")[2] or 0)
+        if index >= count:
+            return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    if name == "mps" and not (torch.backends.mps.is_built() and torch.backends.mps.is_available()):
+        return "MPS (Apple silicon) is not available to this torch"
+    return ""
+
+
+def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
+    """The torch device --device names: auto picks CUDA, then MPS, then the CPU; under
+    torchrun `cuda` is this process's GPU (LOCAL_RANK). A device that is not here is one
+    UserError."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+        name = ("cuda" if torch.cuda.is_available() else
+                "mps" if not device_problem("mps") else "cpu")
+    if problem := device_problem(name):
+        raise UserError(f"--device {name}: {problem}; use --device auto or cpu")
     if name == "cuda" and dist is not None and dist.enabled:
         name = f"cuda:{dist.local_rank}"  # one process per GPU, as torchrun's LOCAL_RANK says
-    device = torch.device(name)
+    return torch.device(name)
+
+
+def resolve_runtime(cfg: TrainConfig, dist: Dist | None = None) -> Runtime:
+    device = resolve_device(cfg.device, dist)
     precision = cfg.precision
     if precision == "auto":
         if device.type == "cuda":

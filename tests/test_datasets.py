@@ -20,7 +20,6 @@ from convnext_cifar import datasets, folders, images
 from convnext_cifar.config import DataConfig
 from convnext_cifar.datasets import CIFAR100, load_dataset
 from convnext_cifar.errors import UserError
-from convnext_cifar.folders import stratified_split
 from convnext_cifar.images import read_image
 from convnext_cifar.placement import choose as placement
 
@@ -193,8 +192,8 @@ def test_the_cache_hits_and_misses_when_a_file_changes(tmp_path, monkeypatch):
     cache = sorted(p.name for p in (tmp_path / ".convnext-cifar-cache").iterdir())
     assert [n.split("-")[0] for n in cache] == ["train", "val"]
     calls = []
-    real = folders.read_images
-    monkeypatch.setattr(folders, "read_images", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = folders.decode_chunks
+    monkeypatch.setattr(folders, "decode_chunks", lambda *a, **k: calls.append(a) or real(*a, **k))
     second = load_dataset(folder_cfg(tmp_path))
     assert calls == [] and torch.equal(first.train.images, second.train.images)  # a hit
     changed = tmp_path / "train" / "b" / "0002.png"
@@ -207,18 +206,30 @@ def test_the_cache_hits_and_misses_when_a_file_changes(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
-def test_val_fraction_holds_out_a_stratified_seeded_share(tmp_path):
-    write_image_folder(tmp_path, {"train": {"a": 20, "b": 10, "c": 2}})
+def test_val_fraction_holds_out_each_file_by_a_stable_hash_of_its_path(tmp_path):
+    write_image_folder(tmp_path, {"train": {"a": 40, "b": 20, "c": 2}})
     with pytest.raises(UserError, match="no val/ or test/ folder.*--data.val-fraction"):
         load_dataset(folder_cfg(tmp_path))
-    data = load_dataset(folder_cfg(tmp_path, val_fraction=0.2))
-    assert torch.bincount(data.val.labels).tolist() == [4, 2, 1]
-    assert torch.bincount(data.train.labels).tolist() == [16, 8, 1]
-    again = load_dataset(folder_cfg(tmp_path, val_fraction=0.2))
-    assert torch.equal(data.val.images, again.val.images)  # the same seed, the same split
-    files = [(f"f{i}", i % 2) for i in range(40)]
-    other = stratified_split(files, 0.25, seed=1)[1]
-    assert other != stratified_split(files, 0.25, seed=0)[1] and len(other) == 10
+    data = load_dataset(folder_cfg(tmp_path, val_fraction=0.25))
+    held = set(data.val.files)
+    assert len(held) + len(data.train.files) == 62 and not held & set(data.train.files)
+    assert 8 <= len(held) <= 24  # about a quarter, drawn file by file
+    assert all(n >= 1 for n in torch.bincount(data.val.labels, minlength=3).tolist())
+    assert all(n >= 1 for n in torch.bincount(data.train.labels, minlength=3).tolist())
+    again = load_dataset(folder_cfg(tmp_path, val_fraction=0.25))
+    assert again.val.files == data.val.files  # the same seed, the same split
+    assert set(load_dataset(folder_cfg(tmp_path, val_fraction=0.25, split_seed=1)).val.files
+               ) != held
+    # adding and removing images moves only those images
+    (tmp_path / "train" / "a" / "0003.png").unlink()
+    (tmp_path / "train" / "b" / "0004.png").unlink()
+    for i in range(10):
+        Image.new("RGB", (32, 32), (i, 9, 9)).save(tmp_path / "train" / "a" / f"new{i}.png")
+    changed = load_dataset(folder_cfg(tmp_path, val_fraction=0.25))
+    gone = {"train/a/0003.png", "train/b/0004.png"}
+    added = {f"train/a/new{i}.png" for i in range(10)}
+    assert set(changed.val.files) - added == held - gone
+    assert set(changed.train.files) - added == set(data.train.files) - gone
 
 
 @pytest.mark.parametrize("build, message", [

@@ -177,3 +177,50 @@ def test_two_processes_on_an_image_folder_train_like_one(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count("decoding 100 images") == 1  # rank 0 decoded, rank 1 read the cache
     assert_close_runs(one, two, atol=1e-4)
+
+
+def two_nodes(args, cwds, port):
+    """Two torchrun 'nodes' of one process each on this machine; each in its own folder, so a
+    relative --work-dir is a node-local work dir, as on machines without a shared disk."""
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                              "--nproc-per-node", "1", "--node-rank", str(rank), "--master-addr",
+                              "127.0.0.1", "--master-port", str(port), "-m", "convnext_cifar",
+                              *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for rank, cwd in enumerate(cwds)]
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nodes_without_a_shared_work_dir_resume_what_rank_0_saved(cifar_root, tmp_path):
+    args = [a if a != "WORK" else "run" for a in noisy_args(cifar_root, "WORK")]
+    whole = [tmp_path / "whole0", tmp_path / "whole1"]
+    stopped = [tmp_path / "node0", tmp_path / "node1"]
+    for d in whole + stopped:
+        d.mkdir()
+    for proc in two_nodes(args, whole, free_port()):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    procs = two_nodes(args, stopped, free_port())
+    start = time.monotonic()
+    while not find_states(stopped[0] / "run") and time.monotonic() - start < 300:
+        time.sleep(0.05)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.communicate(timeout=300)
+    assert final_state(stopped[0] / "run")["run"]["epoch"] < 30, "ended before the signal"
+    assert not find_states(stopped[1] / "run")  # node 1's work dir holds no state to resume
+    procs = two_nodes(args + ["--resume", "auto"], stopped, free_port())
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    steps = [r["step"] for r in records(stopped[0] / "run") if "step" in r]
+    assert steps == list(range(1, 30 * 2 + 1))
+    a, b = final_model(whole[0] / "run"), final_model(stopped[0] / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # rank 1 resumed from rank 0's state

@@ -231,6 +231,7 @@ def test_runtime_defaults_per_device(monkeypatch):
     with pytest.raises(UserError, match="CUDA is not available"):
         resolve_runtime(TrainConfig(device="cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     rt = resolve_runtime(TrainConfig(device="cuda"))
     assert (rt.precision, rt.compile) == ("bf16", True)

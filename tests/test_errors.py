@@ -62,6 +62,21 @@ def _femto_with_our_metadata(finished, tmp, name="convnextv2_femto", classes=10)
                                                   metadata=meta))
 
 
+def _with_metadata(finished, tmp, **changes):
+    """best.safetensors with some metadata values replaced (still our format)."""
+    from safetensors import safe_open
+
+    with safe_open(str(finished / "best.safetensors"), "pt") as f:
+        meta, tensors = {**f.metadata(), **changes}, {k: f.get_tensor(k) for k in f.keys()}
+    return _write(tmp / "edited.safetensors", save(tensors, metadata=meta))
+
+
+def _state_without(finished, tmp, component, key):
+    state = torch.load(find_states(finished)[-1], weights_only=True)
+    del state["components"][component][key]
+    return _pth(tmp, state, "state_00000099.pt")
+
+
 def _pth(tmp, obj, name="w.pth"):
     torch.save(obj, tmp / name)
     return tmp / name
@@ -119,6 +134,12 @@ CASES = {
         lambda c: ["eval", str(_femto_with_our_metadata(c.finished, c.tmp, "convnextv2_atto",
                                                         100))],
         "does not match the model its metadata describes"),
+    "eval: metadata of the wrong type": (
+        lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, classes='"10"'))],
+        "edited.safetensors has damaged metadata (classes is '10', not a list"),
+    "eval: metrics of the wrong type": (
+        lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, metrics='{"top1": "x"}'))],
+        "has damaged metadata (metrics is"),
     "pretrained: another architecture": (
         lambda c: ["--model.pretrained", str(_pth(c.tmp, {"state_dict": timm.create_model(
             "convnextv2_femto").state_dict()}))],
@@ -143,6 +164,12 @@ CASES = {
     "resume: another architecture": (
         lambda c: ["--resume", str(find_states(c.finished)[-1]), "--model.name",
                    "convnextv2_femto"], "model.name ('convnextv2_atto' -> 'convnextv2_femto')"),
+    "resume: a state missing a key": (
+        lambda c: ["--resume", str(_state_without(c.finished, c.tmp, "run", "step"))],
+        "state_00000099.pt is a damaged training state"),
+    "resume: a state missing its log position": (
+        lambda c: ["--resume", str(_state_without(c.finished, c.tmp, "log", "bytes"))],
+        "state_00000099.pt is a damaged training state"),
     "config: malformed JSON": (
         lambda c: ["--config", str(_write(c.tmp / "c.json", b"{\"seed\": "))],
         "not valid JSON"),
@@ -152,6 +179,9 @@ CASES = {
     "option out of range": (lambda c: ["--optim.lr", "-1"], "invalid --optim.lr -1.0"),
     "option of the wrong type": (lambda c: ["--seed", "abc"], "Error parsing --seed"),
     "unknown model name": (lambda c: ["--model.name", "resnet50"], "invalid --model.name"),
+    "device: not a device": (lambda c: ["--device", "cpu:x"], "invalid --device 'cpu:x'"),
+    "device: no MPS here": (lambda c: ["--device", "mps"], "--device mps: MPS"),
+    "device: no such GPU": (lambda c: ["--device", "cuda:1"], "--device cuda:1: CUDA is not"),
     "cifar100: missing": (
         lambda c: ["--data.dataset", "cifar100", "--data.root", str(c.tmp / "nowhere")],
         "CIFAR-100 not found"),

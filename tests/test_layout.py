@@ -89,7 +89,7 @@ def test_a_new_dataset_kind_is_one_class_and_one_registry_entry(tmp_path):
                     return Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
                                                generator=g), torch.arange(n) % 3)
                 return Dataset(split(12), ["a", "b", "c"], (127.5,) * 3, (64.0,) * 3,
-                               identity_of(["a", "b", "c"], ["noise"]),
+                               identity_of(["a", "b", "c"], ["noise"], ["noise"]),
                                train=split(24) if train else None)
 
         datasets.DATASETS["noise"] = Noise()

@@ -151,8 +151,17 @@ def test_fresh_start_in_a_used_work_dir_is_refused(cifar_root, tmp_path, capsys)
     assert run(cifar_root, tmp_path, "--sched.epochs", "2") == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert run(cifar_root, tmp_path, "--sched.epochs", "2") == 2
-    assert "holds the training states of an earlier run" in capsys.readouterr().err
+    assert "holds the results of an earlier run" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    # without its (large) training states the run's results are just as safe
+    for state in find_states(tmp_path):
+        state.unlink()
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert run(cifar_root, tmp_path, "--sched.epochs", "2", "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert "best.safetensors" in err and "no training state left" in err
+    assert run(cifar_root, tmp_path, "--sched.epochs", "2", "--resume", "auto") == 2
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept
 
 
 def test_second_run_on_the_same_work_dir_is_refused_until_the_first_dies(tmp_path, cifar_root):
