@@ -7,6 +7,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes share the cores (pyproject's -n): one torch thread each, also in the
+    # processes the tests start (they inherit this). Set before anything imports torch.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from cifar_files import learnable_images, write_cifar10  # noqa: E402
 
 

@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.throughput import _conv_backward_flop
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     out = tmp_path / "r.jsonl"
     proc = subprocess.run(

@@ -252,8 +252,10 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, finished, cifar_ro
     assert not list(tmp_path.rglob(".convnext-cifar-cache"))
 
 
-@pytest.mark.parametrize("case", ["missing dataset, no download", "eval: truncated checkpoint",
-                                  "pretrained: executable pickle", "option of the wrong type"])
+@pytest.mark.parametrize("case", [  # a subprocess each (~8 s of imports): two fast, two slow
+    "missing dataset, no download", "option of the wrong type",
+    pytest.param("eval: truncated checkpoint", marks=pytest.mark.slow),
+    pytest.param("pretrained: executable pickle", marks=pytest.mark.slow)])
 def test_bad_input_through_the_real_command(case, finished, cifar_root, tmp_path):
     args, message = command(case, finished, cifar_root, tmp_path)
     before = digest(finished)

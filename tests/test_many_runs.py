@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from cifar_files import write_image_folder
 from conftest import signal_at_step, small_run_args
@@ -292,6 +293,7 @@ def test_predict_reads_predicts_and_prints_batch_by_batch(cifar_root, tmp_path, 
     assert events.index(("printed", 1)) < events.index(("decoded", 6))  # before the last batch
 
 
+@pytest.mark.slow
 def test_onnx_export_splits_large_weights_and_names_no_local_path(cifar_root, tmp_path,
                                                                   monkeypatch):
     import onnx
@@ -391,6 +393,7 @@ def test_a_killed_cache_write_is_cleaned_up_and_a_running_one_is_not(tmp_path):
     assert not dead.exists() and live.exists()
 
 
+@pytest.mark.slow
 def test_two_runs_filling_and_pruning_one_cache_both_finish(tmp_path):
     data = write_image_folder(tmp_path / "d", {"train": {"a": 40, "b": 40}, "val": {"a": 5,
                                                                                     "b": 5}})

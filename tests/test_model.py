@@ -141,7 +141,8 @@ HUB_RUN = ("import sys, time; from convnext_cifar.config import ModelConfig\n"
 
 @pytest.mark.parametrize("env", [
     {"HF_HUB_OFFLINE": "1"},  # the user says so
-    {"HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing answers there: treated as offline
+    pytest.param({"HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing answers: treated as offline
+                 marks=pytest.mark.slow),
 ])
 def test_offline_hub_fails_fast_with_one_clear_error(tmp_path, env):
     import subprocess

@@ -69,7 +69,7 @@ def test_ema_weights_are_what_best_holds_when_ema_wins(cifar_root, tmp_path, mon
                    for k in best.state_dict)
 
 
-@pytest.mark.parametrize("how", ["sigterm", "crash"])
+@pytest.mark.parametrize("how", ["sigterm", pytest.param("crash", marks=pytest.mark.slow)])
 def test_every_feature_resumes_bit_exactly(cifar_root, tmp_path, everything, monkeypatch, how):
     if how == "sigterm":  # mid-epoch 2: the loader's device and host generators matter
         restore = signal_at_step(monkeypatch, 6)
@@ -86,6 +86,7 @@ def test_every_feature_resumes_bit_exactly(cifar_root, tmp_path, everything, mon
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # 30 s: a learning check; every feature is pinned by the fast tests
 def test_official_recipe_preset_learns_and_reports_ema(cifar_root, tmp_path):
     args = small_run_args(cifar_root, tmp_path, "--sched.epochs", "4", "--sched.warmup-epochs",
                           "1", "--model.pretrained", "none", "--model.name", "convnextv2_atto",

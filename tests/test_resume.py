@@ -305,6 +305,7 @@ def as_format_v1(state):
             "metrics_bytes": c["log"]["bytes"]}
 
 
+@pytest.mark.slow
 def test_a_state_of_the_previous_format_still_resumes_bit_exactly(cifar_root, tmp_path, reference,
                                                                   monkeypatch):
     restore = signal_at_step(monkeypatch, 6)  # mid-epoch: the data generator's state matters
