@@ -1,26 +1,28 @@
-"""One command for a CUDA machine: what the GPU path does and how fast, in a few minutes.
+"""One command for a CUDA machine: is the GPU path right, then how fast, under a hard budget.
 
-    python benchmarks/gpu_check.py OUT_DIR            # on one GPU: figures, under 4 minutes
-    python benchmarks/gpu_check.py OUT_DIR --dry      # the same steps at tiny sizes on the CPU
+    python benchmarks/gpu_check.py OUT_DIR [--work DIR] [--budget-s 300]
+    python benchmarks/gpu_check.py OUT_DIR --dry        # the same steps at tiny sizes on the CPU
 
-Steps, each timed, each failure recorded and the rest still run (a step that would not fit in
-the remaining --budget-s is skipped, and says so):
+Correctness first, then speed; every step in a process of its own, killed when the time left is
+spent (what it measured so far, and its last lines, are kept):
 
-  environment   GPU, driver, torch, CUDA, bf16 support, memory
-  cuda_tests    the tests marked `cuda` (no host sync with the full recipe, host-memory data)
-  throughput    benchmarks/throughput.py for ConvNeXt-V2-Tiny 32x32 in bf16: batch 128 and 1024,
-                compile mode default and reduce-overhead, eval at batch 1024, the baseline, peak
-                GPU memory and utilisation against the bf16 matmul peak measured in the run
-  train_resume_eval
-                `train` on generated CIFAR-layout data (50,000 + 10,000 images): SIGTERM in
-                epoch 2, `--resume auto`, then `eval` of best.safetensors must give the recorded
-                top-1; the epoch time, from which a 100-epoch run is projected (labelled so)
-  host_memory   one epoch with --data.memory-share forced tiny: images in pinned host memory
-  torchrun      a one-process torchrun (NCCL on a GPU, gloo with --dry)
+  environment        torch, CUDA, cuDNN, NCCL, Triton, the GPU; tyro importable (else: stop)
+  cuda_tests         the tests marked `cuda`: ok only if they ran and passed, not skipped
+  train_resume_eval  `train` on generated CIFAR-layout data: SIGTERM in epoch 2, --resume auto,
+                     `eval` of best.safetensors reproduces the recorded top-1; a projection of
+                     the 100-epoch reference from the measured epoch (labelled as one)
+  host_memory        one epoch with the images forced into pinned host memory
+  torchrun           one process under torchrun (NCCL on a GPU, gloo with --dry)
+  throughput_*       benchmarks/throughput.py, one configuration a process: batch 128 with the
+                     default compile (and the baseline), reduce-overhead (CUDA graphs), batch
+                     1024, eval alone, the official-recipe preset
+  profile            torch.profiler over a few steps of the recipe: the kernels of one step
 
-It writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md after every step (so a timeout keeps
-what was done) and prints the summary. Only the standard library and the project are needed
-(argparse, not tyro, so that it runs where tyro is missing; the train commands need tyro).
+OUT_DIR receives only gpu_check.json, gpu_check.md and gpu_check_log.md (each step's command,
+exit code and last lines), rewritten after every step: they are small enough to come back from a
+machine that returns a few files. Data, runs and training states go to --work (default: a
+temporary folder). Only the standard library is needed here (argparse, not tyro); the steps
+need the project's packages, tyro included.
 """
 
 from __future__ import annotations
@@ -33,68 +35,293 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_TEST_FILES = [str(ROOT / "tests" / "test_engine.py")]  # where the `cuda` tests are
+CUDA_TEST_FILES = [str(ROOT / "tests" / name) for name in ("test_engine.py", "test_gpu_paths.py")]
 TARGETS = {"train_b128": 40_000, "train_b1024": 80_000, "eval": 150_000, "reference_s": 180}
+OUTPUTS = ("gpu_check.json", "gpu_check.md", "gpu_check_log.md")
+LOG_LINES = 40  # of each step, in gpu_check_log.md
 
 
 def sizes(dry: bool) -> dict:
     """Everything that differs between a real check and a dry one."""
     if dry:
-        return {"model": "convnextv2_atto", "batches": (8, 16), "eval_batch": 16, "steps": 2,
-                "windows": 1, "peak_sizes": (128,), "train_images": 300, "test_images": 60,
-                "train_batch": 20, "extra": ["--model.name", "convnextv2_atto"]}
-    return {"model": "convnextv2_tiny", "batches": (128, 1024), "eval_batch": 1024,
-            "steps": 16, "windows": 3, "peak_sizes": None, "train_images": 50_000,
-            "test_images": 10_000, "train_batch": 128, "extra": []}
+        return {"model": "convnextv2_atto", "train_images": 300, "test_images": 60,
+                "train_batch": 20, "eval_batch": 16, "big_batch": 40, "steps": 2, "windows": 1,
+                "extra": ["--model.name", "convnextv2_atto"], "baseline_workers": 1}
+    return {"model": "convnextv2_tiny", "train_images": 10_000, "test_images": 10_000,
+            "train_batch": 128, "eval_batch": 1024, "big_batch": 1024, "steps": 16,
+            "windows": 3, "extra": [], "baseline_workers": 4}
 
 
-# ---- steps --------------------------------------------------------------------------------------
+# ---- steps: each returns a dict with "ok" -------------------------------------------------------
 
-def environment(args, size) -> dict:
-    import torch
+def environment(check: Check) -> dict:
+    code = ("import json, platform, torch\n"
+            "env = {'python': platform.python_version(), 'torch': torch.__version__,\n"
+            "       'cuda': torch.version.cuda, 'cuda_available': torch.cuda.is_available()}\n"
+            "try:\n    import tyro; env['tyro'] = tyro.__version__\n"
+            "except ImportError:\n    env['tyro'] = None\n"
+            "try:\n    import triton; env['triton'] = triton.__version__\n"
+            "except ImportError:\n    env['triton'] = None\n"
+            "if torch.cuda.is_available():\n"
+            "    p = torch.cuda.get_device_properties(0)\n"
+            "    env.update(gpu=p.name, capability=f'{p.major}.{p.minor}',\n"
+            "               memory_gb=round(p.total_memory / 2**30, 1),\n"
+            "               bf16=torch.cuda.is_bf16_supported(),\n"
+            "               cudnn=torch.backends.cudnn.version(),\n"
+            "               nccl='.'.join(map(str, torch.cuda.nccl.version())))\n"
+            "print(json.dumps(env))")
+    out = check.run("environment", [sys.executable, "-c", code], cap=60)
+    try:
+        env = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"ok": False, "error": "could not read the environment", **check.tail(out)}
+    env["cpu_count"], env["host"] = os.cpu_count(), platform.node()
+    if not env.get("tyro"):
+        check.stop = ("tyro is not importable: the train, eval and throughput steps need it; "
+                      "install its wheels as ../shared/GPU.md says and run the check again")
+        return {**env, "ok": False, "error": check.stop}
+    return {**env, "ok": True}
 
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-           "cpu_count": os.cpu_count()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
-                   multiprocessors=props.multi_processor_count,
-                   memory_gb=round(props.total_memory / 2**30, 1),
-                   bf16=torch.cuda.is_bf16_supported())
-        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], 30)
-        env["driver"] = smi.stdout.strip() if smi.returncode == 0 else "nvidia-smi failed"
-    return env
 
-
-def cuda_tests(args, size) -> dict:
-    out = _run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                *CUDA_TEST_FILES], 300)
+def cuda_tests(check: Check) -> dict:
+    out = check.run("cuda_tests", [sys.executable, "-m", "pytest", "-q", "-o", "addopts=",
+                                   "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TEST_FILES],
+                    cap=240)
     last = (out.stdout.strip().splitlines() or [""])[-1]
-    return {"ok": out.returncode in (0, 5), "summary": last, "returncode": out.returncode}
+    counts = {f"tests_{kind}": _count(last, kind) for kind in ("passed", "failed", "skipped")}
+    ok = out.returncode == 0 and counts["tests_passed"] > 0 and not counts["tests_skipped"]
+    why = {} if ok else {"error": "not all of them ran and passed"}
+    return {"ok": ok, **why, "summary": last, **counts, "returncode": out.returncode,
+            **({} if ok else check.tail(out))}
 
 
-def throughput(args, size) -> dict:
-    from benchmarks import throughput as tp
+def train_resume_eval(check: Check) -> dict:
+    check.ensure_data()
+    work = check.work / "run"
+    args = check.train_args(work, epochs=3)
+    start = time.monotonic()
+    proc, logged = check.start(args), work / "metrics.jsonl"
+    while proc.poll() is None and check.left() > 0:
+        if any(r.get("epoch") == 2 and "step" in r for r in _records(logged)):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    first = check.finish("train (SIGTERM in epoch 2)", proc)
+    result = {"signal_exit": first.returncode, "first_run_s": round(time.monotonic() - start, 1)}
+    if first.returncode != 143:
+        return {**result, "ok": False, "error": "the run did not stop on SIGTERM in epoch 2",
+                **check.tail(first)}
+    resumed = check.run("train --resume auto", [
+        sys.executable, "-m", "convnext_cifar", "train", "--config", str(work / "config.json"),
+        "--resume", "auto"], cap=600)
+    evaluated = check.run("eval", [sys.executable, "-m", "convnext_cifar", "eval",
+                                   str(work / "best.safetensors"), "--json"], cap=300)
+    records = _records(logged)
+    val = [r for r in records if "top1" in r]
+    steps = [r["step"] for r in records if "img_per_s" in r]
+    best = max(val, key=lambda r: r["top1"]) if val else None
+    try:
+        top1 = json.loads(evaluated.stdout.strip().splitlines()[-1])["top1"]
+    except (IndexError, json.JSONDecodeError, KeyError):
+        top1 = None
+    result.update(resume_exit=resumed.returncode, eval_top1=top1,
+                  recorded_top1=best["top1"] if best else None,
+                  eval_reproduces=top1 is not None and best is not None and top1 == best["top1"],
+                  steps_logged_once=steps == sorted(set(steps)), **projection(check, work))
+    result["ok"] = resumed.returncode == 0 and result["eval_reproduces"] and result[
+        "steps_logged_once"]
+    return result if result["ok"] else {**result, **check.tail(resumed), **check.tail(evaluated)}
 
-    rows = []
-    for batch in size["batches"]:
-        for mode in ("default", "reduce-overhead"):
-            bench = tp.Args(model=size["model"], batch_size=batch,
-                            eval_batch_size=size["eval_batch"], steps=size["steps"],
-                            windows=size["windows"], quick=True, json=True,
-                            baseline=(batch, mode) == (size["batches"][0], "default"),
-                            baseline_workers=1 if args.dry else 4, compile_mode=mode,
-                            peak_sizes=size["peak_sizes"])
-            for row in tp.main(bench):
-                row["compile_mode"] = mode if row["kind"] == "project" else "-"
-                rows.append(row)
-            _save_partial(args, "throughput", {"rows": rows})
-    return {"rows": rows}
+
+def projection(check: Check, work: Path) -> dict:
+    """The 100-epoch reference from this run: the measured training speed over 50,000 images,
+    plus what each epoch spent besides (validation of the held-out images, checkpoint and
+    state writes), plus the startup; a projection, not a run."""
+    status, records = _read_json(work / "status.json") or {}, _records(work / "metrics.jsonl")
+    rates = [r["img_per_s"] for r in records if "img_per_s" in r and r["epoch"] > 1]
+    epochs = status.get("epoch") or 0
+    if not rates or not epochs or check.dry:
+        return {}
+    train_rate = sorted(rates)[len(rates) // 2]
+    per_epoch = status["elapsed_s"] / epochs  # training, validation and writes, as run
+    besides = max(per_epoch - check.size["train_images"] / train_rate, 0.0)
+    return {"train_img_per_s": round(train_rate), "epoch_s_measured": round(per_epoch, 1),
+            "validation_and_writes_s_per_epoch": round(besides, 1),
+            "projected_reference_100_epochs_s": round(100 * (50_000 / train_rate + besides)),
+            "projection": "100 x (50,000 images / measured img/s + measured validation and "
+                          "writes per epoch); startup and compile not included; not a run"}
+
+
+def host_memory(check: Check) -> dict:
+    """One epoch with the images forced out of device memory."""
+    check.ensure_data()
+    work = check.work / "host"
+    out = check.run("host_memory", [sys.executable, "-m", "convnext_cifar",
+                                    *check.train_args(work, 1), "--data.memory-share", "1e-9"],
+                    cap=300)
+    train = [r for r in _records(work / "metrics.jsonl") if "img_per_s" in r]
+    if check.dry:  # the CPU has no separate host memory: the run must refuse, in one line
+        ok = out.returncode == 2 and "GB free on cpu" in out.stderr
+        return {"ok": ok, "returncode": out.returncode, **({} if ok else check.tail(out))}
+    ok = out.returncode == 0 and "pinned host memory" in out.stderr
+    return {"ok": ok, "returncode": out.returncode,
+            "train_img_per_s": train[-1]["img_per_s"] if train else None,
+            **({} if ok else check.tail(out))}
+
+
+def torchrun(check: Check) -> dict:
+    check.ensure_data()
+    work = check.work / "torchrun"
+    out = check.run("torchrun", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc-per-node", "1", "-m", "convnext_cifar",
+                                 *check.train_args(work, 1)], cap=300)
+    ok = out.returncode == 0 and (work / "best.safetensors").exists()
+    return {"ok": ok, "returncode": out.returncode, "backend": "gloo" if check.dry else "nccl",
+            **({} if ok else check.tail(out))}
+
+
+def throughput(name: str, *extra: str, baseline: bool = False):
+    """A step: benchmarks/throughput.py for one configuration, in its own process."""
+
+    def step(check: Check) -> dict:
+        s = check.size
+        args = [sys.executable, "-m", "benchmarks.throughput", "--quick", "--json",
+                "--model", s["model"], "--steps", str(s["steps"]), "--windows", str(s["windows"]),
+                "--eval-batch-size", str(s["eval_batch"]), "--baseline-workers",
+                str(s["baseline_workers"]), *([] if baseline else ["--no-baseline"]), *extra]
+        if check.dry:
+            args += ["--peak-sizes", "128"]
+        out = check.run(name, args, cap=240)
+        rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        return {"ok": out.returncode == 0 and bool(rows), "rows": rows,
+                **({} if out.returncode == 0 else check.tail(out))}
+
+    return step
+
+
+def profile(check: Check) -> dict:
+    s = check.size
+    out = check.run("profile", [sys.executable, "-m", "benchmarks.profile_step", "--json",
+                                "--model", s["model"], "--batch-size",
+                                str(s["train_batch"]), "--steps", "3"], cap=180)
+    try:
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"ok": False, **check.tail(out)}
+    return {"ok": out.returncode == 0, **result}
+
+
+STEPS = [  # (name, step, seconds it needs at the least to be worth starting)
+    ("environment", environment, 5),
+    ("cuda_tests", cuda_tests, 20),
+    ("train_resume_eval", train_resume_eval, 40),
+    ("host_memory", host_memory, 20),
+    ("torchrun", torchrun, 20),
+    ("throughput_b128", throughput("throughput_b128", "--batch-size", "128", baseline=True), 30),
+    ("throughput_b128_reduce_overhead", throughput(
+        "throughput_b128_reduce_overhead", "--batch-size", "128", "--compile-mode",
+        "reduce-overhead"), 30),
+    ("throughput_b1024", throughput("throughput_b1024", "--batch-size", "BIG"), 30),
+    ("eval", throughput("eval", "--eval-only", "--batch-size", "128"), 20),
+    ("recipe", throughput("recipe", "--batch-size", "128", "--preset",
+                          "cifar10-official-recipe"), 30),
+    ("profile", profile, 20),
+]
+
+
+# ---- running, timing, reporting ------------------------------------------------------------------
+
+class Check:
+    """The check's budget, folders and results; each step's process is started here."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.out, self.dry, self.budget = args.out, args.dry, args.budget_s
+        self.work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+        self.size = sizes(args.dry)
+        self.start_time = time.monotonic()
+        self.results: dict = {"dry": args.dry, "budget_s": args.budget_s,
+                              "work": str(self.work), "steps": {}}
+        self.log: list[str] = []
+        self.stop = ""
+        self.deadline = float("inf")
+
+    def left(self) -> float:
+        return min(self.budget - (time.monotonic() - self.start_time),
+                   self.deadline - time.monotonic())
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.dry:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, also on a machine with a GPU
+        return env
+
+    def start(self, args: list[str]) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "convnext_cifar", *args]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT, env=self.env(), start_new_session=True)
+
+    def finish(self, title: str, proc: subprocess.Popen) -> subprocess.CompletedProcess:
+        """Wait for `proc` within the time left; killed (its whole group) past it."""
+        try:
+            out, err = proc.communicate(timeout=max(self.left(), 1))
+            done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            done = subprocess.CompletedProcess(proc.args, -9, out or "", (err or "") + (
+                f"\nkilled: the check's time was spent ({self.budget:.0f} s budget)"))
+        self._log(title, done)
+        return done
+
+    def run(self, title: str, cmd: list[str], cap: float) -> subprocess.CompletedProcess:
+        """`cmd` with at most `cap` seconds and never more than the time left."""
+        cmd = [str(self.size["big_batch"]) if c == "BIG" else c for c in cmd]
+        self.deadline = time.monotonic() + cap
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, cwd=ROOT, env=self.env(), start_new_session=True)
+        except OSError as e:
+            done = subprocess.CompletedProcess(cmd, 127, "", str(e))
+            self._log(title, done)
+            return done
+        try:
+            return self.finish(title, proc)
+        finally:
+            self.deadline = float("inf")
+
+    def tail(self, done: subprocess.CompletedProcess, lines: int = 12) -> dict:
+        text = ((done.stdout or "") + (done.stderr or "")).strip().splitlines()
+        return {"tail": text[-lines:]} if text else {}
+
+    def train_args(self, work: Path, epochs: int) -> list[str]:
+        s = self.size
+        return ["train", "--preset", "cifar10", "--model.pretrained", "none", "--data.root",
+                str(self.work / "data"), "--data.no-download", "--work-dir", str(work),
+                "--sched.epochs", str(epochs), "--sched.warmup-epochs", str(min(1, epochs - 1)),
+                "--log-interval", "5", "--data.batch-size", str(s["train_batch"]),
+                "--data.eval-batch-size", str(s["eval_batch"]), *s["extra"]]
+
+    def ensure_data(self) -> None:
+        if not (self.work / "data" / "cifar-10-batches-py" / "test_batch").exists():
+            write_cifar(self.work / "data", self.size["train_images"], self.size["test_images"])
+
+    def _log(self, title: str, done: subprocess.CompletedProcess) -> None:
+        text = ((done.stdout or "") + (done.stderr or "")).strip().splitlines()
+        command = " ".join(str(c) for c in done.args)[:300]
+        self.log += [f"## {title} (exit {done.returncode})", "", f"`{command}`", "", "```",
+                     *text[-LOG_LINES:], "```", ""]
+
+    def save(self) -> None:
+        self.results["wall_s"] = round(time.monotonic() - self.start_time, 1)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "gpu_check.json").write_text(json.dumps(self.results, indent=1, default=str))
+        (self.out / "gpu_check.md").write_text(summary(self.results))
+        (self.out / "gpu_check_log.md").write_text("\n".join(self.log)[-400_000:] + "\n")
 
 
 def write_cifar(root: Path, train: int, test: int) -> None:
@@ -122,108 +349,17 @@ def write_cifar(root: Path, train: int, test: int) -> None:
         pickle.dump({"label_names": [f"class_{i}" for i in range(10)]}, f, protocol=2)
 
 
-def train_args(args, size, work: Path, epochs: int) -> list[str]:
-    return ["train", "--preset", "cifar10", "--model.pretrained", "none", "--data.root",
-            str(args.out / "data"), "--data.no-download", "--work-dir", str(work),
-            "--sched.epochs", str(epochs), "--sched.warmup-epochs", str(min(1, epochs - 1)),
-            "--log-interval", "5",
-            "--data.batch-size", str(size["train_batch"]), "--data.eval-batch-size",
-            str(size["eval_batch"]), *size["extra"]]
+def _count(summary_line: str, kind: str) -> int:
+    words = summary_line.replace(",", " ").split()
+    return next((int(words[i - 1]) for i, w in enumerate(words)
+                 if w.startswith(kind) and i and words[i - 1].isdigit()), 0)
 
 
-def ensure_data(args, size) -> None:
-    if not (args.out / "data" / "cifar-10-batches-py" / "test_batch").exists():
-        write_cifar(args.out / "data", size["train_images"], size["test_images"])
-
-
-def train_resume_eval(args, size) -> dict:
-    ensure_data(args, size)
-    work = args.out / "run"
-    cmd = [sys.executable, "-m", "convnext_cifar", *train_args(args, size, work, 3)]
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = work / "metrics.jsonl"
-    while proc.poll() is None and time.monotonic() - start < 240:
-        records = _records(metrics)
-        if any(r.get("epoch") == 2 and "step" in r for r in records):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    _, err = proc.communicate(timeout=300)
-    first = time.monotonic() - start
-    result = {"signal_exit": proc.returncode, "first_run_s": first,
-              "signal_in_epoch_2": proc.returncode == 143}
-    if proc.returncode != 143:
-        return {**result, "ok": False, "stderr": err[-2000:]}
-    resume = _run([sys.executable, "-m", "convnext_cifar", "train", "--config",
-                   str(work / "config.json"), "--resume", "auto"], 600)
-    result.update(resume_exit=resume.returncode, resume_s=time.monotonic() - start - first)
-    records = _records(metrics)
-    val = [r for r in records if "top1" in r]
-    train = [r for r in records if "img_per_s" in r]
-    best = max(val, key=lambda r: r["top1"]) if val else None
-    evaluated = _run([sys.executable, "-m", "convnext_cifar", "eval",
-                      str(work / "best.safetensors"), "--json"], 300)
-    top1 = json.loads(evaluated.stdout)["top1"] if evaluated.returncode == 0 else None
-    steps = [r["step"] for r in train]
-    epoch_images = size["train_images"]
-    img_per_s = train[-1]["img_per_s"] if train else None
-    result.update(
-        eval_top1=top1, recorded_top1=best["top1"] if best else None,
-        eval_reproduces=top1 is not None and best is not None and top1 == best["top1"],
-        steps_logged_once=steps == sorted(set(steps)), train_img_per_s=img_per_s,
-        epoch_s=epoch_images / img_per_s if img_per_s else None)
-    if img_per_s and not args.dry:  # labelled: a projection from the measured epoch, not a run
-        result["projected_reference_100_epochs_s"] = (
-            result["first_run_s"] + 100 * epoch_images / img_per_s)
-    result["ok"] = bool(resume.returncode == 0 and result["eval_reproduces"]
-                        and result["steps_logged_once"])
-    if not result["ok"]:
-        result["stderr"] = (resume.stderr + evaluated.stderr)[-2000:]
-    return result
-
-
-def host_memory(args, size) -> dict:
-    """Two epochs with the images forced out of device memory."""
-    ensure_data(args, size)
-    work = args.out / "host"
-    out = _run([sys.executable, "-m", "convnext_cifar",
-                *train_args(args, size, work, 2), "--data.memory-share", "1e-9"], 300)
-    records = _records(work / "metrics.jsonl")
-    train = [r for r in records if "img_per_s" in r]
-    if args.dry:  # the CPU has no separate host memory: the run must refuse, in one line
-        return {"ok": out.returncode == 2 and "GB free on cpu" in out.stderr,
-                "returncode": out.returncode, "stderr": out.stderr[-500:]}
-    return {"ok": out.returncode == 0 and "pinned host memory" in out.stderr,
-            "returncode": out.returncode, "train_img_per_s": train[-1]["img_per_s"] if train
-            else None, "stderr": out.stderr[-1000:]}
-
-
-def torchrun(args, size) -> dict:
-    ensure_data(args, size)
-    work = args.out / "torchrun"
-    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "1", "-m", "convnext_cifar",
-                *train_args(args, size, work, 1)], 400)
-    return {"ok": out.returncode == 0 and (work / "best.safetensors").exists(),
-            "returncode": out.returncode, "backend": "gloo" if args.dry else "nccl",
-            "stderr": out.stderr[-1500:]}
-
-
-STEPS = [("environment", environment, 5), ("cuda_tests", cuda_tests, 20),
-         ("throughput", throughput, 90), ("train_resume_eval", train_resume_eval, 60),
-         ("torchrun", torchrun, 30), ("host_memory", host_memory, 30)]
-
-
-# ---- running and reporting ----------------------------------------------------------------------
-
-def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _read_json(path: Path):
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        return subprocess.CompletedProcess(cmd, 124, e.stdout or "", f"timed out after {timeout} s")
-    except FileNotFoundError as e:
-        return subprocess.CompletedProcess(cmd, 127, "", str(e))
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _records(path: Path) -> list[dict]:
@@ -240,83 +376,82 @@ def _records(path: Path) -> list[dict]:
     return out
 
 
-_results: dict = {}
-
-
-def _save_partial(args, name: str, value: dict) -> None:
-    _results["steps"][name] = value
-    (args.out / "gpu_check.json").write_text(json.dumps(_results, indent=1, default=str))
-    (args.out / "gpu_check.md").write_text(summary(_results))
-
-
 def summary(results: dict) -> str:
-    """A short Markdown report: environment, the throughput table against the targets, and
-    one line per check."""
+    """Markdown: the environment, one line per step (ok, FAILED with its cause, or skipped),
+    the throughput rows against the targets, and the profiled kernels."""
     steps = results["steps"]
     env = steps.get("environment", {})
-    lines = [f"# gpu_check {'(dry, CPU)' if results['dry'] else ''}", "",
-             f"{env.get('gpu', 'no GPU')}, driver {env.get('driver', '-')}, torch "
-             f"{env.get('torch')}, CUDA {env.get('cuda')}, bf16 {env.get('bf16', '-')}; "
-             f"{results.get('wall_s', 0):.0f} s in all", ""]
-    rows = steps.get("throughput", {}).get("rows", [])
+    lines = [f"# gpu_check{' (dry, CPU)' if results['dry'] else ''}", "",
+             f"{env.get('gpu', 'no GPU')}; torch {env.get('torch')}, CUDA {env.get('cuda')}, "
+             f"cuDNN {env.get('cudnn', '-')}, NCCL {env.get('nccl', '-')}, Triton "
+             f"{env.get('triton', '-')}, tyro {env.get('tyro', '-')}; {results.get('wall_s', 0)}"
+             f" s of a {results['budget_s']:.0f} s budget", "", "| step | result | s | facts |",
+             "| --- | --- | --- | --- |"]
+    for name, value in steps.items():
+        state = ("ok" if value.get("ok") else "skipped" if value.get("skipped") else
+                 "KILLED" if value.get("killed") else "FAILED")
+        facts = {k: v for k, v in value.items()
+                 if k not in ("ok", "rows", "tail", "top", "seconds", "skipped")}
+        why = value.get("skipped") or value.get("error") or ""
+        lines.append(f"| {name} | {state} {why} | {value.get('seconds', '-')} | "
+                     f"{json.dumps(facts, default=str)[:400]} |")
+    rows = [r | {"step": name} for name, v in steps.items() for r in v.get("rows", [])]
     if rows:
-        lines += ["| config | batch | loop img/s | bare img/s | eval img/s | first window s | "
-                  "TFLOP/s | util % of matmul peak | peak GPU MB |", "|" + " --- |" * 9]
+        lines += ["", "| step | config | batch | loop img/s | bare img/s | eval img/s | first "
+                  "window s | TFLOP/s | util % | peak GPU MB |", "|" + " --- |" * 10]
         for r in rows:
             name = ("baseline (DataLoader, eager fp32)" if r["kind"] == "baseline" else
-                    f"{r['precision']} {r.get('compile_mode')}"
+                    f"{r['precision']} {r.get('compile_mode', '')}"
                     + (" compiled" if r.get("compile") else " eager"))
             lines.append(
-                f"| {name} | {r['batch_size']} | {r['loop_img_per_s']:.0f} | "
-                f"{r.get('bare_img_per_s', 0):.0f} | {r.get('eval_img_per_s', 0):.0f} | "
-                f"{r['loop_first_s']:.1f} | {r.get('achieved_tflops', 0):.1f} | "
-                f"{r.get('utilisation_pct', 0):.1f} | {r.get('cuda_max_allocated_mb', 0):.0f} |")
-        lines += ["", f"Targets (H100, Tiny 32x32 bf16, the loop): >= {TARGETS['train_b128']:,} "
-                  f"img/s at batch 128, >= {TARGETS['train_b1024']:,} at 1024, >= "
-                  f"{TARGETS['eval']:,} eval img/s.", ""]
-    for name, value in steps.items():
-        if name in ("environment", "throughput"):
-            continue
-        state = "ok" if value.get("ok") else ("skipped" if value.get("skipped") else "FAILED")
-        detail = {k: v for k, v in value.items() if k not in ("ok", "stderr", "rows")}
-        lines.append(f"- **{name}**: {state} {json.dumps(detail, default=str)}")
+                f"| {r['step']} | {name} | {r.get('batch_size')} | "
+                f"{r.get('loop_img_per_s', 0):.0f} | {r.get('bare_img_per_s', 0):.0f} | "
+                f"{r.get('eval_img_per_s', 0):.0f} | {r.get('loop_first_s', 0):.1f} | "
+                f"{r.get('achieved_tflops', 0):.2f} | {r.get('utilisation_pct', 0):.1f} | "
+                f"{r.get('cuda_max_allocated_mb', 0):.0f} |")
+        lines += ["", f"Targets (Tiny 32x32 bf16, the loop): >= {TARGETS['train_b128']:,} img/s"
+                  f" at batch 128, >= {TARGETS['train_b1024']:,} at 1024, >= "
+                  f"{TARGETS['eval']:,} eval img/s; the reference run under "
+                  f"{TARGETS['reference_s']} s."]
+    if steps.get("profile", {}).get("top"):
+        lines += ["", "Profiled step (kernels):", "", "```", *steps["profile"]["top"], "```"]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("out", type=Path, help="folder for " + ", ".join(OUTPUTS) + " only")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for data, runs and states (default: a temporary one)")
     parser.add_argument("--dry", action="store_true", help="tiny sizes on the CPU (a test)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="skip the steps that would not fit in this many seconds (default "
-                             "230 on a GPU, for a check under 4 minutes; no limit with --dry)")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="the whole check's time: steps are skipped or killed past it")
     args = parser.parse_args(argv)
-    if args.budget_s is None:
-        args.budget_s = float("inf") if args.dry else 230.0
-    args.out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
-    if args.dry:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, also on a machine with a GPU
-    size = sizes(args.dry)
-    start = time.monotonic()
-    _results.clear()
-    _results.update(dry=args.dry, steps={})
+    if args.work is not None and args.work.resolve().is_relative_to(args.out.resolve()):
+        parser.error("--work must not be inside OUT_DIR (only the small reports go there)")
+    check = Check(args)
     for name, step, least in STEPS:
-        left = args.budget_s - (time.monotonic() - start)
-        if left < least:
-            _save_partial(args, name, {"skipped": f"{left:.0f} s of the budget left"})
-            continue
-        t0 = time.monotonic()
-        print(f"[gpu_check] {name} ...", flush=True)
-        try:
-            value = step(args, size)
-        except Exception as e:  # a failing step is a finding; the others still run
-            value = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        value["seconds"] = round(time.monotonic() - t0, 1)
-        _results["wall_s"] = time.monotonic() - start
-        _save_partial(args, name, value)
-    print(summary(_results), flush=True)
-    return _results
+        if check.stop:
+            check.results["steps"][name] = {"skipped": "the environment step stopped the check"}
+        elif check.left() < (1 if check.dry else least):  # the seconds a GPU step needs
+            check.results["steps"][name] = {"skipped": f"{max(check.left(), 0):.0f} s left of "
+                                                       "the budget"}
+        else:
+            print(f"[gpu_check] {name} ({check.left():.0f} s left) ...", flush=True)
+            t0 = time.monotonic()
+            try:
+                value = step(check)
+            except Exception as e:  # a failing step is a finding; the others still run
+                value = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            value["seconds"] = round(time.monotonic() - t0, 1)
+            if not value.get("ok") and any("killed:" in line for line in value.get("tail", [])):
+                value["killed"] = True
+            check.results["steps"][name] = value
+        check.save()
+    print(summary(check.results), flush=True)
+    if check.stop:
+        print(f"gpu_check: {check.stop}", file=sys.stderr)
+    return check.results
 
 
 if __name__ == "__main__":

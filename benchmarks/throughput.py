@@ -63,6 +63,8 @@ class Args:
     """Precisions of the matrix (default: fp32, plus bf16/fp16 where the device runs them fast)."""
     baseline: bool = True
     """Also measure the typical DataLoader + per-image transforms loop."""
+    eval_only: bool = False
+    """Measure evaluation alone (no training step, no baseline)."""
     baseline_workers: int = 2
     """DataLoader worker processes of the baseline."""
     num_classes: int = 10
@@ -234,10 +236,11 @@ def measure(args: Args, device, precision: str, channels_last: bool, compile_on:
     import torch
 
     from convnext_cifar.engine import TrainStep, build_run
-    from convnext_cifar.runtime import Runtime
+    from convnext_cifar.runtime import Runtime, configure_backends
 
     cfg = bench_config(args, device, precision, channels_last, compile_on)
     rt = Runtime(device, precision, compile_on, channels_last, args.compile_mode)
+    configure_backends(rt)  # cuDNN autotuning and TF32 on a GPU, as `train` sets them
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data = data or synthetic_dataset(args, device, args.num_classes)
@@ -248,9 +251,13 @@ def measure(args: Args, device, precision: str, channels_last: bool, compile_on:
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(dataclasses.replace(cfg, work_dir=Path(tmp)), rt, data=data)
         timed, (x, y) = timed_paths(args, run, Path(tmp))
+        if args.eval_only:
+            timed = {"eval": timed["eval"]}
         for name, (fn, count) in timed.items():
             for key, value in windows(clock, fn, count, args.windows).items():
                 result[f"{name}_{key}"] = value
+        if args.eval_only:
+            return result
         if not flops:  # counted on the eager model: the same arithmetic, without compile hooks
             eager = TrainStep(run.model, run.step_fn.optimizer,
                               dataclasses.replace(rt, compile=False), run.step_fn.loss_fn,
@@ -405,10 +412,11 @@ def print_table(rows: list[dict[str, Any]], env: dict[str, Any], args: Args) -> 
         def num(key: str, fmt: str = "{:.0f}", r: dict[str, Any] = r) -> str:
             return fmt.format(r[key]) if key in r else "-"
 
-        spread = f"{r['loop_img_per_s']:.1f} ({r['loop_min']:.0f}-{r['loop_max']:.0f})"
+        spread = (f"{r['loop_img_per_s']:.1f} ({r['loop_min']:.0f}-{r['loop_max']:.0f})"
+                  if "loop_img_per_s" in r else "-")
         table.add_row(name, num("data_img_per_s"), spread, num("bare_img_per_s", "{:.1f}"),
                       num("loop_over_bare", "{:.2f}"), num("eval_img_per_s"),
-                      f"{r['loop_first_s']:.1f}", num("achieved_tflops", "{:.3f}"),
+                      num("loop_first_s", "{:.1f}"), num("achieved_tflops", "{:.3f}"),
                       num("utilisation_pct", "{:.1f}"), num("vs_baseline", "{:.2f}x"))
     Console(width=max(Console().width, 150)).print(table)
     if rows and "train_flops_per_image" in rows[0]:
@@ -437,23 +445,27 @@ def main(args: Args) -> list[dict[str, Any]]:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for precision, channels_last, compile_on in matrix(args, device):
         row = measure(args, device, precision, channels_last, compile_on, flops)
-        if precision not in peaks:
-            peaks[precision] = peak_matmul_flops(device, dtypes[precision], args.peak_sizes)
-        row["peak_tflops"], row["peak_matmul_n"] = peaks[precision][0] / 1e12, peaks[precision][1]
-        row["utilisation_pct"] = 100 * row["achieved_tflops"] / row["peak_tflops"]
+        if "achieved_tflops" in row:
+            if precision not in peaks:
+                peaks[precision] = peak_matmul_flops(device, dtypes[precision], args.peak_sizes)
+            row["peak_tflops"], row["peak_matmul_n"] = (peaks[precision][0] / 1e12,
+                                                        peaks[precision][1])
+            row["utilisation_pct"] = 100 * row["achieved_tflops"] / row["peak_tflops"]
         rows.append({"kind": "project", "model": args.model, "preset": args.preset,
-                     "batch_size": args.batch_size, "image_size": args.image_size, **env, **row})
+                     "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+                     "image_size": args.image_size, **env, **row})
         print(f"measured {precision} channels_last={channels_last} compile={compile_on}: "
-              f"loop {row['loop_img_per_s']:.1f} img/s", file=sys.stderr, flush=True)
-    if args.baseline:
+              f"loop {row.get('loop_img_per_s', 0):.1f} img/s, eval "
+              f"{row['eval_img_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+    if args.baseline and not args.eval_only:
         base = baseline(args, device)
         rows.append({"kind": "baseline", "model": args.model, "batch_size": args.batch_size,
                      "image_size": args.image_size, **env, **base})
         for r in rows[:-1]:
             r["vs_baseline"] = r["loop_img_per_s"] / base["loop_img_per_s"]
-    best_bare = max(r["bare_img_per_s"] for r in rows if r["kind"] == "project")
+    best_bare = max((r["bare_img_per_s"] for r in rows if "bare_img_per_s" in r), default=0)
     for r in rows:
-        if r["kind"] == "project":
+        if "bare_img_per_s" in r:
             r["loop_over_best_bare"] = r["loop_img_per_s"] / best_bare
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,11 +37,16 @@ RAND_OPS_INCREASING = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posteriz
                        "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing",
                        "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
                        "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-POINT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "Solarize",
-             "SolarizeIncreasing", "SolarizeAdd")
-ENHANCE_OPS = ("Color", "ColorIncreasing", "Contrast", "ContrastIncreasing", "Brightness",
-               "BrightnessIncreasing", "Sharpness", "SharpnessIncreasing")
-AFFINE_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+class BatchPart(NamedTuple):
+    """Rows lo:hi of a global batch of n, made from the images of its `rows` (sorted global
+    indices): what one process of several augments."""
+
+    n: int
+    lo: int
+    hi: int
+    rows: np.ndarray
 
 
 # ---- random crop and flip (every run) ----------------------------------------------------------
@@ -80,18 +86,25 @@ class RandAugment:
     """timm's RandAugment on a uint8 batch (N, 3, H, W): per image and layer one op drawn
     uniformly (with replacement across layers, as timm), applied with probability p at a
     magnitude drawn around m; geometric ops fill with `fill` (the dataset mean, as timm's
-    img_mean) and resample bicubically (the official recipe's interpolation)."""
+    img_mean) and resample bicubically (the official recipe's interpolation).
+
+    Which op each image gets is drawn on the host (so each op runs on just the images that
+    drew it, with no read from the device); magnitudes and signs on the device. Every draw is
+    made for the `n` images of the whole global batch, of which `rows` are the ones given.
+    """
 
     def __init__(self, spec: RandAugmentSpec, fill: tuple[float, float, float]):
         self.spec = spec
         self.ops = RAND_OPS_INCREASING if spec.increasing else RAND_OPS
         self.fill = tuple(float(round(v)) for v in fill)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n, dev, s = len(x), x.device, self.spec
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, host: np.random.Generator,
+                 n: int | None = None, rows: np.ndarray | None = None) -> torch.Tensor:
+        n, dev, s = n or len(x), x.device, self.spec
+        pick = None if rows is None else to_device(torch.from_numpy(rows), dev)
         for _ in range(s.num_layers):
-            op = torch.randint(0, len(self.ops), (n,), generator=generator, device=dev)
-            applied = torch.rand(n, generator=generator, device=dev) <= s.prob
+            op = host.integers(0, len(self.ops), n)
+            applied = host.random(n) < s.prob
             f64 = {"generator": generator, "device": dev, "dtype": torch.float64}  # as timm
             if s.magnitude_std == math.inf:
                 magnitude = torch.rand(n, **f64) * s.magnitude
@@ -101,57 +114,91 @@ class RandAugment:
                 magnitude = torch.full((n,), float(s.magnitude), dtype=torch.float64, device=dev)
             level = magnitude.clamp(0, s.magnitude_max) / 10.0  # timm's _LEVEL_DENOM
             negate = torch.rand(n, generator=generator, device=dev) > 0.5
-            x = apply_ops(x, torch.where(applied, op, -1), level, negate, self.ops, self.fill)
+            op = np.where(applied, op, -1)
+            if rows is not None:
+                op, level, negate = op[rows], level[pick], negate[pick]
+            x = apply_ops(x, op, level, negate, self.ops, self.fill)
         return x
 
 
-def apply_ops(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, negate: torch.Tensor,
-              names: tuple[str, ...], fill: tuple[float, float, float]) -> torch.Tensor:
+def apply_ops(x: torch.Tensor, op: np.ndarray | torch.Tensor, level: torch.Tensor,
+              negate: torch.Tensor, names: tuple[str, ...], fill: tuple[float, float, float]
+              ) -> torch.Tensor:
     """Apply op `names[op[i]]` at `level[i]` (magnitude / 10, float64) to image i (op -1: none).
 
-    `negate[i]` flips the sign of the signed ops (rotate, shear, translate, increasing
-    enhance), as timm's _randomly_negate does.
+    The images that drew an op are sorted by its kind, so that each kind is one slice: the
+    point ops one table lookup, the enhance ops one blend, the geometric ops one resampling,
+    each over just its images; an op nobody drew costs nothing. `negate[i]` flips the sign of
+    the signed ops (rotate, shear, translate, increasing enhance), as timm's _randomly_negate
+    does. `op` is a host array.
     """
-    chosen = {name: op == i for i, name in enumerate(names)}
-    sign = torch.where(negate, -1.0, 1.0)
-    x = _point_ops(x, chosen, level)
-    x = _enhance_ops(x, chosen, level, sign)
-    return _affine_ops(x, chosen, level, sign, fill)
-
-
-def _point_ops(x: torch.Tensor, chosen: dict[str, torch.Tensor], level: torch.Tensor
-               ) -> torch.Tensor:
-    """All per-pixel-value ops as one lookup table per image and channel."""
-    names = [name for name in POINT_OPS if name in chosen]
-    if not names:
+    op = np.asarray(op.cpu() if isinstance(op, torch.Tensor) else op)
+    kind = np.array([KINDS.index(OP_KIND[n.removesuffix("Increasing")]) for n in names] + [-1])
+    order = np.lexsort((op, kind[op]))  # op -1 takes kind[-1]: -1, first
+    op_sorted, kind_sorted = op[order], kind[op[order]]
+    if (op_sorted < 0).all():  # no image drew an op
         return x
+    index = to_device(torch.from_numpy(order), x.device)
+    sign = torch.where(negate, -1.0, 1.0)
+    xs, level, sign = x[index], level[index], sign[index]
+    for k, apply_kind in enumerate((_point_ops, _enhance_ops, _affine_ops)):
+        lo, hi = np.searchsorted(kind_sorted, [k, k + 1])
+        if hi > lo:
+            spans = [(names[o], a - lo, b - lo) for o, a, b in _runs(op_sorted[lo:hi], lo)]
+            xs[lo:hi] = apply_kind(xs[lo:hi], spans, level[lo:hi], sign[lo:hi], fill)
+    return torch.empty_like(x).index_copy_(0, index, xs)
+
+
+def _runs(ops: np.ndarray, offset: int) -> list[tuple[int, int, int]]:
+    """(op, start, end) of each run of equal ops in a sorted array, offset."""
+    starts = np.flatnonzero(np.diff(np.concatenate([[-2], ops]))) if len(ops) else []
+    ends = list(starts[1:]) + [len(ops)]
+    return [(int(ops[a]), offset + int(a), offset + int(b)) for a, b in zip(starts, ends)]
+
+
+def _per_image(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def _point_ops(x, spans, level, sign, fill):
+    """Every per-pixel-value op of these images as one lookup: each image's table per channel
+    (the identity, then its op's)."""
     n, c = x.shape[:2]
     values = torch.arange(256, device=x.device)
-    lut = values.expand(n, c, 256)
-    lvl = level.double()[:, None, None]
-    for name in names:
-        if name == "AutoContrast":
-            table = _autocontrast_lut(x)
-        elif name == "Equalize":
-            table = _equalize_lut(x)
-        elif name == "Invert":
-            table = 255 - values.expand(n, c, 256)
-        elif name.startswith("Posterize"):
-            bits = (lvl * 4).floor().long()  # timm: int(level * 4) bits kept
-            bits = 4 - bits if name.endswith("Increasing") else bits
-            mask = ~((1 << (8 - bits.clamp(0, 8))) - 1)
-            table = torch.where(bits >= 8, values, values & mask).expand(n, c, 256)
-        elif name.startswith("Solarize") and name != "SolarizeAdd":
-            thresh = (lvl * 256).floor().clamp(max=256).long()  # timm: min(256, int(l * 256))
-            thresh = 256 - thresh if name.endswith("Increasing") else thresh
-            table = torch.where(values < thresh, values, 255 - values).expand(n, c, 256)
-        else:  # SolarizeAdd: brighten the dark half
-            add = (lvl * 110).floor().clamp(max=128).long()
-            table = torch.where(values < 128, (values + add).clamp(max=255), values)
-            table = table.expand(n, c, 256)
-        lut = torch.where(chosen[name][:, None, None], table, lut)
-    flat = x.reshape(n, c, -1).long()
-    return lut.gather(2, flat).to(torch.uint8).view_as(x)
+    lut = values.repeat(n, c, 1)
+    for name, a, b in spans:
+        lut[a:b] = POINT_TABLES[name.removesuffix("Increasing")](
+            x[a:b], level[a:b].double()[:, None, None], name.endswith("Increasing"), values)
+    return lut.gather(2, x.reshape(n, c, -1).long()).to(torch.uint8).view_as(x)
+
+
+def _posterize_table(x, lvl, increasing, values):
+    bits = (lvl * 4).floor().long()  # timm: int(level * 4) bits kept
+    bits = 4 - bits if increasing else bits
+    mask = ~((1 << (8 - bits.clamp(0, 8))) - 1)
+    return torch.where(bits >= 8, values, values & mask).expand(len(x), x.shape[1], 256)
+
+
+def _solarize_table(x, lvl, increasing, values):
+    thresh = (lvl * 256).floor().clamp(max=256).long()  # timm: min(256, int(l * 256))
+    thresh = 256 - thresh if increasing else thresh
+    return torch.where(values < thresh, values, 255 - values).expand(len(x), x.shape[1], 256)
+
+
+def _solarize_add_table(x, lvl, increasing, values):
+    """Brighten the dark half by level * 110 (at most 128)."""
+    add = (lvl * 110).floor().clamp(max=128).long()
+    table = torch.where(values < 128, (values + add).clamp(max=255), values)
+    return table.expand(len(x), x.shape[1], 256)
+
+
+POINT_TABLES = {
+    "AutoContrast": lambda x, lvl, inc, values: _autocontrast_lut(x),
+    "Equalize": lambda x, lvl, inc, values: _equalize_lut(x),
+    "Invert": lambda x, lvl, inc, values: (255 - values).expand(len(x), x.shape[1], 256),
+    "Posterize": _posterize_table, "Solarize": _solarize_table,
+    "SolarizeAdd": _solarize_add_table,
+}
 
 
 def _histogram(x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +212,7 @@ def _histogram(x: torch.Tensor) -> torch.Tensor:
 
 
 def _autocontrast_lut(x: torch.Tensor) -> torch.Tensor:
-    """PIL's ImageOps.autocontrast (no cutoff): stretch each channel's [min, max] to [0, 255]."""
+    """PIL's ImageOps.autocontrast table (no cutoff)."""
     flat = x.reshape(*x.shape[:2], -1)
     lo = flat.amin(2, keepdim=True).double()
     hi = flat.amax(2, keepdim=True).double()
@@ -188,38 +235,29 @@ def _equalize_lut(x: torch.Tensor) -> torch.Tensor:
     return torch.where(flat | (step == 0), values, table)
 
 
-def _enhance_ops(x: torch.Tensor, chosen: dict[str, torch.Tensor], level: torch.Tensor,
-                 sign: torch.Tensor) -> torch.Tensor:
-    """PIL's ImageEnhance (Color, Contrast, Brightness, Sharpness) as one blend: degenerate +
-    factor * (image - degenerate), clipped and truncated to uint8 as PIL's blend does."""
-    names = [name for name in ENHANCE_OPS if name in chosen]
-    if not names:
-        return x
+def _enhance_ops(x, spans, level, sign, fill):
+    """PIL's ImageEnhance (Color, Contrast, Brightness, Sharpness) of these images as one blend:
+    degenerate + factor * (image - degenerate), clipped and truncated to uint8 as PIL's."""
     img = x.float()
-    gray = _luma(x)  # PIL's convert("L"), as integers
-    degenerate = torch.zeros_like(img)
-    factor = torch.ones_like(level)
-    any_enhance = torch.zeros_like(chosen[names[0]])
-    for name in names:
-        sel = chosen[name]
+    degenerate = torch.empty_like(img)
+    factor = torch.empty_like(level)
+    for name, a, b in spans:
         if name.endswith("Increasing"):  # timm: max(0.1, 1 + random sign * level * 0.9)
-            f = (1.0 + sign * level * 0.9).clamp(min=0.1)
+            factor[a:b] = (1.0 + sign[a:b] * level[a:b] * 0.9).clamp(min=0.1)
         else:
-            f = level * 1.8 + 0.1
-        if name.startswith("Color"):
-            deg = gray.expand_as(img)
-        elif name.startswith("Contrast"):
-            mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-            deg = (mean + 0.5).floor().expand_as(img)
-        elif name.startswith("Brightness"):
-            deg = torch.zeros_like(img)
-        else:
-            deg = _smooth(img)
-        degenerate = torch.where(sel[:, None, None, None], deg, degenerate)
-        factor = torch.where(sel, f, factor)
-        any_enhance = any_enhance | sel
-    out = (degenerate + factor[:, None, None, None] * (img - degenerate)).clamp(0, 255)
-    return torch.where(any_enhance[:, None, None, None], out.to(torch.uint8), x)
+            factor[a:b] = level[a:b] * 1.8 + 0.1
+        degenerate[a:b] = DEGENERATE[name.removesuffix("Increasing")](x[a:b], img[a:b])
+    out = (degenerate + _per_image(factor) * (img - degenerate)).clamp(0, 255)
+    return out.to(torch.uint8)
+
+
+DEGENERATE = {
+    "Color": lambda x, img: _luma(x).expand_as(img),
+    "Contrast": lambda x, img: (_luma(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()
+    .expand_as(img),
+    "Brightness": lambda x, img: torch.zeros_like(img),
+    "Sharpness": lambda x, img: _smooth(img),
+}
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
@@ -239,64 +277,72 @@ def _smooth(img: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _affine_ops(x: torch.Tensor, chosen: dict[str, torch.Tensor], level: torch.Tensor,
-                sign: torch.Tensor, fill: tuple[float, float, float]) -> torch.Tensor:
-    """Rotate, shear and translate as one resampling of the batch: each image its own affine
-    map (PIL's convention: output pixel centre -> input point), bicubic, filled outside."""
-    names = [name for name in AFFINE_OPS if name in chosen]
-    if not names:
-        return x
+def _affine_ops(x, spans, level, sign, fill):
+    """Rotate, shear and translate of these images as one resampling: each its own affine map
+    (PIL's convention: output pixel centre -> input point), bicubic, filled outside."""
     n, _, h, w = x.shape
-    dev = x.device
-    eye = torch.eye(3, device=dev).expand(n, 3, 3)
-    matrix = eye
-    moved = torch.zeros(n, dtype=torch.bool, device=dev)
-    for name in names:
-        m = eye.clone()
-        if name == "Rotate":  # counter-clockwise by level * 30 degrees about the centre
-            angle = torch.deg2rad(sign * level * 30.0)
-            cos, sin = torch.cos(angle), torch.sin(angle)
-            m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, -sin, sin, cos
-            cx, cy = w / 2.0, h / 2.0
-            m[:, 0, 2] = cx - cos * cx + sin * cy
-            m[:, 1, 2] = cy - sin * cx - cos * cy
-        elif name == "ShearX":
-            m[:, 0, 1] = sign * level * 0.3
-        elif name == "ShearY":
-            m[:, 1, 0] = sign * level * 0.3
-        elif name == "TranslateXRel":  # timm's translate_pct 0.45 of the width
-            m[:, 0, 2] = sign * level * 0.45 * w
-        else:
-            m[:, 1, 2] = sign * level * 0.45 * h
-        sel = chosen[name]
-        matrix = torch.where(sel[:, None, None], m, matrix)
-        moved = moved | sel
+    m = torch.eye(3, device=x.device).repeat(n, 1, 1)
+    for name, a, b in spans:
+        AFFINE[name](m[a:b], sign[a:b] * level[a:b], h, w)
     # pixel coordinates (centres at i + 0.5) -> affine_grid's [-1, 1] (align_corners=False)
-    to_norm, to_pix = eye.clone(), eye.clone()
-    to_norm[:, 0, 0], to_norm[:, 1, 1], to_norm[:, :2, 2] = 2.0 / w, 2.0 / h, -1.0
-    to_pix[:, 0, 0], to_pix[:, 1, 1], to_pix[:, 0, 2], to_pix[:, 1, 2] = w / 2, h / 2, w / 2, h / 2
-    theta = (to_norm @ matrix @ to_pix)[:, :2]
+    to_norm, to_pix = torch.eye(3, device=x.device), torch.eye(3, device=x.device)
+    to_norm[0, 0], to_norm[1, 1], to_norm[:2, 2] = 2.0 / w, 2.0 / h, -1.0
+    to_pix[0, 0], to_pix[1, 1], to_pix[0, 2], to_pix[1, 2] = w / 2, h / 2, w / 2, h / 2
+    theta = (to_norm @ m @ to_pix)[:, :2]
     grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
     sampled = F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border",
                             align_corners=False)
     inside = (grid.abs() <= 1).all(dim=-1, keepdim=True).permute(0, 3, 1, 2)
-    colour = _channel_values(fill, dev)
-    out = torch.where(inside, sampled.round().clamp(0, 255), colour).to(torch.uint8)
-    return torch.where(moved[:, None, None, None], out, x)
+    colour = _channel_values(fill, x.device)
+    return torch.where(inside, sampled.round().clamp(0, 255), colour).to(torch.uint8)
+
+
+def _rotate(m, signed, h, w):  # counter-clockwise by level * 30 degrees about the centre
+    angle = torch.deg2rad(signed * 30.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, -sin, sin, cos
+    cx, cy = w / 2.0, h / 2.0
+    m[:, 0, 2] = cx - cos * cx + sin * cy
+    m[:, 1, 2] = cy - sin * cx - cos * cy
+
+
+def _shear_x(m, signed, h, w):
+    m[:, 0, 1] = signed * 0.3
+
+
+def _shear_y(m, signed, h, w):
+    m[:, 1, 0] = signed * 0.3
+
+
+def _translate_x(m, signed, h, w):  # timm's translate_pct 0.45 of the width
+    m[:, 0, 2] = signed * 0.45 * w
+
+
+def _translate_y(m, signed, h, w):
+    m[:, 1, 2] = signed * 0.45 * h
+
+
+AFFINE = {"Rotate": _rotate, "ShearX": _shear_x, "ShearY": _shear_y,
+          "TranslateXRel": _translate_x, "TranslateYRel": _translate_y}
+KINDS = ("point", "enhance", "affine")
+OP_KIND = {**{name: "point" for name in POINT_TABLES},
+           **{name: "enhance" for name in DEGENERATE}, **{name: "affine" for name in AFFINE}}
 
 
 # ---- random erasing -----------------------------------------------------------------------------
 
 def random_erasing(x: torch.Tensor, prob: float, mean: tuple[float, ...], std: tuple[float, ...],
-                   generator: torch.Generator, attempts: int = 10) -> torch.Tensor:
+                   generator: torch.Generator, attempts: int = 10, n: int | None = None,
+                   rows: np.ndarray | None = None) -> torch.Tensor:
     """timm's RandomErasing ('pixel' mode, one box) on a float batch in 0-255 pixel space.
 
     Per image with probability `prob`: up to 10 tries of an area in [0.02, 1/3] of the image and
     an aspect ratio log-uniform in [0.3, 1/0.3]; the first box that fits is filled with per-pixel
     normal noise, which after normalisation is N(0, 1) as timm draws it after its Normalize.
+    Every draw is made for the `n` images of the whole global batch, of which `rows` are given.
     """
-    n, c, h, w = x.shape
-    dev = x.device
+    _, c, h, w = x.shape
+    n, dev = n or len(x), x.device
 
     def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(*shape, generator=generator, device=dev)
@@ -312,10 +358,13 @@ def random_erasing(x: torch.Tensor, prob: float, mean: tuple[float, ...], std: t
     top = (torch.rand(n, generator=generator, device=dev) * (h - bh + 1)).floor().long()
     left = (torch.rand(n, generator=generator, device=dev) * (w - bw + 1)).floor().long()
     ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
-    rows = (ys >= top[:, None]) & (ys < (top + bh)[:, None])
+    rows_in = (ys >= top[:, None]) & (ys < (top + bh)[:, None])
     cols = (xs >= left[:, None]) & (xs < (left + bw)[:, None])
-    box = rows[:, :, None] & cols[:, None, :] & (erase & fits.any(1))[:, None, None]
-    noise = torch.randn(x.shape, generator=generator, device=dev)
+    box = rows_in[:, :, None] & cols[:, None, :] & (erase & fits.any(1))[:, None, None]
+    noise = torch.randn((n, c, h, w), generator=generator, device=dev)
+    if rows is not None:
+        pick = to_device(torch.from_numpy(rows), dev)
+        box, noise = box[pick], noise[pick]
     noise = noise * _channel_values(std, dev) + _channel_values(mean, dev)
     return torch.where(box[:, None], noise, x)
 
@@ -412,11 +461,25 @@ class Mixup:
                 np.concatenate([p.boxes, np.zeros((odd, 4), p.boxes.dtype), p.boxes[::-1]]))
         return p
 
-    def apply(self, x: torch.Tensor, labels: torch.Tensor, p: MixParams
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mix a float batch and make its soft targets (N, classes)."""
-        flipped = x.flip(0)
-        onehot = F.one_hot(labels, self.num_classes).to(x.dtype)
+    def apply(self, x: torch.Tensor, labels: torch.Tensor, p: MixParams,
+              part: BatchPart | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mix a float batch and make its soft targets (N, classes). With `part`, `x` holds the
+        rows `part.rows` of the global batch, and rows lo:hi come out (each mixed with its
+        partner N-1-i, which the rows include)."""
+        if part is None:
+            own, flipped, onehot_flipped = x, x.flip(0), F.one_hot(labels.flip(0), self.num_classes)
+            lo, hi = 0, len(x)
+        else:
+            where = np.empty(part.n, dtype=np.int64)
+            where[part.rows] = np.arange(len(part.rows))
+            mine = np.arange(part.lo, part.hi)
+            pick = to_device(torch.from_numpy(np.stack([where[mine], where[part.n - 1 - mine]])),
+                             x.device)
+            own, flipped = x[pick[0]], x[pick[1]]
+            onehot_flipped = F.one_hot(labels[pick[1]], self.num_classes)
+            labels, (lo, hi) = labels[pick[0]], (part.lo, part.hi)
+        x, onehot = own, F.one_hot(labels, self.num_classes).to(own.dtype)
+        onehot_flipped = onehot_flipped.to(own.dtype)
         if p.per_batch:  # one lambda and one box: plain slicing, no host values on the device
             lam = float(p.lam[0])
             if p.cutmix[0]:
@@ -425,10 +488,10 @@ class Mixup:
                 x[:, :, yl:yh, xl:xh] = flipped[:, :, yl:yh, xl:xh]
             elif lam != 1.0:
                 x = x * lam + flipped * (1.0 - lam)
-            return x, onehot * lam + onehot.flip(0) * (1.0 - lam)
-        lam = to_device(torch.from_numpy(p.lam.astype(np.float32)), x.device)
-        cutmix = to_device(torch.from_numpy(p.cutmix), x.device)
-        boxes = to_device(torch.from_numpy(p.boxes), x.device)
+            return x, onehot * lam + onehot_flipped * (1.0 - lam)
+        lam = to_device(torch.from_numpy(p.lam[lo:hi].astype(np.float32)), x.device)
+        cutmix = to_device(torch.from_numpy(p.cutmix[lo:hi]), x.device)
+        boxes = to_device(torch.from_numpy(p.boxes[lo:hi]), x.device)
         ys = torch.arange(x.shape[2], device=x.device)
         xs = torch.arange(x.shape[3], device=x.device)
         in_box = ((ys >= boxes[:, 0:1]) & (ys < boxes[:, 1:2]))[:, :, None] & (
@@ -438,7 +501,7 @@ class Mixup:
         pasted = torch.where(in_box[:, None], flipped, x)
         x = torch.where(cutmix.view(-1, 1, 1, 1), pasted, mixed)
         lam2 = lam.view(-1, 1)
-        return x, onehot * lam2 + onehot.flip(0) * (1.0 - lam2)
+        return x, onehot * lam2 + onehot_flipped * (1.0 - lam2)
 
 
 # ---- the whole batch transform ------------------------------------------------------------------
@@ -459,21 +522,31 @@ class BatchAugment:
         self.mixup = Mixup(aug.mixup_alpha, aug.cutmix_alpha, aug.mix_prob, aug.switch_prob,
                            aug.mix_mode, num_classes) if aug.mixing else None
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generators, epoch: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, n: int, lo: int, hi: int) -> np.ndarray:
+        """The rows of a global batch of n that rows lo:hi need: themselves, and with MixUp/CutMix
+        their partners N-1-i."""
+        mine = np.arange(lo, hi)
+        return mine if self.mixup is None else np.union1d(mine, n - 1 - mine)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generators, epoch: int,
+                 part: BatchPart | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole global batch transformed; or with `part`, rows lo:hi of it from the rows
+        `part.rows` given, every draw made for the whole batch (N processes == 1 process)."""
+        n = len(images) if part is None else part.n
+        rows = None if part is None else part.rows
         x = images
         if self.randaugment is not None:
-            x = self.randaugment(x, generators.on_device)
+            x = self.randaugment(x, generators.on_device, generators.host, n, rows)
         if self.aug.erasing_prob > 0:
             x = random_erasing(x.float(), self.aug.erasing_prob, self.mean, self.std,
-                               generators.on_device)
+                               generators.on_device, n=n, rows=rows)
         if self.mixup is None:
             return x, labels
-        n, _, h, w = x.shape
+        _, _, h, w = x.shape
         params = self.mixup.draw(n, h, w, generators.host)
         if self.aug.mix_off_epoch and epoch >= self.aug.mix_off_epoch:
             params = MixParams(np.ones(n), np.zeros(n, bool), np.zeros((n, 4), int))
-        return self.mixup.apply(x.float(), labels, params)
+        return self.mixup.apply(x.float(), labels, params, part)
 
 
 def build_batch_transform(aug: AugConfig, num_classes: int, mean: tuple[float, ...],

@@ -137,6 +137,7 @@ def predict_command(
     device: str | None = None,
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
     csv: Path | None = None,
+    compile: bool = False,
 ) -> int:
     """Classify image files (or every image in folders, recursively) with a checkpoint.
 
@@ -149,6 +150,7 @@ def predict_command(
         device: Torch device (default: as recorded; auto picks cuda when available).
         json_output: One JSON object per image (path, top-k classes and probabilities).
         csv: Also write the predictions to this CSV file.
+        compile: torch.compile the model first, as the run did (pays for a very large pass).
     """
     if batch_size < 1:
         raise UserError(f"invalid --batch-size {batch_size}: must be >= 1")
@@ -158,7 +160,7 @@ def predict_command(
         from convnext_cifar.report import print_predictions
 
         failed = 0
-        chunks = predict(ckpt, paths, batch_size, top_k, tta, device)  # checks come first
+        chunks = predict(ckpt, paths, batch_size, top_k, tta, device, compile)  # checks first
         with CsvWriter(csv, top_k) if csv is not None else contextlib.nullcontext() as table:
             for predictions, unreadable in chunks:  # printed as they come: any number of files
                 if table is not None:

@@ -345,6 +345,8 @@ class TrainConfig:
     """torch.compile mode; reduce-overhead/max-autotune use CUDA graphs on a GPU."""
     channels_last: bool = True
     """Keep the model and its inputs in channels_last memory format."""
+    deterministic: bool = False
+    """Deterministic GPU kernels (cuDNN, torch's deterministic algorithms): bit-exact resumes."""
     seed: int = 0
     """Seed for weights init, data order, augmentation and drop-path."""
     val_interval: int = 1

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from convnext_cifar.augment import crop_flip, draw_crop_flip
+from convnext_cifar.augment import BatchPart, crop_flip, draw_crop_flip
 from convnext_cifar.config import DataConfig
 from convnext_cifar.distributed import Dist
 from convnext_cifar.runtime import to_device
@@ -46,12 +46,18 @@ class Generators:
             self.order.manual_seed(seed * 1_000_003 + epoch)
         self.host = np.random.default_rng([seed, epoch])
 
+    def fits(self, state: dict[str, Any]) -> bool:
+        """Whether a saved state continues on this device: a CPU generator's state cannot
+        become a GPU's (Mersenne Twister vs Philox), nor the other way."""
+        return state["generator"].numel() == self.on_device.get_state().numel()
+
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.on_device.get_state(),
                 "host": json.dumps(self.host.bit_generator.state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.on_device.set_state(state["generator"])
+        if self.fits(state):  # else: drawn on another kind of device (allowed by the resume)
+            self.on_device.set_state(state["generator"])
         if "host" in state:  # states written before the host generator existed did not use it
             self.host.bit_generator.state = json.loads(state["host"])
 
@@ -62,7 +68,9 @@ BatchTransform = Callable[[torch.Tensor, torch.Tensor, Generators, int],
 
 Images come in as uint8 after crop/flip and may leave as float on the same 0-255 scale; targets
 may leave as class indices or as per-class probabilities (N, classes). Every random draw comes
-from `generators`, so that each rank and a resumed run draw the same numbers.
+from `generators`, so that each rank and a resumed run draw the same numbers. A transform that
+also has `rows(n, lo, hi)` (the global rows that rows lo:hi depend on) is given just those rows
+under several processes, and a fifth argument, the `augment.BatchPart`, to say which they are.
 """
 
 
@@ -145,12 +153,27 @@ class DeviceLoader:
                 x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device,
                               (offsets[lo:hi], flips[lo:hi]))
                 y = labels
-            else:  # the transform mixes images across the global batch: make all of it
-                images, labels = self._gather(idx)
-                x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device, (offsets, flips))
-                x, y = self.transform(x, labels, gens, epoch)
-                x, y = x[lo:hi], y[lo:hi]
+            else:
+                x, y = self._transformed(idx, offsets, flips, lo, hi, epoch)
             yield self.normalize(x), y, len(idx)
+
+    def _transformed(self, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
+                     lo: int, hi: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows lo:hi of the global batch `idx` through the transform, every draw made for the
+        whole batch: a transform that says which rows it needs (`rows(n, lo, hi)`: BatchAugment)
+        gets just those, any other the whole global batch."""
+        cfg, gens, n = self.cfg, self.generators, len(idx)
+        rows = self.transform.rows(n, lo, hi) if hasattr(self.transform, "rows") else None
+        if rows is None or len(rows) == n:  # one process (or every row needed): all of it
+            images, labels = self._gather(idx)
+            x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device, (offsets, flips))
+            x, y = self.transform(x, labels, gens, epoch)
+            return x[lo:hi], y[lo:hi]
+        pick = torch.from_numpy(rows)
+        images, labels = self._gather(idx[to_device(pick, idx.device)])
+        on = to_device(pick, offsets.device)
+        x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device, (offsets[on], flips[on]))
+        return self.transform(x, labels, gens, epoch, BatchPart(n, lo, hi, rows))
 
     def _gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's images and labels on the training device."""

@@ -47,6 +47,7 @@ from convnext_cifar.resume import (
     Position,
     StopSignals,
     TrainingState,
+    device_kind_change,
     earlier_results,
     find_resume_state,
     recorded_normalisation,
@@ -56,6 +57,7 @@ from convnext_cifar.resume import (
 from convnext_cifar.runtime import (
     Runtime,
     compiled,
+    configure_backends,
     prepare_model,
     resolve_runtime,
     seed_everything,
@@ -93,28 +95,39 @@ class TrainStep:
     ranks (DDP averages gradients across ranks) and over `accum_steps` micro-batches (DDP's
     no_sync on all but the last). Returns this rank's share of that loss and the gradient norm
     as device tensors (no host sync).
+
+    A compiled `forward` keeps one graph: micro-batches of another size than `compiled_rows`
+    (an epoch's last, smaller batch) run through `eager`, the same module uncompiled, instead of
+    costing a cold compile of their own.
     """
 
     def __init__(self, forward: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime,
                  loss_fn: LossFn, clip_grad_norm: float | None, accum_steps: int = 1,
-                 ddp: torch.nn.parallel.DistributedDataParallel | None = None, world: int = 1):
+                 ddp: torch.nn.parallel.DistributedDataParallel | None = None, world: int = 1,
+                 eager: torch.nn.Module | None = None, compiled_rows: int = 0):
         self.forward, self.optimizer, self.rt, self.loss_fn = forward, optimizer, rt, loss_fn
         self.clip, self.accum_steps, self.ddp, self.world = clip_grad_norm, accum_steps, ddp, world
+        self.eager, self.compiled_rows = eager if rt.compile else None, compiled_rows
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.scaler = GradScaler(rt.device.type, enabled=rt.precision == "fp16")
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor, n: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self.world / (n or len(target))  # DDP divides the summed gradients by world
+        if self.rt.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         self.optimizer.zero_grad(set_to_none=True)
         micro = list(zip(x.tensor_split(self.accum_steps), target.tensor_split(self.accum_steps)))
         loss = None
         for j, (xm, tm) in enumerate(micro):
             last = j == len(micro) - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            forward = self.forward
+            if self.eager is not None and len(xm) != self.compiled_rows:
+                forward = self.eager  # the tail batch: no second graph
             with sync:
                 with self.rt.autocast():
-                    logits = self.forward(xm)
+                    logits = forward(xm)
                 part = self.loss_fn(logits, tm) * scale
                 (self.scaler.scale(part) if self.scaler.is_enabled() else part).backward()
             loss = part.detach() if loss is None else loss + part.detach()
@@ -134,38 +147,52 @@ class TrainStep:
 
 
 class Window:
-    """Sums of loss and gradient norm between two log points, kept on the device."""
+    """Sums of loss and gradient norm between two log points, kept on the device.
+
+    A step whose gradient norm is not finite (an fp16 overflow the GradScaler skips) adds to
+    `skipped` instead of the norm; the record then says how many were skipped.
+    """
 
     def __init__(self, device: torch.device):
         self.loss = torch.zeros((), device=device)
         self.norm = torch.zeros((), device=device)
+        self.finite = torch.zeros((), dtype=torch.int64, device=device)
         self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, norm: torch.Tensor, images: int) -> None:
         self.loss += loss
-        self.norm += norm
+        finite = torch.isfinite(norm)
+        self.norm += torch.where(finite, norm, 0.0)
+        self.finite += finite
         self.steps += 1
         self.images += images
 
     def flush(self, epoch: int, step: int, lr: float, dist: Dist | None = None) -> dict[str, Any]:
         """The log record of the window (syncs; sums the ranks' loss shares), then an empty one."""
         loss = (dist or Dist()).all_reduce_sum(self.loss.clone())
-        record = {"epoch": epoch, "step": step, "loss": loss.item() / self.steps, "lr": lr,
-                  "grad_norm": self.norm.item() / self.steps,
+        loss_sum, norm_sum, finite = torch.stack(  # one read from the device
+            [loss, self.norm, self.finite.to(loss.dtype)]).tolist()
+        finite = int(finite)
+        record = {"epoch": epoch, "step": step, "loss": loss_sum / self.steps, "lr": lr,
+                  "grad_norm": norm_sum / max(finite, 1),
                   "img_per_s": self.images / (time.perf_counter() - self.t0)}
+        if finite < self.steps:
+            record["skipped_steps"] = self.steps - finite
         self.loss.zero_()
         self.norm.zero_()
+        self.finite.zero_()
         self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss.cpu(), "norm": self.norm.cpu(), "steps": self.steps,
-                "images": self.images}
+        return {"loss": self.loss.cpu(), "norm": self.norm.cpu(), "finite": self.finite.cpu(),
+                "steps": self.steps, "images": self.images}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss.copy_(state["loss"])
         self.norm.copy_(state["norm"])
         self.steps, self.images = state["steps"], state["images"]
+        self.finite.fill_(state.get("finite", self.steps))  # older states: every step finite
 
 
 class Guard:
@@ -247,7 +274,9 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
         train_forward = compiled(ddp, rt)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
     step_fn = TrainStep(train_forward, optimizer, rt, cross_entropy_sum(cfg.model.label_smoothing),
-                        cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, dist.world)
+                        cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, dist.world,
+                        eager=ddp or model,
+                        compiled_rows=cfg.data.batch_size // dist.world // cfg.optim.accum_steps)
     transform = build_batch_transform(cfg.aug, data.num_classes, data.mean, data.std)
     loader = DeviceLoader(data.train.images, data.train.labels, cfg.data, cfg.seed, normalize,
                           dist, transform)
@@ -391,10 +420,11 @@ def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
              ) -> dict[str, float]:
     """Evaluate the weights (and their EMA) after epoch `position.epoch`, log it, and keep the
     best of the two as best.safetensors; returns the raw weights' metrics."""
-    candidates = {"raw": (run.model, _validation_metrics(run, run.forward))}
+    candidates = {"raw": (run.model, _validation_metrics(run, run.forward, run.model))}
     record = {"epoch": position.epoch, **candidates["raw"][1]}
     if run.ema is not None:
-        candidates["ema"] = (run.ema.module, _validation_metrics(run, run.ema.forward))
+        candidates["ema"] = (run.ema.module,
+                             _validation_metrics(run, run.ema.forward, run.ema.module))
         record.update({f"ema_{k}": v for k, v in candidates["ema"][1].items()})
     log.write(record, step=position.step)
     weights = max(candidates, key=lambda k: candidates[k][1]["top1"])  # a tie keeps raw
@@ -406,10 +436,11 @@ def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
     return candidates["raw"][1]
 
 
-def _validation_metrics(run: Run, forward: torch.nn.Module) -> dict[str, float]:
+def _validation_metrics(run: Run, forward: torch.nn.Module, eager: torch.nn.Module
+                        ) -> dict[str, float]:
     res = evaluate(forward, run.data.val.images, run.data.val.labels,
                    run.cfg.data.eval_batch_size, run.normalize, run.rt, run.data.num_classes,
-                   run.dist, run.cfg.eval.tta)
+                   run.dist, run.cfg.eval.tta, eager)
     return {"val_loss": res.loss, "top1": res.top1, "top5": res.top5}
 
 
@@ -457,6 +488,7 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
     dist = distributed.from_env()
     cfg = dataclasses.replace(cfg, name=cfg.run_name, work_dir=cfg.run_dir)
     rt = resolve_runtime(cfg, dist)
+    configure_backends(rt)
     per_step = dist.world * cfg.optim.accum_steps
     if cfg.data.batch_size % per_step:
         raise UserError(f"--data.batch-size {cfg.data.batch_size} is the global batch; it must "
@@ -473,7 +505,10 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, mean=data.mean, std=data.std))  # recorded in config.json
         if found is not None and not allow_changes:
-            distributed.together(dist, lambda: refuse_changes(found, cfg, data.identity))
+            distributed.together(dist, lambda: refuse_changes(found, cfg, data.identity,
+                                                              rt.device))
+        elif found is not None and (change := device_kind_change(found[1], rt.device)):
+            print(f"note: {change}: they start afresh here", file=sys.stderr)
         # A resumed run takes its weights from the state: no download of pretrained weights.
         run = build_run(cfg, rt, dist, data, pretrained=found is None)
         with contextlib.ExitStack() as work_dir:

@@ -26,7 +26,13 @@ from convnext_cifar.datasets import (
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
 from convnext_cifar.model import build_model, layout_mismatch
-from convnext_cifar.runtime import Runtime, device_problem, prepare_model, resolve_runtime
+from convnext_cifar.runtime import (
+    Runtime,
+    configure_backends,
+    device_problem,
+    prepare_model,
+    resolve_runtime,
+)
 
 
 @dataclass
@@ -62,16 +68,18 @@ class LoadedModel:
         """Softmax over the classes for uint8 images at the stored size, batched on the
         device; (N, classes) on the CPU."""
         self.forward.eval()
-        out = [predict_logits(self.forward, self.normalize(chunk.to(self.rt.device)), self.rt,
+        out = [predict_logits(self.forward if len(chunk) == batch_size else self.model,
+                              self.normalize(chunk.to(self.rt.device)), self.rt,
                               self.tta).softmax(1).cpu()
                for chunk in images.split(batch_size)]
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
 
 def load_model(path: Path, device: str | None = None, tta: str | None = None,
-               rt: Runtime | None = None) -> LoadedModel:
+               rt: Runtime | None = None, compile: bool | None = None) -> LoadedModel:
     """The model a checkpoint describes, with its weights, ready to run on `rt` (default:
-    `device`, else the recorded device where this machine has it, resolved as `train` does)."""
+    `device`, else the recorded device where this machine has it, resolved as `train` does;
+    compiled as the run was, unless `compile` says otherwise)."""
     ckpt = load_weights(path)
     if device is None and (problem := device_problem(ckpt.config.device)):
         print(f"note: {path} was trained on {ckpt.config.device}, which is not here ({problem}); "
@@ -81,6 +89,9 @@ def load_model(path: Path, device: str | None = None, tta: str | None = None,
                               eval=dataclasses.replace(ckpt.config.eval,
                                                        tta=tta or ckpt.config.eval.tta))
     rt = rt or resolve_runtime(cfg)
+    if compile is not None:
+        rt = dataclasses.replace(rt, compile=compile and rt.compile)
+    configure_backends(rt)
     model_cfg = dataclasses.replace(cfg.model, pretrained="none")  # the weights come next
     model, forward = prepare_model(build_model(model_cfg, len(ckpt.classes)), rt)
     if problem := layout_mismatch(model, ckpt.state_dict):
@@ -115,6 +126,7 @@ def predict_logits(forward: torch.nn.Module, x: torch.Tensor, rt: Runtime,
     with rt.autocast():
         logits = forward(x)
         if tta == "flip":
+            logits = logits.clone()  # a CUDA-graph replay writes its next output over this one
             mirrored = forward(x.flip(3))
     if tta != "flip":
         return logits.float()
@@ -125,11 +137,13 @@ def predict_logits(forward: torch.nn.Module, x: torch.Tensor, rt: Runtime,
 @torch.inference_mode()
 def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int, normalize: Normalize, rt: Runtime, num_classes: int,
-             dist: Dist | None = None, tta: str = "none") -> EvalResult:
+             dist: Dist | None = None, tta: str = "none",
+             eager: torch.nn.Module | None = None) -> EvalResult:
     """Every image once, in order; counts stay on the device until the end.
 
     Under DDP each rank takes a contiguous share of the images and the counts are added across
-    ranks, so every image is counted once and every rank gets the same result.
+    ranks, so every image is counted once and every rank gets the same result. A last, smaller
+    batch runs through `eager` (the uncompiled module), when given, not a second graph.
     """
     forward.eval()
     dist = dist or Dist()
@@ -143,7 +157,8 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=dev)
     k = min(5, num_classes)
     for x, y in eval_batches(images, labels, batch_size, normalize):
-        logits = predict_logits(forward, x, rt, tta)
+        tail = eager is not None and len(x) != batch_size
+        logits = predict_logits(eager if tail else forward, x, rt, tta)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         topk = logits.topk(k, dim=1).indices
         top1 += (topk[:, 0] == y).sum()
@@ -181,7 +196,8 @@ def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: boo
         data.notes.append(f"{data_cfg.root} holds other images than the run's held-out split "
                           f"({difference}): the numbers are for these images")
     res = evaluate(loaded.forward, data.val.images, data.val.labels, data_cfg.eval_batch_size,
-                   loaded.normalize, loaded.rt, data.num_classes, tta=loaded.tta)
+                   loaded.normalize, loaded.rt, data.num_classes, tta=loaded.tta,
+                   eager=loaded.model)
     for note in data.notes:
         print(f"warning: {note}", file=sys.stderr)
     ckpt = loaded.checkpoint

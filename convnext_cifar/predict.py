@@ -50,12 +50,14 @@ def image_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def predict(ckpt_path: Path, paths: list[Path], batch_size: int = 256, top_k: int = 5,
-            tta: str | None = None, device: str | None = None
+            tta: str | None = None, device: str | None = None, compile: bool = False
             ) -> Iterator[tuple[list[Prediction], list[tuple[Path, str]]]]:
     """Top-k predictions, a batch of files at a time: (the readable files' predictions, the
     (path, reason) of the others). Only a few batches of images are in memory at once, so any
-    number of files can be predicted; checkpoint and path errors come before the first batch."""
-    model = load_model(ckpt_path, device, tta)
+    number of files can be predicted; checkpoint and path errors come before the first batch.
+    The model runs uncompiled unless `compile` (and the run compiled): for a one-off pass a cold
+    compile costs more than it saves, but for a very large one."""
+    model = load_model(ckpt_path, device, tta, compile=compile)
     num_classes = len(model.classes)
     if not 1 <= top_k <= num_classes:
         raise UserError(f"--top-k {top_k}: must be between 1 and the {num_classes} classes of "

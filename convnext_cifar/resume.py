@@ -37,6 +37,7 @@ from convnext_cifar.checkpoints import (
     weights_epoch,
 )
 from convnext_cifar.config import TrainConfig, config_json, flatten, from_dict, to_dict
+from convnext_cifar.data import Generators
 from convnext_cifar.datasets import identity_difference
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import Interrupted, UserError
@@ -185,6 +186,7 @@ def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
 
 # Options that may differ between a run and its resumption: where and how fast, not what.
 RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "compile_mode",
+                     "deterministic",
                      "channels_last", "log.tensorboard",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
                      "keep_last", "data.root", "data.download", "data.eval_batch_size",
@@ -239,10 +241,14 @@ def find_resume_state(cfg: TrainConfig, resume: str | None) -> tuple[Path, dict[
 
 
 def refuse_changes(found: tuple[Path, dict[str, Any]], cfg: TrainConfig,
-                   identity: dict[str, Any]) -> None:
-    """Stop when `cfg` or the dataset (its `identity`) would make the resumed run another run
-    than the one saved."""
+                   identity: dict[str, Any], device: torch.device) -> None:
+    """Stop when `cfg`, the dataset (its `identity`) or the kind of `device` would make the
+    resumed run another run than the one saved."""
     path, state = found
+    if problem := device_kind_change(state, device):
+        raise UserError(f"cannot resume {path} on {device}: {problem}; resume it on that kind "
+                        "of device, or pass --resume-allow-changes to go on with freshly "
+                        "seeded augmentation draws")
     recorded = state["components"].get("dataset")
     if recorded and (difference := identity_difference(recorded, identity)):
         raise UserError(f"cannot resume {path}: {cfg.data.root} is not the data the run trained "
@@ -252,6 +258,13 @@ def refuse_changes(found: tuple[Path, dict[str, Any]], cfg: TrainConfig,
         raise UserError(f"cannot resume {path}: the config differs in " + ", ".join(changes)
                         + "; resume with the run's own config.json (--config) or pass "
                         "--resume-allow-changes")
+
+
+def device_kind_change(state: dict[str, Any], device: torch.device) -> str:
+    """'' when the state's random streams continue on `device`, else what differs."""
+    if Generators(device).fits(state["components"]["loader"]):
+        return ""
+    return "its augmentation draws come from a generator of another kind of device"
 
 
 def recorded_normalisation(found: tuple[Path, dict[str, Any]] | None, cfg: TrainConfig

@@ -119,14 +119,15 @@ def test_randaugment_draws_per_image_and_is_reproducible():
     x = images(64, seed=1)
     spec = parse_randaugment("rand-m9-mstd0.5-inc1")
     ra = RandAugment(spec, FILL)
-    a = ra(x, torch.Generator().manual_seed(5))
-    b = ra(x, torch.Generator().manual_seed(5))
+    a = ra(x, torch.Generator().manual_seed(5), np.random.default_rng(5))
+    b = ra(x, torch.Generator().manual_seed(5), np.random.default_rng(5))
     assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == x.shape
     changed = (a != x).flatten(1).any(1).float().mean()
     assert 0.5 < changed < 1.0  # each of 2 layers applies with p 0.5: ~75 % of images change
     never = RandAugment(parse_randaugment("rand-m9-p0"), FILL)
-    assert torch.equal(never(x, torch.Generator().manual_seed(0)), x)
-    always = RandAugment(parse_randaugment("rand-m9-n1-p1"), FILL)(x, torch.Generator())
+    assert torch.equal(never(x, torch.Generator().manual_seed(0), np.random.default_rng(0)), x)
+    always = RandAugment(parse_randaugment("rand-m9-n1-p1"), FILL)(x, torch.Generator(),
+                                                                  np.random.default_rng(0))
     assert (always != x).flatten(1).any(1).float().mean() > 0.9
 
 
@@ -236,3 +237,51 @@ def test_batch_augment_turns_off_mixing_from_the_off_epoch_and_keeps_soft_target
     assert soft.shape == (8, 10) and not torch.equal(mixed_x, x)
     plain_x, onehot = transform(x.to(torch.uint8), labels, gens, epoch=2)
     assert torch.equal(plain_x, x) and torch.equal(onehot, torch.eye(10)[labels])
+
+
+def test_each_op_runs_once_on_just_the_images_that_drew_it(monkeypatch):
+    from convnext_cifar import augment
+
+    calls = []
+    for table in (augment.POINT_TABLES, augment.DEGENERATE, augment.AFFINE):
+        for name, op in list(table.items()):
+            monkeypatch.setitem(table, name, lambda x, *a, op=op, name=name: calls.append(
+                (name, len(x))) or op(x, *a))
+    spec = parse_randaugment("rand-m9-n2-p0.5-inc1")
+    x = images(64, seed=3)
+    RandAugment(spec, FILL)(x, torch.Generator().manual_seed(0), np.random.default_rng(7))
+    host = np.random.default_rng(7)  # the same host draws, made again
+    drawn = []
+    for _ in range(2):
+        op, applied = host.integers(0, 15, 64), host.random(64) < 0.5
+        drawn += np.unique(op[applied], return_counts=True)[1].tolist()
+    assert sorted(n for _, n in calls) == sorted(drawn)  # each drawn op once, on its images
+    assert len(calls) < 2 * 15
+
+
+@pytest.mark.parametrize("aug", [
+    AugConfig(randaugment="rand-m9-mstd0.5-inc1", erasing_prob=0.5),  # a rank's own rows only
+    AugConfig(randaugment="rand-m9-mstd0.5-inc1", erasing_prob=0.25, mixup_alpha=0.8,
+              cutmix_alpha=1.0, mix_mode="elem"),  # its rows and their mixing partners
+])
+def test_ranks_augment_their_slice_as_one_process_augments_the_batch(aug):
+    from convnext_cifar.augment import build_batch_transform
+    from convnext_cifar.config import DataConfig
+    from convnext_cifar.data import DeviceLoader, Normalize
+    from convnext_cifar.distributed import Dist
+
+    imgs, labels = images(48, seed=4), torch.arange(48) % 10
+    cfg = DataConfig(batch_size=24)
+
+    def loader(dist):
+        transform = build_batch_transform(aug, 10, FILL, (50.0, 50.0, 50.0))
+        if dist.world > 1:  # the rows each rank asked for: fewer than the whole batch
+            assert len(transform.rows(24, *dist.shard(24))) < 24
+        normalize = Normalize(FILL, (50.0, 50.0, 50.0), 32, "cpu", False)
+        return DeviceLoader(imgs, labels, cfg, 5, normalize, dist, transform)
+
+    whole = list(loader(Dist()).epoch(1))
+    parts = [list(loader(Dist(r, 4)).epoch(1)) for r in range(4)]
+    for i, (x, y, _) in enumerate(whole):
+        torch.testing.assert_close(torch.cat([p[i][0] for p in parts]), x, rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.cat([p[i][1] for p in parts]).float(), y.float())

@@ -140,19 +140,23 @@ def test_epoch_syncs_only_at_log_points(monkeypatch, tmp_path):
     step(*next(run.loader.epoch(1)))  # creates AdamW's step counters: host-side by design
     counters = {id(s["step"]) for s in step.optimizer.state.values()}
     calls = []
-    real_item = torch.Tensor.item
+    real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
 
-    def counting_item(t):
-        if id(t) not in counters:
-            calls.append(t)
-        return real_item(t)
+    def counting(real):
+        def read(t):
+            if id(t) not in counters:
+                calls.append(t)
+            return real(t)
+        return read
 
-    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    monkeypatch.setattr(torch.Tensor, "item", counting(real_item))
+    monkeypatch.setattr(torch.Tensor, "tolist", counting(real_tolist))
     position = Position()
     assert train_one_epoch(run, position, MetricsLog(tmp_path / "m.jsonl"), Progress(2, live=False),
                            Window(CPU.device), Guard(CPU.device, 1))
     assert (position.step, position.epoch, position.batch) == (10, 1, 0)
-    assert len(calls) == 2 * 3  # loss, grad norm and the non-finite guard, at steps 5 and 10
+    assert len(calls) == 2 * 2  # the window's sums in one read, and the non-finite guard,
+    # at steps 5 and 10
 
 
 def test_soft_targets_train_like_the_class_indices_they_encode():

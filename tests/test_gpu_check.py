@@ -1,37 +1,89 @@
 """benchmarks/gpu_check.py --dry: every step of the GPU check at tiny sizes on the CPU, so the
-one-command GPU check cannot rot between the rare sessions that have a GPU. About a minute on 2
-cores (six steps, each launching processes): in the slow set, which .ci/run runs after the
-fast suite."""
+one-command GPU check cannot rot between the rare sessions that have a GPU, and the budget that
+keeps a real check inside the machine's time: kills past it, keeps what was measured."""
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+ORDER = ["environment", "cuda_tests", "train_resume_eval", "host_memory", "torchrun",
+         "throughput_b128", "throughput_b128_reduce_overhead", "throughput_b1024", "eval",
+         "recipe", "profile"]
 
 
-def test_gpu_check_dry_runs_every_step_and_writes_its_report(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
-                          str(tmp_path), "--dry"], capture_output=True, text=True, timeout=600)
+def gpu_check(out, work, *args, timeout=900):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out),
+                           "--work", str(work), "--dry", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow  # about three minutes on 2 cores: eleven steps, each launching processes
+def test_gpu_check_dry_runs_every_step_and_writes_only_its_reports(tmp_path):
+    out = gpu_check(tmp_path / "out", tmp_path / "work")
     assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
-    steps = report["steps"]
-    assert list(steps) == ["environment", "cuda_tests", "throughput", "train_resume_eval",
-                           "torchrun", "host_memory"]
-    for name in ("cuda_tests", "train_resume_eval", "torchrun", "host_memory"):
-        assert steps[name]["ok"], (name, steps[name])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gpu_check.json", "gpu_check.md", "gpu_check_log.md"]
+    assert sum(p.stat().st_size for p in (tmp_path / "out").iterdir()) < 1_000_000
+    assert (tmp_path / "work" / "run" / "best.safetensors").exists()  # the bulk stays in work
+    steps = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["steps"]
+    assert list(steps) == ORDER
+    for name in ORDER:
+        if name != "cuda_tests":  # skipped without a GPU: not ok, and said so
+            assert steps[name]["ok"], (name, steps[name])
+    assert not steps["cuda_tests"]["ok"] and steps["cuda_tests"]["tests_skipped"] >= 1
     run = steps["train_resume_eval"]
-    assert run["signal_in_epoch_2"] and run["eval_reproduces"] and run["steps_logged_once"]
-    rows = steps["throughput"]["rows"]
-    assert {(r["batch_size"], r["compile_mode"]) for r in rows if r["kind"] == "project"} == {
-        (8, "default"), (8, "reduce-overhead"), (16, "default"), (16, "reduce-overhead")}
-    assert sum(r["kind"] == "baseline" for r in rows) == 1
-    assert all(r["loop_img_per_s"] > 0 and r["utilisation_pct"] > 0 for r in rows
-               if r["kind"] == "project")
-    markdown = (tmp_path / "gpu_check.md").read_text()
-    assert markdown in out.stdout and "| fp32 default eager | 8 |" in markdown
-    assert "train_resume_eval**: ok" in markdown
+    assert run["signal_exit"] == 143 and run["eval_reproduces"] and run["steps_logged_once"]
+    rows = {name: steps[name]["rows"] for name in ORDER if "throughput" in name or name in (
+        "eval", "recipe")}
+    assert sum(r["kind"] == "baseline" for r in rows["throughput_b128"]) == 1
+    assert rows["throughput_b128_reduce_overhead"][0]["compile_mode"] == "reduce-overhead"
+    assert rows["eval"][0]["eval_img_per_s"] > 0 and "loop_img_per_s" not in rows["eval"][0]
+    assert rows["recipe"][0]["preset"] == "cifar10-official-recipe"
+    assert steps["profile"]["ops_per_step"] > 0 and steps["profile"]["top"]
+    markdown = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert markdown in out.stdout and "| train_resume_eval | ok" in markdown
+    assert "## train --resume auto (exit 0)" in (tmp_path / "out" / "gpu_check_log.md").read_text()
+
+
+def test_the_budget_kills_a_step_keeps_what_was_measured_and_skips_the_rest(tmp_path):
+    start = time.monotonic()
+    out = gpu_check(tmp_path / "out", tmp_path / "work", "--budget-s", "25", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert time.monotonic() - start < 25 + 30  # the budget, and the interpreter's start and end
+    steps = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["steps"]
+    assert list(steps) == ORDER  # every step is in the report, run or not
+    assert steps["environment"]["ok"]
+    ran = [name for name in ORDER if "skipped" not in steps[name]]
+    assert ORDER[:len(ran)] == ran  # in order, and none after the budget ran out
+    killed = [name for name in ran if steps[name].get("killed")]
+    assert len(killed) == 1 and any("killed: the check's time was spent" in line
+                                     for line in steps[killed[0]]["tail"])
+    assert all("s left of the budget" in steps[name]["skipped"] for name in ORDER[len(ran):])
+    markdown = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert f"| {killed[0]} | KILLED" in markdown and "| profile | skipped" in markdown
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gpu_check.json", "gpu_check.md", "gpu_check_log.md"]
+
+
+def test_without_tyro_the_check_stops_in_one_line(tmp_path):
+    blocker = tmp_path / "no_tyro"
+    blocker.mkdir()
+    (blocker / "tyro.py").write_text("raise ImportError('tyro is not installed here')\n")
+    env_code = (f"import os, sys, runpy; os.environ['PYTHONPATH'] = '{blocker}' + os.pathsep + "
+                f"os.environ.get('PYTHONPATH', ''); sys.argv = ['gpu_check', '{tmp_path / 'out'}',"
+                f" '--work', '{tmp_path / 'work'}', '--dry']; "
+                f"runpy.run_path('{ROOT / 'benchmarks' / 'gpu_check.py'}', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    steps = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["steps"]
+    assert not steps["environment"]["ok"] and "tyro is not importable" in steps[
+        "environment"]["error"]
+    assert all(steps[name]["skipped"] == "the environment step stopped the check"
+               for name in ORDER[1:])
+    assert out.stderr.strip().splitlines()[-1].startswith("gpu_check: tyro is not importable")

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 from pathlib import Path
@@ -7,7 +8,7 @@ import timm
 import torch
 
 from convnext_cifar.config import OptimConfig, SchedConfig
-from convnext_cifar.optim import build_optimizer, decays, lr_at, param_groups
+from convnext_cifar.optim import build_optimizer, decays, lr_at, param_groups, set_lr
 
 # A copy of shared/fixtures/mmengine_reference_lr_by_epoch.json: MMEngine's own LR table.
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -137,3 +138,30 @@ def test_schedule_lr_is_multiplied_by_each_groups_scale():
     plain = build_optimizer(model, OptimConfig(), torch.device("cpu"))
     set_lr(plain, 1e-3)
     assert [g["lr"] for g in plain.param_groups] == [1e-3, 1e-3]  # the reference: 2 groups
+
+
+def test_one_pass_adamw_is_torchs_adamw_over_every_group():
+    from convnext_cifar.optim import OnePassAdamW
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnextv2_atto", num_classes=10)
+    cfg = OptimConfig(lr=4e-3, weight_decay=0.05, layer_decay=0.8)
+    twin = copy.deepcopy(model)
+    ours = build_optimizer(model, cfg, torch.device("cpu"), one_pass=True)
+    theirs = build_optimizer(twin, cfg, torch.device("cpu"), one_pass=False)
+    assert isinstance(ours, OnePassAdamW) and len(ours.param_groups) > 20
+    for step in range(4):
+        set_lr(ours, 1e-3 * (step + 1))
+        set_lr(theirs, 1e-3 * (step + 1))
+        for a, b in zip(model.parameters(), twin.parameters()):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ours.step()
+        theirs.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # the same state layout: a state of one continues in the other
+    theirs.load_state_dict(ours.state_dict())
+    for p in twin.parameters():
+        p.grad = torch.ones_like(p)
+    theirs.step()
