@@ -112,6 +112,36 @@ def _unofficial(spec: Cifar, folder: Path, checksums: dict[str, str]) -> list[st
             "differ); using it as it is"] if differ else []
 
 
+def _copy_with_progress(source, target, total: int) -> None:
+    """Copy a response to a file, showing progress on stderr: a live bar on a terminal, else a
+    line every 10 % (of `total` bytes; 0: unknown, every 20 MB)."""
+    live = sys.stderr.isatty()
+    bar = task = None
+    if live:
+        from rich.console import Console
+        from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+        bar = Progress(*Progress.get_default_columns()[:-1], DownloadColumn(),
+                       TransferSpeedColumn(), console=Console(stderr=True), transient=True)
+        task = bar.add_task("download", total=total or None)
+        bar.start()
+    done, shown = 0, 0
+    step = total // 10 if total else 20 << 20
+    try:
+        while chunk := source.read(1 << 20):
+            target.write(chunk)
+            done += len(chunk)
+            if bar is not None:
+                bar.update(task, completed=done)
+            elif done - shown >= step:
+                shown = done
+                of = f" of {total / 1e6:.0f} MB ({100 * done / total:.0f} %)" if total else ""
+                print(f"  {done / 1e6:.0f} MB{of}", file=sys.stderr, flush=True)
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
 def download(spec: Cifar, root: Path) -> None:
     """Download the official archive, check its MD5 and unpack it under `root`."""
     root.mkdir(parents=True, exist_ok=True)
@@ -119,8 +149,7 @@ def download(spec: Cifar, root: Path) -> None:
     print(f"downloading {spec.url} to {root} ...", file=sys.stderr)
     try:
         with urllib.request.urlopen(spec.url, timeout=60) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
+            _copy_with_progress(r, f, int(getattr(r, "headers", {}).get("Content-Length") or 0))
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"could not download {spec.title} ({e}); check the connection, or fetch "

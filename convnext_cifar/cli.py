@@ -13,17 +13,21 @@ Heavy modules (torch, timm) are imported only inside the commands, so `--help` i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import io
 import json
 import os
+import re
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
-from convnext_cifar.config import TrainConfig, load_config_file
+from convnext_cifar.config import RENAMED, TrainConfig, load_config_file
 from convnext_cifar.errors import Interrupted, UserError
 from convnext_cifar.presets import PRESETS
 
@@ -44,12 +48,18 @@ def _option_value(args: list[str], flag: str) -> str | None:
 
 
 def starting_config(args: list[str]) -> TrainConfig:
-    """The defaults that command-line overrides apply on top of: a preset or a config.json."""
+    """The defaults that command-line overrides apply on top of: a preset, a config.json, or
+    the config of the run that `--resume WORK_DIR|STATE` continues."""
     preset, config = _option_value(args, "--preset"), _option_value(args, "--config")
+    resume = _option_value(args, "--resume")
     if preset is not None and config is not None:
         raise UserError("give either --preset or --config, not both")
     if config is not None:
         return load_config_file(Path(config))
+    if preset is None and resume not in (None, "auto"):
+        from convnext_cifar.resume import resumed_config
+
+        return resumed_config(Path(resume))
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[preset or DEFAULT_PRESET]()
@@ -70,14 +80,20 @@ def _train_command(default: TrainConfig):
             help="Start from a saved config.json (e.g. a run's own); options given override it."
         )] = None,
         resume: Annotated[str | None, tyro.conf.arg(
-            help="Continue a run: 'auto' (the newest training state in the work dir, or a fresh "
-                 "start if there is none) or the path of a state_*.pt file."
+            help="Continue a run with its own config: a work dir (its newest training state), "
+                 "a state_*.pt file, or auto (the newest state in the work dir of this config, "
+                 "or a fresh start if there is none)."
         )] = None,
         resume_allow_changes: Annotated[bool, tyro.conf.arg(
             help="Resume even if the model, data, optimiser or schedule options differ."
         )] = False,
+        print_config: Annotated[bool, tyro.conf.arg(
+            help="Print the resolved config as JSON and exit, writing nothing."
+        )] = False,
     ) -> int:
         """Fine-tune ConvNeXt-V2; default: the reference CIFAR-10 experiment."""
+        if print_config:
+            return _print_config(cfg, resume)
 
         def run() -> int:
             from convnext_cifar.engine import fit
@@ -90,13 +106,37 @@ def _train_command(default: TrainConfig):
     return train
 
 
+# The options eval and predict share with train, named as train names them (the old short
+# names stay as aliases).
+_T = typing.TypeVar("_T")
+EvalBatchSize = Annotated[_T, tyro.conf.arg(name="data.eval-batch-size", aliases=("--batch-size",))]
+Tta = Annotated[Literal["none", "flip"] | None, tyro.conf.arg(name="eval.tta", aliases=("--tta",))]
+Compile = Literal["auto", "on", "off"]
+COMPILE = {"auto": None, "on": True, "off": False}  # None: as the run recorded
+
+
+def _print_config(cfg: TrainConfig, resume: str | None) -> int:
+    """The config `train` would run with: run name and work dir filled in (the work dir is
+    chosen as `train` would, nothing created), normalisation as recorded or standard."""
+    import dataclasses
+
+    from convnext_cifar.config import config_json
+    from convnext_cifar.resume import choose_work_dir
+
+    cfg = dataclasses.replace(cfg, name=cfg.run_name)
+    cfg, _ = choose_work_dir(cfg, resume)
+    print(config_json(cfg))
+    return 0
+
+
 def eval_command(
     ckpt: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="CKPT")],
     data_root: Annotated[Path | None, tyro.conf.arg(name="data.root")] = None,
     download: Annotated[bool, tyro.conf.arg(name="data.download")] = True,
     device: str | None = None,
-    batch_size: int | None = None,
-    tta: Literal["none", "flip"] | None = None,
+    batch_size: EvalBatchSize[int | None] = None,
+    tta: Tta = None,
+    compile: Compile = "auto",
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
 ) -> int:
     """Evaluate a checkpoint on its dataset's held-out split: top-1, top-5, per-class accuracy,
@@ -106,19 +146,22 @@ def eval_command(
         ckpt: A .safetensors file written by `train` (e.g. work_dirs/NAME/best.safetensors).
         data_root: The dataset's root: CIFAR's parent or the image folder (default: recorded).
         download: Download a missing CIFAR dataset (checksum verified).
-        device: Torch device (default: as recorded; auto picks cuda when available).
+        device: Torch device: auto (cuda, else mps, else cpu), cpu, mps, cuda, cuda:N (default:
+            as recorded, where this machine has it).
         batch_size: Evaluation batch size (default: as recorded).
         tta: Test-time augmentation, none or flip (default: as the run validated).
+        compile: torch.compile the model: auto (as the run did), on or off.
         json_output: Print one JSON object instead of tables.
     """
     if batch_size is not None and batch_size < 1:
-        raise UserError(f"invalid --batch-size {batch_size}: must be >= 1")
+        raise UserError(f"invalid --data.eval-batch-size {batch_size}: must be >= 1")
 
     def run() -> int:
         from convnext_cifar.evaluate import evaluate_checkpoint
         from convnext_cifar.report import print_eval
 
-        result = evaluate_checkpoint(ckpt, data_root, download, device, batch_size, tta)
+        result = evaluate_checkpoint(ckpt, data_root, download, device, batch_size, tta,
+                                     COMPILE[compile])
         if json_output:
             print(json.dumps(result))
         else:
@@ -131,13 +174,13 @@ def eval_command(
 def predict_command(
     ckpt: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="CKPT")],
     paths: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="PATH")],
-    batch_size: int = 256,
+    batch_size: EvalBatchSize[int] = 256,
     top_k: int = 5,
-    tta: Literal["none", "flip"] | None = None,
+    tta: Tta = None,
     device: str | None = None,
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
     csv: Path | None = None,
-    compile: bool = False,
+    compile: Compile = "off",
 ) -> int:
     """Classify image files (or every image in folders, recursively) with a checkpoint.
 
@@ -147,20 +190,23 @@ def predict_command(
         batch_size: Images per batch on the device.
         top_k: Classes listed per image, most probable first (at most the class count).
         tta: Test-time augmentation, none or flip (default: as the run validated).
-        device: Torch device (default: as recorded; auto picks cuda when available).
+        device: Torch device: auto (cuda, else mps, else cpu), cpu, mps, cuda, cuda:N (default:
+            as recorded, where this machine has it).
         json_output: One JSON object per image (path, top-k classes and probabilities).
         csv: Also write the predictions to this CSV file.
-        compile: torch.compile the model first, as the run did (pays for a very large pass).
+        compile: torch.compile the model: off, on or auto (as the run did); pays only for a
+            very large pass.
     """
     if batch_size < 1:
-        raise UserError(f"invalid --batch-size {batch_size}: must be >= 1")
+        raise UserError(f"invalid --data.eval-batch-size {batch_size}: must be >= 1")
 
     def run() -> int:
         from convnext_cifar.predict import CsvWriter, predict
         from convnext_cifar.report import print_predictions
 
         failed = 0
-        chunks = predict(ckpt, paths, batch_size, top_k, tta, device, compile)  # checks first
+        chunks = predict(ckpt, paths, batch_size, top_k, tta, device,
+                         COMPILE[compile])  # checks first
         with CsvWriter(csv, top_k) if csv is not None else contextlib.nullcontext() as table:
             for predictions, unreadable in chunks:  # printed as they come: any number of files
                 if table is not None:
@@ -206,13 +252,14 @@ def export_command(
 
 
 def runs_command(
-    folders: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="DIR")],
+    folders: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="DIR")] = [  # noqa: B006
+        Path("work_dirs")],
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
 ) -> int:
     """Compare runs: every work dir under the folders, with the options that differ.
 
     Args:
-        folders: Work dirs, or folders holding them (e.g. work_dirs).
+        folders: Work dirs, or folders holding them (default: work_dirs).
         json_output: One JSON object: {"runs": [...], "differing": [...]}.
     """
 
@@ -276,20 +323,72 @@ def parse(commands: dict[str, Callable], args: list[str]) -> Callable[[], int] |
         raise UserError(_one_line(captured.getvalue(), args)) from None
 
 
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+FRAME = " │╭╮╰╯┃━┏┓┗┛"
+
+
 def _one_line(box: str, args: list[str]) -> str:
-    """The message of a tyro error box, without its frame and help text."""
-    lines = []
-    for raw in box.splitlines():
-        line = raw.strip(" │╭╮╰╯").strip()
-        if line.startswith("─"):  # the frame's title or a separator: the message is above
-            if lines:
-                break
-            continue
-        if line:
-            lines.append(line)
-    command = " " + args[0] if args and args[0] in COMMANDS else ""
-    message = " ".join(lines) or "invalid command line"
-    return f"{message} (see convnext-cifar{command} --help)"
+    """The message of a tyro error box, without its frame, colours and help text, with the
+    options tyro suggests for a misspelt one ("did you mean --optim.lr?")."""
+    lines = [raw.strip(FRAME).strip() for raw in ANSI.sub("", box).splitlines()]
+    blocks: list[list[str]] = [[]]  # the text between the box's separators
+    for line in lines:
+        if _separator(line):
+            blocks.append([])
+        elif line:
+            blocks[-1].append(line)
+    blocks = [b for b in blocks if b] or [[]]
+    # a box drawn in ASCII (no UTF-8 output) has its title on a line of its own
+    message = blocks[0] if "╭" in box or len(blocks) == 1 else blocks[1]
+    command = args[0] if args and args[0] in COMMANDS else ""
+    text = re.sub(r" \(applied to [^)]*\)", "", " ".join(message)) or "invalid command line"
+    if "nrecognized" in text and (close := _suggested(lines, text, command)):
+        text += "; did you mean " + " or ".join(close) + "?"
+    return f"{text} (see convnext-cifar{' ' + command if command else ''} --help)"
+
+
+def _separator(line: str) -> bool:
+    """A frame title (─ Title ───) or a rule (───, or --- when drawn in ASCII)."""
+    return line.startswith("─") or (len(line) >= 3 and set(line) <= set("-─━="))
+
+
+def _suggested(lines: list[str], message: str, command: str) -> list[str]:
+    """Options to suggest for misspelt ones: a renamed option's new name, then those tyro lists
+    under "Perhaps you meant" for this command (up to 3); should its box ever change shape,
+    the closest `train` options by name, found here."""
+    unknown = re.findall(r"--[\w.-]+", message)
+    renamed = [f"--{RENAMED[key]}".replace("_", "-") for u in unknown
+               if (key := u.lstrip("-").replace("-", "_")) in RENAMED]
+    offered: list[tuple[str, str]] = []  # (option, the command whose --help lists it)
+    if any("Perhaps you meant" in line for line in lines):
+        after = lines[next(i for i, x in enumerate(lines) if "Perhaps you meant" in x) + 1:]
+        for line in after:
+            if line.startswith("--") and not _separator(line):
+                offered.append((line.split()[0].rstrip(","), ""))
+            elif offered and line.startswith("in ") and line.endswith("--help"):
+                offered[-1] = (offered[-1][0], line.split()[-2])
+        if offered:
+            return list(dict.fromkeys(renamed + [o for o, where in offered
+                                                 if where in ("", command)]))[:3]
+    close = list(renamed)
+    if command == "train":
+        known = train_options()
+        for option in unknown:
+            last = option.lstrip("-").replace("_", "-").rsplit(".", 1)[-1]
+            close += [o for o in known if o.rsplit(".", 1)[-1] == last]
+            close += difflib.get_close_matches(option.replace("_", "-"), known, n=2, cutoff=0.7)
+    return list(dict.fromkeys(close))[:3]
+
+
+def train_options(cls: type = TrainConfig, prefix: str = "--") -> list[str]:
+    """Every option `train` takes for a config field, e.g. --optim.lr, --data.batch-size."""
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        out += (train_options(type(default), name + ".") if dataclasses.is_dataclass(default)
+                else [name])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: list[str]) -> int:
+    if args[:1] in (["--version"], ["-V"]):
+        from convnext_cifar import __version__
+
+        print(f"convnext-cifar {__version__}")
+        return 0
     try:
         default = starting_config(args) if args[:1] == ["train"] else PRESETS[DEFAULT_PRESET]()
         commands = {"train": _train_command(default), "eval": eval_command,

@@ -94,14 +94,14 @@ class DataConfig:
     """folder: skip (and count) image files that cannot be decoded instead of stopping."""
     memory_share: float = 0.8
     """Largest share of the device's free memory the images may take (else host memory)."""
-    workers: int = 0
-    """Processes decoding folder images (0: one per CPU core)."""
+    decode_processes: int = 0
+    """Processes decoding folder images into the cache (0: one per CPU core)."""
     cache_dir: Path | None = None
     """folder: the decoded-image cache (None: ROOT/.convnext-cifar-cache); for read-only data."""
     download: bool = True
     """Download the official archive (checksum verified) when the data is missing."""
     batch_size: int = 128
-    """Training batch size."""
+    """Global training batch: split over the processes (torchrun) and accumulation steps."""
     eval_batch_size: int = 256
     """Evaluation batch size."""
     padding: int = 4
@@ -138,7 +138,8 @@ class DataConfig:
                "must be in [0, 1)")
         _check(0 < self.memory_share <= 1, "data.memory_share", self.memory_share,
                "must be in (0, 1]")
-        _check(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        _check(self.decode_processes >= 0, "data.decode_processes", self.decode_processes,
+               "must be >= 0")
         DATASETS[self.dataset].check(self)
 
 
@@ -284,13 +285,14 @@ class AugConfig:
 class EmaConfig:
     """Exponential moving average of the weights, evaluated beside them (off by default)."""
 
-    decay: float = 0.0
-    """EMA decay per optimizer step, e.g. 0.9999 (0: no EMA)."""
+    decay: float | Literal["auto"] = 0.0
+    """EMA decay per step, e.g. 0.9999 (0: no EMA; auto: from the run's length, with warmup)."""
     warmup_steps: int = 0
     """Ramp the decay in as timm's ModelEmaV3 warmup with gamma N: min(D, 1-(1+t/N)^-2/3)."""
 
     def __post_init__(self) -> None:
-        _check(0 <= self.decay < 1, "ema.decay", self.decay, "must be in [0, 1) (0 turns it off)")
+        _check(self.decay == "auto" or 0 <= self.decay < 1, "ema.decay", self.decay,
+               "must be in [0, 1) (0 turns it off) or auto")
         _check(self.warmup_steps >= 0, "ema.warmup_steps", self.warmup_steps, "must be >= 0")
 
 
@@ -335,7 +337,7 @@ class TrainConfig:
     work_dir: Path | None = None
     """Where config.json, metrics.jsonl and checkpoints go (default: work_dirs/<name>)."""
     device: str = "auto"
-    """Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    """Torch device: auto (cuda, else mps, else cpu), cpu, mps, cuda, cuda:N."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast; auto: bf16 on CUDA with bf16, fp16 + GradScaler on older CUDA, fp32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
@@ -411,12 +413,17 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Options renamed since a config.json could have been written: old dotted name -> new.
+RENAMED = {"data.workers": "data.decode_processes"}
+
+
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
     """Build `cls` from a dict made by `to_dict`, refusing unknown fields and wrong types."""
     if not isinstance(data, dict):
         raise UserError(f"config section '{where or 'top level'}' must be a JSON object")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {RENAMED.get(where + k, where + k)[len(where):]: v for k, v in data.items()}
     unknown = sorted(set(data) - names)
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(where + k for k in unknown)}; "
@@ -433,8 +440,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, name)
+        for inner in (a for a in args if a is not type(None)):  # the first type that fits
+            try:
+                return _coerce(value, inner, name)
+            except UserError:
+                pass
+        raise bad
     if origin is Literal:
         if value not in args:
             raise bad

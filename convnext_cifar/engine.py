@@ -38,15 +38,16 @@ from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import Interrupted, TrainingDiverged, UserError
 from convnext_cifar.evaluate import evaluate
 from convnext_cifar.files import remove_stale_temp_files, write_file
-from convnext_cifar.model import ModelEma, build_model
+from convnext_cifar.model import ModelEma, build_model, ema_lag_warning, ema_schedule
 from convnext_cifar.optim import build_optimizer, lr_at, peak_lr, set_lr
-from convnext_cifar.report import MetricsLog, Progress, TensorBoardLog
+from convnext_cifar.report import MetricsLog, Progress, RunClock, TensorBoardLog
 from convnext_cifar.resume import (
     DatasetRecord,
     GlobalRng,
     Position,
     StopSignals,
     TrainingState,
+    choose_work_dir,
     device_kind_change,
     earlier_results,
     find_resume_state,
@@ -281,8 +282,10 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
     loader = DeviceLoader(data.train.images, data.train.labels, cfg.data, cfg.seed, normalize,
                           dist, transform)
     ema = None
-    if cfg.ema.decay > 0:
-        ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup_steps, wrap=lambda m: compiled(m, rt))
+    decay, warmup = ema_schedule(cfg.ema.decay, cfg.ema.warmup_steps,
+                                 cfg.sched.epochs * len(loader))
+    if decay > 0:
+        ema = ModelEma(model, decay, warmup, wrap=lambda m: compiled(m, rt))
     return Run(cfg, rt, dist, data, model, forward, normalize, step_fn, loader, ema)
 
 
@@ -316,7 +319,8 @@ def train_one_epoch(run: Run, position: Position, log: MetricsLog, progress: Pro
             guard.check(steps, cfg.run_dir)
             record = window.flush(position.epoch + 1, position.step, lr, run.dist)
             log.write(record)
-            progress.log_train(record, steps, position.batch)
+            position.tick()
+            progress.log_train(record, steps, position.batch, position.elapsed_s)
         if stop is not None and position.batch < steps and stop.agreed(run.dist, at_log,
                                                                         x.device):
             progress.end_epoch()
@@ -331,11 +335,15 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
           live_progress: bool | None = None) -> dict[str, Any]:
     """The epochs of a built run (continuing the training state `found`); returns the best."""
     cfg, rt, dist = run.cfg, run.rt, run.dist
-    progress = Progress(cfg.sched.epochs, live_progress, is_main=dist.is_main)
+    clock = RunClock(cfg.sched.epochs, len(run.loader), cfg.data.batch_size, cfg.val_interval)
+    progress = Progress(cfg.sched.epochs, live_progress, is_main=dist.is_main, clock=clock)
     progress.message(f"run {cfg.run_name}: {json.dumps(rt.as_dict())} x {dist.world} "
                      f"process(es) -> {cfg.run_dir}")
     for note in run.data.notes:
         progress.warning(note)
+    if run.ema is not None and cfg.ema.decay != "auto" and (
+            lag := ema_lag_warning(run.ema.decay, cfg.sched.epochs * len(run.loader))):
+        progress.warning(lag)
     log = MetricsLog(cfg.run_dir / "metrics.jsonl", is_main=dist.is_main)
     position, window = Position(), Window(rt.device)
     guard = Guard(rt.device, patience=50 if rt.precision == "fp16" else 1)
@@ -352,7 +360,11 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
             epoch, last = position.epoch, position.epoch == cfg.sched.epochs
             metrics: dict[str, float] = {}
             if epoch % cfg.val_interval == 0 or last:
+                started = time.perf_counter()
                 metrics = validate(run, position, log, progress)
+                position.tick()
+                progress.validated(time.perf_counter() - started, position.step, epoch,
+                                   position.elapsed_s)
             if epoch % cfg.ckpt_interval == 0 or last:
                 save_weights_of(run, f"epoch_{epoch}.safetensors", epoch, metrics)
             stopping = dist.any(stop.requested, rt.device)
@@ -486,7 +498,7 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
     state to resume, options, a work dir in use) is checked before anything is written.
     """
     dist = distributed.from_env()
-    cfg = dataclasses.replace(cfg, name=cfg.run_name, work_dir=cfg.run_dir)
+    cfg = dataclasses.replace(cfg, name=cfg.run_name)
     rt = resolve_runtime(cfg, dist)
     configure_backends(rt)
     per_step = dist.world * cfg.optim.accum_steps
@@ -496,6 +508,9 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
                         f"accumulation steps (a multiple of {per_step})")
     distributed.start(dist, rt.device)
     try:
+        cfg, note = distributed.from_main(dist, lambda: choose_work_dir(cfg, resume))
+        if note and dist.is_main:
+            print(f"note: {note}", file=sys.stderr)
         found = distributed.from_main(dist, lambda: find_resume_state(cfg, resume))
         cfg = recorded_normalisation(found, cfg)
         # The dataset before any weights: a missing one fails at once, with no download.
@@ -532,7 +547,7 @@ def claim_work_dir(cfg: TrainConfig, data: Dataset, found: tuple[Path, dict[str,
     remove_stale_temp_files(cfg.run_dir)
     if found is None and (results := earlier_results(cfg.run_dir)):
         states = [r for r in results if r.startswith("state_")]
-        advice = ("continue it with --resume auto, or" if states else
+        advice = (f"continue it with --resume {cfg.run_dir}, or" if states else
                   "it has no training state left to continue;")
         raise UserError(f"work dir {cfg.run_dir} holds the results of an earlier run "
                         f"({', '.join(results[:4])}{', ...' if len(results) > 4 else ''}); "

@@ -176,9 +176,10 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: bool | None = None,
                         device: str | None = None, batch_size: int | None = None,
-                        tta: str | None = None) -> dict[str, Any]:
-    """Rebuild the model from a checkpoint's own metadata and evaluate its held-out split."""
-    loaded = load_model(path, device, tta)
+                        tta: str | None = None, compile: bool | None = None) -> dict[str, Any]:
+    """Rebuild the model from a checkpoint's own metadata and evaluate its held-out split
+    (compiled as the run was, unless `compile` says otherwise)."""
+    loaded = load_model(path, device, tta, compile=compile)
     changes = {k: v for k, v in (("root", data_root), ("download", download),
                                  ("eval_batch_size", batch_size)) if v is not None}
     data_cfg = dataclasses.replace(loaded.cfg.data, **changes)

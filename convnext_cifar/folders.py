@@ -369,7 +369,7 @@ def write_cache(path: Path, root: Path, split: str, files: list[ImageFile], cfg:
                                                           f"{root}/{split}") as bar:
             f.write(len(text).to_bytes(8, "little") + text + labels.tobytes())
             for _, block, block_bad in decode_chunks([Path(p.path) for p in files], size,
-                                                         cfg.resize, cfg.workers):
+                                                         cfg.resize, cfg.decode_processes):
                 f.write(np.ascontiguousarray(block).data)
                 bad += block_bad
                 bar.advance(len(block))
@@ -390,7 +390,7 @@ def _decode_in_memory(root: Path, split: str, files: list[ImageFile], cfg: DataC
     start = time.monotonic()
     with _DecodeProgress(len(files), f"decoding {len(files)} images of {root}/{split}") as bar:
         images, bad = read_images([Path(f.path) for f in files], cfg.image_size, cfg.resize,
-                                  cfg.workers, bar.advance)
+                                  cfg.decode_processes, bar.advance)
     _refuse_bad(bad, cfg)
     _report(root, split, len(files), start)
     return images, bad

@@ -3,11 +3,11 @@ function of the step."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
 import torch
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from convnext_cifar.config import OptimConfig, SchedConfig
 
@@ -83,9 +83,21 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
         one_pass = device.type == "cuda" and len(groups) > 2
     if one_pass:
         return OnePassAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    fused_ok = device.type in _get_fused_kernels_supported_devices()
-    fast = {"fused": True} if fused_ok else {"foreach": True}
+    fast = {"fused": True} if fused_supported(device.type) else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fast)
+
+
+@functools.cache
+def fused_supported(device_type: str) -> bool:
+    """Whether torch's fused AdamW runs on this kind of device: asked of AdamW itself, one step
+    on a one-element parameter (its first step refuses a device without the kernel)."""
+    try:
+        param = torch.zeros(1, device=device_type, requires_grad=True)
+        param.grad = torch.zeros_like(param)
+        torch.optim.AdamW([param], fused=True).step()
+        return True
+    except (RuntimeError, ValueError, TypeError):
+        return False
 
 
 class OnePassAdamW(torch.optim.AdamW):

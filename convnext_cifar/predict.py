@@ -50,7 +50,7 @@ def image_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def predict(ckpt_path: Path, paths: list[Path], batch_size: int = 256, top_k: int = 5,
-            tta: str | None = None, device: str | None = None, compile: bool = False
+            tta: str | None = None, device: str | None = None, compile: bool | None = False
             ) -> Iterator[tuple[list[Prediction], list[tuple[Path, str]]]]:
     """Top-k predictions, a batch of files at a time: (the readable files' predictions, the
     (path, reason) of the others). Only a few batches of images are in memory at once, so any
@@ -74,8 +74,8 @@ def _predictions(model: LoadedModel, files: list[Path], failed: list[tuple[Path,
                  ) -> Iterator[tuple[list[Prediction], list[tuple[Path, str]]]]:
     yield [], failed  # the paths that are no files, at once
     data = model.cfg.data
-    for start, block, bad in decode_chunks(files, model.stored_size, data.resize, data.workers,
-                                           chunk=batch_size):
+    for start, block, bad in decode_chunks(files, model.stored_size, data.resize,
+                                           data.decode_processes, chunk=batch_size):
         unreadable = {p for p, _ in bad}
         keep = [i for i, f in enumerate(files[start:start + len(block)]) if f not in unreadable]
         images = torch.from_numpy(block[keep])

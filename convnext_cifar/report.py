@@ -92,13 +92,59 @@ def _fmt_train(r: dict[str, Any]) -> str:
             f"{r['img_per_s']:.0f} img/s")
 
 
-class Progress:
-    """Per-epoch progress; a live bar when stdout is a terminal, log lines otherwise."""
+def duration(seconds: float) -> str:
+    """1 h 05 min, 4 min 10 s, 12 s."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
-    def __init__(self, epochs: int, live: bool | None = None, is_main: bool = True):
+
+class RunClock:
+    """The run's remaining wall time: its training steps at the latest log window's rate, plus
+    the validations still due at the latest one's duration (none measured yet: left out)."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, batch_size: int, val_interval: int):
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.batch_size, self.val_interval = batch_size, val_interval
+        self.step_s: float | None = None
+        self.val_s: float | None = None
+
+    def validations_after(self, epoch: int) -> int:
+        """Validations due after `epoch` completed epochs."""
+        return sum(1 for e in range(epoch + 1, self.epochs + 1)
+                   if e % self.val_interval == 0 or e == self.epochs)
+
+    def left_s(self, step: int, validated_epoch: int) -> float | None:
+        """Seconds to go from optimizer step `step`, validations after `validated_epoch` due."""
+        if self.step_s is None:
+            return None
+        steps = self.epochs * self.steps_per_epoch - step
+        return steps * self.step_s + self.validations_after(validated_epoch) * (self.val_s or 0.0)
+
+    def projection(self, step: int, validated_epoch: int, elapsed_s: float) -> str:
+        left = self.left_s(step, validated_epoch) or 0.0
+        steps = self.epochs * self.steps_per_epoch - step
+        vals = self.validations_after(validated_epoch)
+        val = (f" + {vals} validation(s) at {self.val_s:.1f} s" if self.val_s is not None
+               else f"; the {vals} validation(s) are not measured yet")
+        return (f"projected wall time of the run: {duration(elapsed_s + left)} ({duration(left)} "
+                f"to go: {steps:,} steps at {1000 * (self.step_s or 0):.0f} ms{val}; a "
+                "projection from the latest timings)")
+
+
+class Progress:
+    """Per-epoch progress; a live bar when stdout is a terminal, log lines otherwise. With a
+    `clock` it projects the run's wall time after the first log window (and again after the
+    first validation) and shows the run's ETA beside the epoch's."""
+
+    def __init__(self, epochs: int, live: bool | None = None, is_main: bool = True,
+                 clock: RunClock | None = None):
         self.epochs = epochs
         self.live = sys.stdout.isatty() if live is None else live
         self.is_main = is_main  # False on the non-zero ranks of a multi-process run
+        self.clock = clock
+        self._projected: set[str] = set()
         self._bar = None
         self._task = None
 
@@ -115,23 +161,52 @@ class Progress:
 
         self._bar = Bar(TextColumn(f"epoch {epoch}/{self.epochs}"), BarColumn(bar_width=16),
                         MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TextColumn("eta"), TimeRemainingColumn(), transient=False)
+                        TextColumn("epoch eta"), TimeRemainingColumn(),
+                        TextColumn("{task.fields[run_eta]}"), transient=False)
         self._bar.start()
-        self._task = self._bar.add_task("train", total=steps, completed=done, info="")
+        self._task = self._bar.add_task("train", total=steps, completed=done, info="",
+                                        run_eta="")
 
     def advance(self) -> None:
         if self._bar is not None:
             self._bar.advance(self._task)
 
-    def log_train(self, record: dict[str, Any], steps_in_epoch: int, index: int) -> None:
+    def log_train(self, record: dict[str, Any], steps_in_epoch: int, index: int,
+                  elapsed_s: float = 0.0) -> None:
         if not self.is_main:
             return
+        eta = ""
+        if self.clock is not None:
+            self.clock.step_s = self.clock.batch_size / max(record["img_per_s"], 1e-9)
+            done = record["epoch"] - 1  # validations of this epoch on are still due
+            eta = f"run eta {duration(self.clock.left_s(record['step'], done) or 0.0)}"
         if self._bar is not None:
             self._bar.update(self._task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                                              f"{record['img_per_s']:.0f} img/s")
+                                              f"{record['img_per_s']:.0f} img/s", run_eta=eta)
         else:
             print(f"epoch {record['epoch']}/{self.epochs} [{index}/{steps_in_epoch}] "
-                  f"step {record['step']}  {_fmt_train(record)}", flush=True)
+                  f"step {record['step']}  {_fmt_train(record)}" + (f"  {eta}" if eta else ""),
+                  flush=True)
+        if self.clock is not None and "train" not in self._projected:
+            self._projected.add("train")
+            self._say(self.clock.projection(record["step"], record["epoch"] - 1, elapsed_s))
+
+    def validated(self, seconds: float, step: int, epoch: int, elapsed_s: float) -> None:
+        """A validation after `epoch` took `seconds`: the first one refines the projection."""
+        if self.clock is None:
+            return
+        self.clock.val_s = seconds
+        if "val" not in self._projected and self.clock.step_s is not None:
+            self._projected.add("val")
+            if self.clock.validations_after(epoch):
+                self._say(self.clock.projection(step, epoch, elapsed_s))
+
+    def _say(self, text: str) -> None:
+        if self.is_main:
+            if self._bar is not None:
+                self._bar.console.print(text)
+            else:
+                print(text, flush=True)
 
     def end_epoch(self) -> None:
         if self._bar is not None:

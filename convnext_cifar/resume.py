@@ -190,7 +190,7 @@ RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "comp
                      "channels_last", "log.tensorboard",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
                      "keep_last", "data.root", "data.download", "data.eval_batch_size",
-                     "data.workers", "data.memory_share", "data.cache_dir",
+                     "data.workers", "data.decode_processes", "data.memory_share", "data.cache_dir",
                      "model.pretrained", "model.pretrained_format", "model.pretrained_prefix",
                      "model.pretrained_weights", "model.head_init_scale")  # (only the start)
 
@@ -226,18 +226,74 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def find_resume_state(cfg: TrainConfig, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
-    """The training state to resume from (`auto`: the newest readable one in the work dir)."""
+    """The training state to resume from: `auto`, the newest readable one in the work dir (none:
+    a fresh start); a work dir, its newest readable one (none: an error); or a state file."""
     if not resume:
         return None
-    if resume != "auto":
-        return Path(resume), read_state(Path(resume))
-    for path in reversed(find_states(cfg.run_dir)):
+    folder = cfg.run_dir if resume == "auto" else Path(resume)
+    if resume != "auto" and not folder.is_dir():
+        if not folder.exists():
+            raise UserError(f"--resume {resume}: no such work dir or training state; give a "
+                            "run's folder (e.g. work_dirs/NAME), a state_*.pt file, or auto")
+        return folder, read_state(folder)
+    for path in reversed(find_states(folder)):
         try:
             return path, read_state(path)
         except UserError as e:
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
+    if resume != "auto":
+        raise UserError(f"--resume {resume}: the folder holds no readable training state "
+                        "(state_*.pt) to continue; start a new run instead")
     print(f"no training state in {cfg.run_dir}; starting fresh", file=sys.stderr)
     return None
+
+
+def resumed_config(target: Path) -> TrainConfig:
+    """The config `--resume WORK_DIR|STATE` continues with: the state's own (for a folder, its
+    newest readable state's), with the work dir where that state lies."""
+    path, state = find_resume_state(TrainConfig(), str(target))  # type: ignore[misc]
+    try:
+        cfg = from_dict(TrainConfig, json.loads(state["config"]))
+    except UserError as e:
+        raise UserError(f"{path}: its recorded config does not load ({e}); give --config "
+                        "with a config.json that does") from None
+    return dataclasses.replace(cfg, work_dir=path.parent)
+
+
+def choose_work_dir(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, str]:
+    """`cfg` with its work dir settled, and a note when it is not the default one. --work-dir is
+    used as given; `--resume STATE|DIR` without it uses the state's folder. By default a fresh
+    run goes to work_dirs/<name>, or where that is taken (anything in it) to the first free
+    <name>-2, <name>-3, ... (then its name too); `--resume auto` continues the newest."""
+    if cfg.work_dir is not None:
+        return cfg, ""
+    if resume and resume != "auto":
+        target = Path(resume)
+        return dataclasses.replace(cfg, work_dir=target if target.is_dir() else target.parent), ""
+    base = Path("work_dirs") / cfg.run_name
+    if resume == "auto":
+        newest = _versions(base)[-1]
+        return dataclasses.replace(cfg, name=newest.name, work_dir=newest), ""
+    version = 1
+    chosen = base
+    while chosen.exists() and (not chosen.is_dir() or any(chosen.iterdir())):
+        version += 1
+        chosen = base.with_name(f"{base.name}-{version}")
+    if version == 1:
+        return dataclasses.replace(cfg, work_dir=chosen), ""
+    note = f"{base} holds another run; this one goes to {chosen}"
+    return dataclasses.replace(cfg, name=chosen.name, work_dir=chosen), note
+
+
+def _versions(base: Path) -> list[Path]:
+    """work_dirs/<name> and its existing versions <name>-2, <name>-3, ..., in version order."""
+    found = {1: base}
+    if base.parent.is_dir():
+        for p in base.parent.iterdir():
+            suffix = p.name[len(base.name) + 1:]
+            if p.name.startswith(base.name + "-") and suffix.isdigit() and int(suffix) > 1:
+                found[int(suffix)] = p
+    return [found[v] for v in sorted(found)]
 
 
 def refuse_changes(found: tuple[Path, dict[str, Any]], cfg: TrainConfig,
@@ -394,5 +450,5 @@ class StopSignals:
                  else f"the end of epoch {position.epoch}")
         return Interrupted(
             f"{signal.Signals(signum).name}: stopped at {where} (step {position.step}); state "
-            f"saved to {path}. Resume with: convnext-cifar train --config "
-            f"{cfg.run_dir / 'config.json'} --resume auto", 128 + signum)
+            f"saved to {path}. Resume with: convnext-cifar train --resume {cfg.run_dir}",
+            128 + signum)

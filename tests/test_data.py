@@ -100,16 +100,26 @@ def _archive(tmp_path):
     return buf.getvalue()
 
 
-def test_download_verifies_checksum_and_unpacks(tmp_path, monkeypatch):
+class _Response(io.BytesIO):
+    """What urlopen returns, as far as download reads it."""
+
+    def __init__(self, blob: bytes):
+        super().__init__(blob)
+        self.headers = {"Content-Length": str(len(blob))}
+
+
+def test_download_verifies_checksum_and_unpacks(tmp_path, monkeypatch, capsys):
     blob = _archive(tmp_path)
     urls = []
     monkeypatch.setattr(urllib.request, "urlopen",
-                        lambda url, timeout: urls.append(url) or io.BytesIO(blob))
+                        lambda url, timeout: urls.append(url) or _Response(blob))
     monkeypatch.setitem(datasets.DATASETS, "cifar10", dataclasses.replace(
         CIFAR10, archive_md5=hashlib.md5(blob).hexdigest()))
     ds = load_cifar10(dataclasses.replace(DataConfig(), root=tmp_path / "dl", download=True))
     assert len(ds.train.images) == 10 and not list((tmp_path / "dl").glob("*.part"))
     assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
+    err = capsys.readouterr().err  # progress: the whole (small) archive in one read, 100 %
+    assert "downloading https://www.cs.toronto.edu" in err and "(100 %)" in err
 
     monkeypatch.setitem(datasets.DATASETS, "cifar10", dataclasses.replace(
         CIFAR10, archive_md5="0" * 32))

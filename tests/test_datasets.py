@@ -29,7 +29,7 @@ def cfg(root, **kw):
 
 
 def folder_cfg(root, **kw):
-    return cfg(root, dataset="folder", workers=1, **kw)
+    return cfg(root, dataset="folder", decode_processes=1, **kw)
 
 
 # ---- CIFAR-100 --------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def test_sigterm_under_torchrun_stops_all_ranks_and_resume_is_exact(cifar_root, 
     _, err = proc.communicate(timeout=120)
     stopped_at = final_state(work)["run"]
     assert stopped_at["epoch"] < 30, "the run ended before the signal"
-    assert "state saved to" in err and "--resume auto" in err
+    assert "state saved to" in err and f"train --resume {work}" in err
     out = torchrun(*args, "--resume", "auto")
     assert out.returncode == 0, out.stderr[-3000:]
     assert final_state(work)["run"]["epoch"] == 30

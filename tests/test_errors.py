@@ -151,7 +151,8 @@ CASES = {
         lambda c: ["--model.pretrained", str(_write(c.tmp / "cut.pth", _pth(c.tmp, {
             "w": torch.zeros(1000)}).read_bytes()[:700]))], "not a readable PyTorch checkpoint"),
     "resume: no such state": (
-        lambda c: ["--resume", str(c.tmp / "state_00000001.pt")], "does not exist"),
+        lambda c: ["--resume", str(c.tmp / "state_00000001.pt")],
+        "no such work dir or training state"),
     "resume: not a training state": (
         lambda c: ["--resume", str(_pth(c.tmp, {"model": {"w": torch.zeros(1)}}))],
         "not a convnext-cifar training state"),

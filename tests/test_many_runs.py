@@ -39,7 +39,7 @@ def records(work):
 
 def folder_args(root, work, *extra):
     return small_run_args(root, work, "--data.dataset", "folder", "--data.batch-size", "10",
-                          "--data.workers", "1", "--sched.warmup-epochs", "0", *extra)
+                          "--data.decode-processes", "1", "--sched.warmup-epochs", "0", *extra)
 
 
 # ---- 1. a rollback keeps the resumed line ---------------------------------------------------
@@ -186,7 +186,7 @@ def test_links_in_a_folder_never_loop_nor_cross_classes(tmp_path, capsys):
     from convnext_cifar.config import DataConfig
     from convnext_cifar.datasets import load_dataset
 
-    loaded = load_dataset(DataConfig(dataset="folder", root=data, workers=1))
+    loaded = load_dataset(DataConfig(dataset="folder", root=data, decode_processes=1))
     files = list(zip(loaded.train.files, loaded.train.labels.tolist()))
     assert len(files) == 6 + 6 + 3 and len({f for f, _ in files}) == len(files)
     assert all(label == 0 for f, label in files if f.startswith("train/a/"))
@@ -338,7 +338,7 @@ def test_the_cache_is_streamed_and_takes_one_copy_of_memory(tmp_path):
             "from torchvision.transforms.v2 import functional; import PIL.Image; "
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
             f"d = load_dataset(DataConfig(dataset='folder', root=Path(sys.argv[1]), "
-            f"image_size={size}, val_fraction=0.1, workers=2)); "
+            f"image_size={size}, val_fraction=0.1, decode_processes=2)); "
             "print(len(d.train) + len(d.val), "
             "(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big")],
@@ -357,7 +357,7 @@ def test_a_replaced_file_is_a_cache_miss_even_with_its_size_and_mtime(tmp_path):
     data = write_image_folder(tmp_path / "d", {"train": {"a": 3, "b": 3}, "val": {"a": 1,
                                                                                  "b": 1}},
                               suffix=".bmp")
-    cfg = DataConfig(dataset="folder", root=data, workers=1)
+    cfg = DataConfig(dataset="folder", root=data, decode_processes=1)
     first = load_dataset(cfg)
     target = data / "train" / "a" / "0001.bmp"
     stat = target.stat()
@@ -389,7 +389,7 @@ def test_a_killed_cache_write_is_cleaned_up_and_a_running_one_is_not(tmp_path):
     live = cache / f".train-y.safetensors.{host}.{os.getpid()}.abcdef.tmp"
     dead.write_bytes(b"half")
     live.write_bytes(b"being written")
-    load_dataset(DataConfig(dataset="folder", root=data, workers=1))
+    load_dataset(DataConfig(dataset="folder", root=data, decode_processes=1))
     assert not dead.exists() and live.exists()
 
 
@@ -401,7 +401,7 @@ def test_two_runs_filling_and_pruning_one_cache_both_finish(tmp_path):
             "DataConfig; from convnext_cifar.datasets import load_dataset\n"
             "for size in (32, 36, 40, 44, 48, 52):\n"
             "    load_dataset(DataConfig(dataset='folder', root=Path(sys.argv[1]), "
-            "image_size=size, workers=1))\n")
+            "image_size=size, decode_processes=1))\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(data)], stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     for proc in procs:
@@ -433,7 +433,8 @@ def test_a_read_only_dataset_caches_in_the_cache_dir(tmp_path, monkeypatch, caps
         (data / folders.FOLDER_CACHE).iterdir())
     # the cache folder is a resumable change, as are the decode workers and the memory share
     assert cli.main(folder_args(data, tmp_path / "run2", "--sched.epochs", "1", "--resume",
-                                "auto", "--data.workers", "2", "--data.memory-share", "0.5")) == 0
+                                "auto", "--data.decode-processes", "2",
+                                "--data.memory-share", "0.5")) == 0
 
 
 def test_pillows_own_pixel_limit_stays_on(tmp_path):

@@ -83,7 +83,7 @@ def test_signal_writes_a_state_and_resume_is_bit_exact(
     restore = signal_at_step(monkeypatch, at_step, signum)
     assert run(cifar_root, tmp_path) == code
     err = capsys.readouterr().err
-    assert f"(step {at_step}); state saved to" in err and "--resume auto" in err
+    assert f"(step {at_step}); state saved to" in err and f"--resume {tmp_path}" in err
     assert find_states(tmp_path)[-1].name == f"state_{at_step:08d}.pt"
     restore()
     assert run(cifar_root, tmp_path, "--resume", "auto") == 0
