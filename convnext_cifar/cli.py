@@ -4,7 +4,8 @@
     convnext-cifar eval CKPT [--data.root DIR] [--json]
     convnext-cifar predict CKPT PATH... [--top-k K] [--json | --csv FILE]
     convnext-cifar export CKPT OUT.onnx|OUT.pt2 [--include-preprocessing]
-    convnext-cifar runs DIR... [--json]
+    convnext-cifar runs [DIR...] [--json]
+    convnext-cifar report WORK_DIR... [--out FILE]
     convnext-cifar convert SRC DST.safetensors [--model.name NAME] [--prefix P]
 
 Heavy modules (torch, timm) are imported only inside the commands, so `--help` is quick.
@@ -33,7 +34,7 @@ from convnext_cifar.presets import PRESETS
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 DEFAULT_PRESET = next(iter(PRESETS))
-COMMANDS = ("train", "eval", "predict", "export", "runs", "convert")
+COMMANDS = ("train", "eval", "predict", "export", "runs", "report", "convert")
 
 
 def _option_value(args: list[str], flag: str) -> str | None:
@@ -280,6 +281,34 @@ def runs_command(
     return run
 
 
+def report_command(
+    folders: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="WORK_DIR")],
+    out: Path | None = None,
+    device: str = "cpu",
+    data_root: Annotated[Path | None, tyro.conf.arg(name="data.root")] = None,
+    batch_size: EvalBatchSize[int | None] = None,
+) -> int:
+    """Write one self-contained HTML page showing a run (or comparing several), its figures as
+    PNG files beside it.
+
+    Args:
+        folders: Work dirs of runs (several: their curves overlaid, their options compared).
+        out: The page to write (default WORK_DIR/report.html; ./report.html for several).
+        device: Torch device evaluating the best checkpoint (cpu, auto, cuda, ...).
+        data_root: The dataset's root, when it moved (default: as the run recorded it).
+        batch_size: Evaluation batch size (default: as recorded).
+    """
+
+    def run() -> int:
+        from convnext_cifar.run_report import write_report
+
+        page = write_report(folders, out, device, batch_size, data_root)
+        print(f"report: {page}")
+        return 0
+
+    return run
+
+
 def convert_command(
     src: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="SRC")],
     dst: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="DST")],
@@ -413,7 +442,7 @@ def _run(args: list[str]) -> int:
         default = starting_config(args) if args[:1] == ["train"] else PRESETS[DEFAULT_PRESET]()
         commands = {"train": _train_command(default), "eval": eval_command,
                     "predict": predict_command, "export": export_command, "runs": runs_command,
-                    "convert": convert_command}
+                    "report": report_command, "convert": convert_command}
         command = parse(commands, args)
         return command() if callable(command) else command
     except UserError as e:

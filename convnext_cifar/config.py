@@ -310,6 +310,8 @@ class LogConfig:
 
     tensorboard: bool = False
     """Also write every metrics.jsonl record as TensorBoard scalars under WORK_DIR/tb/."""
+    mlflow: str = ""
+    """MLflow tracking URI (e.g. sqlite:///mlflow.db or http://host:5000); empty: off."""
 
 
 @dataclass(frozen=True)

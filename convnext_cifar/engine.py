@@ -63,6 +63,7 @@ from convnext_cifar.runtime import (
     resolve_runtime,
     seed_everything,
 )
+from convnext_cifar.tracking import MlflowLog, publish
 
 VAL_FILES = "val_files.txt"  # in the work dir: the held-out images of a folder dataset
 
@@ -347,16 +348,22 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     log = MetricsLog(cfg.run_dir / "metrics.jsonl", is_main=dist.is_main)
     position, window = Position(), Window(rt.device)
     guard = Guard(rt.device, patience=50 if rt.precision == "fp16" else 1)
+    tracking = MlflowLog(cfg.log.mlflow, cfg) if cfg.log.mlflow and dist.is_main else None
     state = TrainingState(cfg, dist, len(run.loader), {
         "run": position, "model": run.model, "optimizer": run.step_fn.optimizer,
         "scaler": run.step_fn.scaler, "rng": GlobalRng(rt.device, dist), "loader": run.loader,
         "window": window, "guard": guard, "log": log, "dataset": DatasetRecord(run.data.identity),
-        **({"ema": run.ema} if run.ema is not None else {})}, optional=("dataset",))
+        **({"ema": run.ema} if run.ema is not None else {}),
+        **({"tracking": tracking} if tracking is not None else {})},
+        optional=("dataset", "tracking"))
     _start_or_resume(state, found, log, progress)
+    if tracking is not None:
+        tracking.open(position.step)
+        log.mlflow = tracking
     with RunStatus(run, position, log) as status, StopSignals() as stop:
         while position.epoch < cfg.sched.epochs:
             if not train_one_epoch(run, position, log, progress, window, guard, stop):
-                raise stop.interrupted(state.save(), position, cfg)
+                raise stop.interrupted(_save(state, log), position, cfg)
             epoch, last = position.epoch, position.epoch == cfg.sched.epochs
             metrics: dict[str, float] = {}
             if epoch % cfg.val_interval == 0 or last:
@@ -369,14 +376,24 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
                 save_weights_of(run, f"epoch_{epoch}.safetensors", epoch, metrics)
             stopping = dist.any(stop.requested, rt.device)
             if state.due() or stopping:
-                path = state.save()
+                path = _save(state, log)
                 if stopping and not last:
                     raise stop.interrupted(path, position, cfg)
             status.write("running")
+        if dist.is_main:
+            publish(cfg, log, str(rt.device))
     progress.message(f"done: best top1 {position.best_top1:.2f} at epoch {position.best_epoch}: "
                      f"{cfg.run_dir / 'best.safetensors'}")
     return {"best_top1": position.best_top1, "best_epoch": position.best_epoch,
             "work_dir": str(cfg.run_dir)}
+
+
+def _save(state: TrainingState, log: MetricsLog) -> Path:
+    """Write a training state; then the trackers may have what it has seen."""
+    path = state.save()
+    if state.dist.is_main:
+        log.commit()
+    return path
 
 
 def _start_or_resume(state: TrainingState, found: tuple[Path, dict[str, Any]] | None,
@@ -426,6 +443,9 @@ class RunStatus:
             self.write("diverged")
         if self.log.tensorboard is not None:
             self.log.tensorboard.close()
+        if self.log.mlflow is not None:
+            self.log.mlflow.close("finished" if kind is None else "interrupted" if issubclass(
+                kind, (Interrupted, KeyboardInterrupt)) else "failed")
 
 
 def validate(run: Run, position: Position, log: MetricsLog, progress: Progress

@@ -114,7 +114,7 @@ def hub_offline_unless_reachable(pretrained_cfg: dict) -> Iterator[str]:
         return
     address = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
                or getattr(constants, "ENDPOINT", "https://huggingface.co"))
-    if _reachable(address, HUB_PROBE_SECONDS):
+    if reachable(address, HUB_PROBE_SECONDS):
         yield ""
         return
     constants.HF_HUB_OFFLINE = True  # cache only
@@ -124,7 +124,7 @@ def hub_offline_unless_reachable(pretrained_cfg: dict) -> Iterator[str]:
         constants.HF_HUB_OFFLINE = False
 
 
-def _reachable(address: str, timeout: float) -> bool:
+def reachable(address: str, timeout: float) -> bool:
     """Whether a TCP connection to the URL's host opens within `timeout` (DNS included)."""
     parts = urlsplit(address if "://" in address else "http://" + address)
     port = parts.port or (443 if parts.scheme == "https" else 80)

@@ -23,6 +23,7 @@ class MetricsLog:
         self.path = Path(path)
         self.is_main = is_main
         self.tensorboard: TensorBoardLog | None = None  # set by the run with --log.tensorboard
+        self.mlflow: Any = None  # tracking.MlflowLog, set by the run with --log.mlflow
 
     def write(self, record: dict[str, Any], step: int | None = None) -> None:
         """Append `record`; `step` (the optimizer step it belongs to, for a record without one)
@@ -31,6 +32,8 @@ class MetricsLog:
             return
         if self.tensorboard is not None:
             self.tensorboard.add(record, record.get("step", step))
+        if self.mlflow is not None:
+            self.mlflow.add(record, record.get("step", step))
         line = (json.dumps(record) + "\n").encode()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -40,6 +43,11 @@ class MetricsLog:
                 os.close(fd)
         except OSError as e:
             raise UserError(f"could not write {self.path}: {e.strerror or e}") from None
+
+    def commit(self) -> None:
+        """A training state is on disk: send what the trackers hold back until then."""
+        if self.mlflow is not None:
+            self.mlflow.commit()
 
     def size(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
@@ -54,6 +62,20 @@ class MetricsLog:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.truncate(state["bytes"])
+
+
+def metric_names(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl record as tracker metrics: train/loss, train/lr, ... for a log window;
+    val/loss, val/top1, val/ema_top1, ... for a validation (epoch and step are the axes)."""
+    train = "loss" in record
+    out = {}
+    for key, value in record.items():
+        if key in ("epoch", "step") or isinstance(value, bool) or not isinstance(value,
+                                                                                 (int, float)):
+            continue
+        # val_loss -> val/loss, ema_val_loss -> val/ema_loss, top1 -> val/top1
+        out[f"train/{key}" if train else "val/" + key.replace("val_", "")] = float(value)
+    return out
 
 
 class TensorBoardLog:
@@ -73,14 +95,7 @@ class TensorBoardLog:
         self.writer = SummaryWriter(str(folder), purge_step=purge_step)
 
     def add(self, record: dict[str, Any], step: int) -> None:
-        train = "loss" in record
-        for key, value in record.items():
-            if key in ("epoch", "step") or not isinstance(value, (int, float)):
-                continue
-            if train:
-                tag = f"train/{key}"
-            else:  # val_loss -> val/loss, ema_val_loss -> val/ema_loss, top1 -> val/top1
-                tag = "val/" + key.replace("val_", "")
+        for tag, value in metric_names(record).items():
             self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
@@ -282,24 +297,41 @@ def print_predictions(predictions: list, top_k: int) -> None:
 
 
 def print_runs(rows: list[dict[str, Any]], differing: list[str]) -> None:
-    """The runs as a table, with a column per config option that differs between them."""
+    """The runs as a table: name, status, best top-1 (epoch), epochs and wall time whole and
+    first (never cut), then model, dataset, last top-1, img/s, and the options that differ
+    between the runs as one wrapped `key=value` column."""
     from rich.console import Console
     from rich.table import Table
 
-    def num(value: Any, fmt: str) -> str:
-        return "-" if value is None else fmt.format(value)
-
     table = Table(title=f"{len(rows)} run(s)")
-    for col in ("name", "model", "dataset", "epochs", "best top-1 (epoch)", "last top-1",
-                "img/s", "wall", "status", *differing):
-        table.add_column(col, justify="right" if col in ("epochs", "img/s", "wall") else "left")
+    for col in ("name", "status", "best top-1 (epoch)", "epochs", "wall"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("epochs", "wall") else
+                         "left", min_width=len(col))
+    for col in ("model", "dataset", "last top-1", "img/s"):
+        table.add_column(col, justify="right" if col in ("last top-1", "img/s") else "left")
+    if differing:
+        table.add_column("differing options", overflow="fold", ratio=1)
     for r in rows:
-        wall = r["wall_s"]
+        options = " ".join(f"{k}={json.dumps(r['config'].get(k))}" for k in differing)
         table.add_row(
-            r["name"], str(r["model"]), str(r["dataset"]), f"{r['epochs_done']}/{r['epochs']}",
-            num(r["best_top1"], "{:.2f}") + (f" ({r['best_epoch']})" if r["best_epoch"] else ""),
-            num(r["last_top1"], "{:.2f}"), num(r["img_per_s"], "{:.0f}"),
-            "-" if wall is None else f"{int(wall // 3600)}:{int(wall % 3600 // 60):02d}:"
-                                     f"{int(wall % 60):02d}",
-            r["status"], *(json.dumps(r["config"].get(k)) for k in differing))
-    Console(width=max(Console().width, 160)).print(table)
+            r["name"], r["status"], run_best(r), f"{r['epochs_done']}/{r['epochs']}",
+            wall_clock(r["wall_s"]), str(r["model"]), str(r["dataset"]),
+            _num(r["last_top1"], "{:.2f}"), _num(r["img_per_s"], "{:.0f}"),
+            *([options] if differing else []))
+    Console(width=max(Console().width, 100)).print(table)
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def run_best(r: dict[str, Any]) -> str:
+    """'93.41 (87)': a run's best top-1 and its epoch."""
+    return _num(r["best_top1"], "{:.2f}") + (f" ({r['best_epoch']})" if r["best_epoch"] else "")
+
+
+def wall_clock(seconds: float | None) -> str:
+    """'1:02:03', or '-' when unknown."""
+    if seconds is None:
+        return "-"
+    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"

@@ -220,7 +220,8 @@ def test_shell_completion_is_available(capsys):
 # ---- packaging ----------------------------------------------------------------------------------
 
 STDLIB = set(sys.stdlib_module_names)
-DISTRIBUTIONS = {"PIL": "pillow", "huggingface_hub": "huggingface-hub"}
+DISTRIBUTIONS = {"PIL": "pillow", "huggingface_hub": "huggingface-hub",
+                 "mlflow": "mlflow-skinny"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -50,6 +50,7 @@ def test_gpu_check_dry_runs_every_step_and_writes_only_its_reports(tmp_path):
     assert "## train --resume auto (exit 0)" in (tmp_path / "out" / "gpu_check_log.md").read_text()
 
 
+@pytest.mark.slow  # ~26 s: a 25 s budget run to its end (the fast suite keeps the no-tyro check)
 def test_the_budget_kills_a_step_keeps_what_was_measured_and_skips_the_rest(tmp_path):
     start = time.monotonic()
     out = gpu_check(tmp_path / "out", tmp_path / "work", "--budget-s", "25", timeout=300)

@@ -49,7 +49,7 @@ def test_local_timm_file_loads_backbone_and_replaces_head(tmp_path, capsys, suff
 def hub_reachable(monkeypatch):
     from convnext_cifar import model
 
-    monkeypatch.setattr(model, "_reachable", lambda address, timeout: True)
+    monkeypatch.setattr(model, "reachable", lambda address, timeout: True)
 
 
 def test_hub_tag_goes_through_timm_and_reports_fresh_norm_and_head(monkeypatch, capsys,
@@ -171,7 +171,7 @@ def test_an_unanswering_hub_is_given_up_on_within_the_probe_time(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", hangs)
     start = time.monotonic()
-    assert not model._reachable("https://huggingface.co", 0.5)
+    assert not model.reachable("https://huggingface.co", 0.5)
     assert time.monotonic() - start < 1.5
     released.set()
 
