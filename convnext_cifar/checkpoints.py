@@ -213,8 +213,8 @@ def lock_is_held(run_dir: Path) -> bool:
 class WorkDirLock:
     """An exclusive lock on a work dir: a second run refuses; a dead process holds nothing."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+    def __init__(self, run_dir: Path, name: str = ".lock"):
+        self.path = Path(run_dir) / name
         self.fd: int | None = None
 
     def __enter__(self) -> WorkDirLock:

@@ -1,6 +1,7 @@
 """Command line: typed configs in, calls out. The one place a UserError becomes exit code 2.
 
     convnext-cifar train [--preset NAME | --config FILE] [--section.option VALUE ...]
+    convnext-cifar tune [train options] --tune.trials N --tune.space KEY=SPEC ...
     convnext-cifar eval CKPT [--data.root DIR] [--json]
     convnext-cifar predict CKPT PATH... [--top-k K] [--json | --csv FILE]
     convnext-cifar export CKPT OUT.onnx|OUT.pt2 [--include-preprocessing]
@@ -31,10 +32,11 @@ import tyro
 from convnext_cifar.config import RENAMED, TrainConfig, load_config_file
 from convnext_cifar.errors import Interrupted, UserError
 from convnext_cifar.presets import PRESETS
+from convnext_cifar.tune import TuneConfig
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 DEFAULT_PRESET = next(iter(PRESETS))
-COMMANDS = ("train", "eval", "predict", "export", "runs", "report", "convert")
+COMMANDS = ("train", "tune", "eval", "predict", "export", "runs", "report", "convert")
 
 
 def _option_value(args: list[str], flag: str) -> str | None:
@@ -128,6 +130,28 @@ def _print_config(cfg: TrainConfig, resume: str | None) -> int:
     cfg, _ = choose_work_dir(cfg, resume)
     print(config_json(cfg))
     return 0
+
+
+def _tune_command(default: TrainConfig):
+    def tune(
+        cfg: Annotated[TrainConfig, tyro.conf.arg(name="")] = default,
+        tune: TuneConfig = TuneConfig(),  # noqa: B008 (a frozen dataclass)
+        preset: Annotated[PresetName, tyro.conf.arg(  # type: ignore[valid-type]
+            help="Experiment every trial starts from (as for train).")] = DEFAULT_PRESET,
+        config: Annotated[Path | None, tyro.conf.arg(
+            help="Start every trial from a saved config.json; options given override it."
+        )] = None,
+    ) -> int:
+        """Search hyperparameters with Optuna: each trial a run in WORK_DIR/trial-<n>/."""
+
+        def run() -> int:
+            from convnext_cifar.tune import tune as run_study
+
+            return run_study(cfg, tune)
+
+        return run
+
+    return tune
 
 
 def eval_command(
@@ -396,9 +420,10 @@ def _suggested(lines: list[str], message: str, command: str) -> list[str]:
                 offered.append((line.split()[0].rstrip(","), ""))
             elif offered and line.startswith("in ") and line.endswith("--help"):
                 offered[-1] = (offered[-1][0], line.split()[-2])
-        if offered:
+        if offered:  # tyro lists an option once, under any command that takes it
+            shared = set(train_options()) if command in ("train", "tune") else set()
             return list(dict.fromkeys(renamed + [o for o, where in offered
-                                                 if where in ("", command)]))[:3]
+                                                 if where in ("", command) or o in shared]))[:3]
     close = list(renamed)
     if command == "train":
         known = train_options()
@@ -439,8 +464,10 @@ def _run(args: list[str]) -> int:
         print(f"convnext-cifar {__version__}")
         return 0
     try:
-        default = starting_config(args) if args[:1] == ["train"] else PRESETS[DEFAULT_PRESET]()
-        commands = {"train": _train_command(default), "eval": eval_command,
+        default = (starting_config(args) if args[:1] in (["train"], ["tune"])
+                   else PRESETS[DEFAULT_PRESET]())
+        commands = {"train": _train_command(default), "tune": _tune_command(default),
+                    "eval": eval_command,
                     "predict": predict_command, "export": export_command, "runs": runs_command,
                     "report": report_command, "convert": convert_command}
         command = parse(commands, args)

@@ -430,13 +430,13 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(where + k for k in unknown)}; "
                         "remove them or check the spelling against `train --help`")
-    kwargs = {k: _coerce(v, hints[k], where + k) for k, v in data.items()}
+    kwargs = {k: coerce(v, hints[k], where + k) for k, v in data.items()}
     return cls(**kwargs)
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
+def coerce(value: Any, tp: Any, name: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = UserError(f"config field {name} = {value!r} is not a valid {_type_name(tp)}")
+    bad = UserError(f"config field {name} = {value!r} is not a valid {type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, name + ".")
     if origin in (typing.Union, types.UnionType):
@@ -444,7 +444,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return None
         for inner in (a for a in args if a is not type(None)):  # the first type that fits
             try:
-                return _coerce(value, inner, name)
+                return coerce(value, inner, name)
             except UserError:
                 pass
         raise bad
@@ -455,7 +455,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise bad
-        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+        return tuple(coerce(v, a, name) for v, a in zip(value, args))
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -475,7 +475,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise bad
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

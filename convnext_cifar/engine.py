@@ -35,7 +35,7 @@ from convnext_cifar.config import TrainConfig, config_json
 from convnext_cifar.data import DeviceLoader, Normalize
 from convnext_cifar.datasets import Dataset, load_dataset, prepare_dataset
 from convnext_cifar.distributed import Dist
-from convnext_cifar.errors import Interrupted, TrainingDiverged, UserError
+from convnext_cifar.errors import Interrupted, Pruned, TrainingDiverged, UserError
 from convnext_cifar.evaluate import evaluate
 from convnext_cifar.files import remove_stale_temp_files, write_file
 from convnext_cifar.model import ModelEma, build_model, ema_lag_warning, ema_schedule
@@ -333,8 +333,11 @@ def train_one_epoch(run: Run, position: Position, log: MetricsLog, progress: Pro
 
 
 def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
-          live_progress: bool | None = None) -> dict[str, Any]:
-    """The epochs of a built run (continuing the training state `found`); returns the best."""
+          live_progress: bool | None = None,
+          on_validation: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    """The epochs of a built run (continuing the training state `found`); returns the best.
+    `on_validation(epoch, record)` (a tuner's) sees every validation record; when it returns
+    True the run stops there, as pruned."""
     cfg, rt, dist = run.cfg, run.rt, run.dist
     clock = RunClock(cfg.sched.epochs, len(run.loader), cfg.data.batch_size, cfg.val_interval)
     progress = Progress(cfg.sched.epochs, live_progress, is_main=dist.is_main, clock=clock)
@@ -367,11 +370,7 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
             epoch, last = position.epoch, position.epoch == cfg.sched.epochs
             metrics: dict[str, float] = {}
             if epoch % cfg.val_interval == 0 or last:
-                started = time.perf_counter()
-                metrics = validate(run, position, log, progress)
-                position.tick()
-                progress.validated(time.perf_counter() - started, position.step, epoch,
-                                   position.elapsed_s)
+                metrics = _validate_timed(run, state, log, progress, on_validation)
             if epoch % cfg.ckpt_interval == 0 or last:
                 save_weights_of(run, f"epoch_{epoch}.safetensors", epoch, metrics)
             stopping = dist.any(stop.requested, rt.device)
@@ -386,6 +385,22 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
                      f"{cfg.run_dir / 'best.safetensors'}")
     return {"best_top1": position.best_top1, "best_epoch": position.best_epoch,
             "work_dir": str(cfg.run_dir)}
+
+
+def _validate_timed(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
+                    on_validation: Callable[[int, dict[str, Any]], bool] | None
+                    ) -> dict[str, float]:
+    """`validate`, timed for the run's projection; stops the run as pruned when the caller's
+    `on_validation` says so (after writing a state)."""
+    position, started = state.position, time.perf_counter()
+    metrics, record = validate(run, position, log, progress)
+    position.tick()
+    progress.validated(time.perf_counter() - started, position.step, position.epoch,
+                       position.elapsed_s)
+    if on_validation is not None and on_validation(position.epoch, record):
+        _save(state, log)
+        raise Pruned(f"pruned after epoch {position.epoch}")
+    return metrics
 
 
 def _save(state: TrainingState, log: MetricsLog) -> Path:
@@ -441,6 +456,8 @@ class RunStatus:
             self.write("interrupted")
         elif issubclass(kind, TrainingDiverged):
             self.write("diverged")
+        elif issubclass(kind, Pruned):
+            self.write("pruned")
         if self.log.tensorboard is not None:
             self.log.tensorboard.close()
         if self.log.mlflow is not None:
@@ -449,9 +466,9 @@ class RunStatus:
 
 
 def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
-             ) -> dict[str, float]:
+             ) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate the weights (and their EMA) after epoch `position.epoch`, log it, and keep the
-    best of the two as best.safetensors; returns the raw weights' metrics."""
+    best of the two as best.safetensors; returns the raw weights' metrics and the record."""
     candidates = {"raw": (run.model, _validation_metrics(run, run.forward, run.model))}
     record = {"epoch": position.epoch, **candidates["raw"][1]}
     if run.ema is not None:
@@ -465,7 +482,7 @@ def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
         position.best_top1, position.best_epoch = metrics["top1"], position.epoch
         save_weights_of(run, "best.safetensors", position.epoch, metrics, module, weights)
     progress.log_val(record, position.best_top1)
-    return candidates["raw"][1]
+    return candidates["raw"][1], record
 
 
 def _validation_metrics(run: Run, forward: torch.nn.Module, eager: torch.nn.Module
@@ -510,7 +527,8 @@ def _best_on_disk(run_dir: Path) -> float:
 # ---- the train command -------------------------------------------------------------------------
 
 def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None = None,
-        allow_changes: bool = False) -> dict[str, Any]:
+        allow_changes: bool = False,
+        on_validation: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Run the whole training described by `cfg` (or continue it); returns the best top-1.
 
     Under torchrun every process calls this; rank 0 alone reads and writes the work dir (other
@@ -548,7 +566,7 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
         run = build_run(cfg, rt, dist, data, pretrained=found is None)
         with contextlib.ExitStack() as work_dir:
             distributed.from_main(dist, lambda: claim_work_dir(cfg, data, found, work_dir))
-            return train(run, found, live_progress)
+            return train(run, found, live_progress, on_validation)
     finally:
         distributed.stop()
 

@@ -17,3 +17,7 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Pruned(Exception):
+    """The run was stopped early at its caller's request (a tuner pruned the trial)."""

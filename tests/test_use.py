@@ -166,6 +166,7 @@ def scalars(work):
             if tag != "train/img_per_s"}
 
 
+@pytest.mark.slow  # ~27 s: three runs with a report each (MLflow's resume test stays fast)
 def test_tensorboard_curves_continue_across_a_resume_without_gaps_or_repeats(
         cifar_root, tmp_path, monkeypatch):
     def run(work, *extra):
