@@ -116,6 +116,8 @@ class DataConfig:
     """Input size: CIFAR larger than 32 upsamples on the device; folder images are stored at it."""
     drop_last: bool = False
     """Drop the last incomplete training batch of each epoch."""
+    sampler: Literal["uniform", "balanced"] = "uniform"
+    """Epoch order: uniform (each image once) or balanced (classes equally likely, repeats)."""
     limit_train: int = 0
     """Use only the first N training images (0: all); for quick runs."""
     limit_val: int = 0
@@ -242,6 +244,41 @@ def parse_randaugment(text: str) -> RandAugmentSpec:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    """The training loss: cross-entropy (label smoothing is --model.label-smoothing)."""
+
+    class_weights: str = "none"
+    """Per-class weights: none, balanced (inverse class frequency), or w1,w2,... one a class."""
+
+    def __post_init__(self) -> None:
+        if self.class_weights in ("none", "balanced"):
+            return
+        try:
+            values = [float(v) for v in self.class_weights.split(",")]
+        except ValueError:
+            values = []
+        _check(bool(values) and all(v > 0 and v == v for v in values), "loss.class_weights",
+               self.class_weights, "use none, balanced, or positive numbers w1,w2,... one a class")
+
+    def weights(self, labels: Any, num_classes: int) -> list[float] | None:
+        """The weight of each class (None: unweighted); balanced: N / (classes x count),
+        so the mean weight over the training images is 1."""
+        if self.class_weights == "none":
+            return None
+        if self.class_weights != "balanced":
+            values = [float(v) for v in self.class_weights.split(",")]
+            if len(values) != num_classes:
+                raise UserError(f"--loss.class-weights gives {len(values)} weights for "
+                                f"{num_classes} classes; give one a class, in class order")
+            return values
+        counts = [0] * num_classes
+        for label in labels:
+            counts[int(label)] += 1
+        present = sum(1 for c in counts if c)
+        return [len(labels) / (present * c) if c else 0.0 for c in counts]
+
+
+@dataclass(frozen=True)
 class AugConfig:
     """Extra training augmentation on the device, all off by default (the reference uses none)."""
 
@@ -302,6 +339,8 @@ class EvalConfig:
 
     tta: Literal["none", "flip"] = "none"
     """Test-time augmentation: flip averages the softmax of the image and its mirror."""
+    best_metric: Literal["top1", "balanced_accuracy", "macro_f1"] = "top1"
+    """Validation metric that picks best.safetensors (balanced: for imbalanced classes)."""
 
 
 @dataclass(frozen=True)
@@ -330,6 +369,8 @@ class TrainConfig:
     """Learning-rate schedule."""
     aug: AugConfig = field(default_factory=AugConfig)
     """MixUp/CutMix, RandAugment, random erasing."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Training loss."""
     ema: EmaConfig = field(default_factory=EmaConfig)
     """EMA of the weights."""
     eval: EvalConfig = field(default_factory=EvalConfig)

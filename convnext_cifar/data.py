@@ -94,6 +94,12 @@ class Normalize:
         return x.contiguous(memory_format=self.memory_format)
 
 
+def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-image sampling weights giving every present class the same total (1 / its count)."""
+    counts = torch.bincount(labels)
+    return (1.0 / counts.double().clamp(min=1))[labels]
+
+
 class DeviceLoader:
     """Training batches from device-resident data: seeded permutation, batched augmentation.
 
@@ -120,6 +126,15 @@ class DeviceLoader:
         n, b = len(self.images), self.cfg.batch_size
         return n // b if self.cfg.drop_last and n >= b else math.ceil(n / b)
 
+    def _order(self, gens: Generators) -> torch.Tensor:
+        """The epoch's image order: a permutation, or with --data.sampler balanced as many draws
+        (with replacement) with each class equally likely, from the same seeded generator."""
+        n, device = len(self.images), self.images.device
+        if self.cfg.sampler != "balanced":
+            return torch.randperm(n, generator=gens.order, device=device)
+        weights = balanced_weights(self.labels.to(device))
+        return torch.multinomial(weights, n, replacement=True, generator=gens.order)
+
     def state_dict(self) -> dict[str, Any]:
         return self.generators.state_dict()
 
@@ -136,7 +151,7 @@ class DeviceLoader:
         """
         gens = self.generators
         gens.seed(self.seed, epoch)
-        order = torch.randperm(len(self.images), generator=gens.order, device=self.images.device)
+        order = self._order(gens)
         if start:
             if self._resume_state is None:
                 raise ValueError("starting mid-epoch needs the generator state of a saved run")

@@ -70,13 +70,14 @@ VAL_FILES = "val_files.txt"  # in the work dir: the held-out images of a folder 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def cross_entropy_sum(label_smoothing: float) -> LossFn:
+def cross_entropy_sum(label_smoothing: float, weight: torch.Tensor | None = None) -> LossFn:
     """Summed cross-entropy of logits against class indices, or against per-class probabilities
-    (soft targets, as MixUp/CutMix make them), with label smoothing applied to either."""
+    (soft targets, as MixUp/CutMix make them), with label smoothing applied to either, and each
+    class's terms scaled by `weight` when given."""
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing,
-                               reduction="sum")
+        return F.cross_entropy(logits.float(), target, weight=weight,
+                               label_smoothing=label_smoothing, reduction="sum")
 
     return loss
 
@@ -275,7 +276,10 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
             model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
         train_forward = compiled(ddp, rt)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
-    step_fn = TrainStep(train_forward, optimizer, rt, cross_entropy_sum(cfg.model.label_smoothing),
+    weights = cfg.loss.weights(data.train.labels.tolist(), data.num_classes)
+    loss_fn = cross_entropy_sum(cfg.model.label_smoothing, None if weights is None else
+                                torch.tensor(weights, device=rt.device))
+    step_fn = TrainStep(train_forward, optimizer, rt, loss_fn,
                         cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, dist.world,
                         eager=ddp or model,
                         compiled_rows=cfg.data.batch_size // dist.world // cfg.optim.accum_steps)
@@ -381,7 +385,8 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
             status.write("running")
         if dist.is_main:
             publish(cfg, log, str(rt.device))
-    progress.message(f"done: best top1 {position.best_top1:.2f} at epoch {position.best_epoch}: "
+    progress.message(f"done: best {cfg.eval.best_metric} {position.best_top1:.2f} at epoch "
+                     f"{position.best_epoch}: "
                      f"{cfg.run_dir / 'best.safetensors'}")
     return {"best_top1": position.best_top1, "best_epoch": position.best_epoch,
             "work_dir": str(cfg.run_dir)}
@@ -421,7 +426,7 @@ def _start_or_resume(state: TrainingState, found: tuple[Path, dict[str, Any]] | 
     else:
         state.restore(found[1], found[0])
         if state.dist.is_main:
-            _best_after_resume(position, cfg.run_dir, progress)
+            _best_after_resume(position, cfg.run_dir, progress, cfg.eval.best_metric)
         progress.message(f"resumed from {found[0]} at epoch {position.epoch + 1}, batch "
                          f"{position.batch}, step {position.step}")
     if cfg.log.tensorboard and state.dist.is_main:  # a resumed run drops what followed its state
@@ -476,10 +481,11 @@ def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
                              _validation_metrics(run, run.ema.forward, run.ema.module))
         record.update({f"ema_{k}": v for k, v in candidates["ema"][1].items()})
     log.write(record, step=position.step)
-    weights = max(candidates, key=lambda k: candidates[k][1]["top1"])  # a tie keeps raw
+    key = run.cfg.eval.best_metric  # position.best_top1 holds the best value of this metric
+    weights = max(candidates, key=lambda k: candidates[k][1][key])  # a tie keeps raw
     module, metrics = candidates[weights]
-    if metrics["top1"] > position.best_top1:
-        position.best_top1, position.best_epoch = metrics["top1"], position.epoch
+    if metrics[key] > position.best_top1:
+        position.best_top1, position.best_epoch = metrics[key], position.epoch
         save_weights_of(run, "best.safetensors", position.epoch, metrics, module, weights)
     progress.log_val(record, position.best_top1)
     return candidates["raw"][1], record
@@ -490,7 +496,8 @@ def _validation_metrics(run: Run, forward: torch.nn.Module, eager: torch.nn.Modu
     res = evaluate(forward, run.data.val.images, run.data.val.labels,
                    run.cfg.data.eval_batch_size, run.normalize, run.rt, run.data.num_classes,
                    run.dist, run.cfg.eval.tta, eager)
-    return {"val_loss": res.loss, "top1": res.top1, "top5": res.top5}
+    return {"val_loss": res.loss, "top1": res.top1, "top5": res.top5,
+            "balanced_accuracy": res.balanced_accuracy, "macro_f1": res.macro_f1}
 
 
 def save_weights_of(run: Run, name: str, epoch: int, metrics: dict[str, float],
@@ -501,25 +508,26 @@ def save_weights_of(run: Run, name: str, epoch: int, metrics: dict[str, float],
                      metrics, run.rt.as_dict(), weights, run.data.identity)
 
 
-def _best_after_resume(position: Position, run_dir: Path, progress: Progress) -> None:
-    """The best top-1 to beat: the state's, or a better one best.safetensors holds (written
-    before a crash, after the state). When the file holding the state's best is gone (a
-    rollback set it aside) the next validation writes a new one."""
+def _best_after_resume(position: Position, run_dir: Path, progress: Progress,
+                       metric: str = "top1") -> None:
+    """The best value of the best metric to beat: the state's, or a better one
+    best.safetensors holds (written before a crash, after the state). When the file holding
+    the state's best is gone (a rollback set it aside) the next validation writes a new one."""
     if position.best_epoch and not (run_dir / "best.safetensors").exists():
-        progress.warning(f"best.safetensors of epoch {position.best_epoch} (top-1 "
+        progress.warning(f"best.safetensors of epoch {position.best_epoch} ({metric} "
                          f"{position.best_top1:.2f}) is not in {run_dir}; it will hold the best "
                          "weights from the next validation on")
         position.best_top1, position.best_epoch = -1.0, 0
-    position.best_top1 = max(position.best_top1, _best_on_disk(run_dir))
+    position.best_top1 = max(position.best_top1, _best_on_disk(run_dir, metric))
 
 
-def _best_on_disk(run_dir: Path) -> float:
-    """Top-1 recorded in an existing best.safetensors (-1 when there is none)."""
+def _best_on_disk(run_dir: Path, metric: str = "top1") -> float:
+    """The metric recorded in an existing best.safetensors (-1 when there is none)."""
     path = run_dir / "best.safetensors"
     if not path.exists():
         return -1.0
     try:
-        return float(load_weights(path).metrics.get("top1", -1.0))
+        return float(load_weights(path).metrics.get(metric, -1.0))
     except UserError:
         return -1.0
 

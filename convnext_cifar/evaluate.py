@@ -118,6 +118,25 @@ class EvalResult:
         return {name: 100.0 * row[i] / max(sum(row), 1)
                 for i, (name, row) in enumerate(zip(classes, self.confusion))}
 
+    @property
+    def balanced_accuracy(self) -> float:
+        """Mean recall over the classes present in the labels, in percent."""
+        recalls = [row[i] / sum(row) for i, row in enumerate(self.confusion) if sum(row)]
+        return 100.0 * sum(recalls) / max(len(recalls), 1)
+
+    @property
+    def macro_f1(self) -> float:
+        """Mean F1 over the classes present in the labels, in percent (F1 = 0 for a class
+        never predicted right)."""
+        scores = []
+        for i, row in enumerate(self.confusion):
+            if not sum(row):
+                continue
+            predicted = sum(r[i] for r in self.confusion)
+            hits = row[i]
+            scores.append(2.0 * hits / (sum(row) + predicted) if hits else 0.0)
+        return 100.0 * sum(scores) / max(len(scores), 1)
+
 
 def predict_logits(forward: torch.nn.Module, x: torch.Tensor, rt: Runtime,
                    tta: str = "none") -> torch.Tensor:
@@ -205,6 +224,7 @@ def evaluate_checkpoint(path: Path, data_root: Path | None = None, download: boo
     return {"checkpoint": str(path), "epoch": ckpt.epoch, "weights": ckpt.weights,
             "tta": loaded.tta, "num_images": res.num_images,
             "top1": res.top1, "top5": res.top5, "loss": res.loss,
+            "balanced_accuracy": res.balanced_accuracy, "macro_f1": res.macro_f1,
             "per_class": res.per_class(data.classes), "confusion": res.confusion,
             "recorded": ckpt.metrics}
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from convnext_cifar.config import DataConfig
 
 FOLDER_CACHE = ".convnext-cifar-cache"
-CACHE_FORMAT = "convnext-cifar/decode-cache-v2"
+CACHE_FORMAT = "convnext-cifar/decode-cache-v3"  # v3: EXIF orientation applied
 KEEP_CACHES = 3  # per split (and dataset), newest first
 
 

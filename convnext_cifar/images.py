@@ -51,31 +51,50 @@ def _header_only():
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file's header alone; refuses a decompression bomb."""
+    return _header(path)[:2]
+
+
+def _header(path: Path) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation: 1 upright) from the header; refuses a bomb."""
     try:
         with _header_only() as Image, Image.open(path) as img:
             width, height = img.size
+            orientation = _orientation(img) if width * height <= MAX_IMAGE_PIXELS else 1
     except Exception as e:  # truncated, not an image, unknown format: many error types
         raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
     if width * height > MAX_IMAGE_PIXELS:
         raise BadImage(f"its header claims {width} x {height} pixels, more than the "
                        f"{MAX_IMAGE_PIXELS:,} allowed; refused before decoding (a "
                        "decompression bomb, or an image to shrink first)")
-    return width, height
+    return width, height, orientation
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation of an opened image (1: upright; also when its EXIF is unreadable:
+    the decoder then reports what is wrong with the file)."""
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - damaged EXIF: read the pixels as stored
+        return 1
 
 
 def decode_rgb(path: Path) -> torch.Tensor:
-    """The first frame of an image file as uint8 (3, H, W) RGB."""
+    """The first frame of an image file as uint8 (3, H, W) RGB, turned upright by its EXIF
+    orientation (a phone photo stored sideways is read as it is shown)."""
     import torchvision.io as tio
 
-    image_size(path)
+    _, _, orientation = _header(path)
     data = path.read_bytes()
-    if data[:4] == b"GIF8":  # torchvision decodes every frame of an animation: Pillow, the first
+    # torchvision decodes every frame of an animation (Pillow: the first) and turns only JPEG
+    # and PNG upright: Pillow takes GIFs and any other image with an EXIF orientation
+    if data[:4] == b"GIF8" or (orientation != 1 and data[:3] != b"\xff\xd8\xff"
+                               and data[:8] != b"\x89PNG\r\n\x1a\n"):
         return _decode_with_pillow(path)
     try:
         with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec; it still works
             warnings.simplefilter("ignore", DeprecationWarning)
             img = tio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                   mode=tio.ImageReadMode.RGB)
+                                   mode=tio.ImageReadMode.RGB, apply_exif_orientation=True)
     except Exception:  # BMP, CMYK JPEG and the like: Pillow knows them
         img = _decode_with_pillow(path)
     if img.ndim == 4:  # an animation torchvision expanded: keep its first frame
@@ -87,9 +106,11 @@ def decode_rgb(path: Path) -> torch.Tensor:
 
 def _decode_with_pillow(path: Path) -> torch.Tensor:
     try:
+        from PIL import ImageOps
+
         with _header_only() as Image, Image.open(path) as img:
             img.seek(0)
-            rgb = img.convert("RGB")
+            rgb = ImageOps.exif_transpose(img).convert("RGB")  # upright, as a viewer shows it
             return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
     except Exception as e:
         raise BadImage(f"cannot decode it ({type(e).__name__}: {e})") from None

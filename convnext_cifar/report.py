@@ -253,9 +253,10 @@ def print_eval(result: dict[str, Any]) -> None:
 
     console = Console()
     summary = Table(title=f"{result['checkpoint']} (epoch {result['epoch']})")
-    for col in ("images", "top-1 %", "top-5 %", "loss"):
+    for col in ("images", "top-1 %", "top-5 %", "balanced acc. %", "macro F1 %", "loss"):
         summary.add_column(col, justify="right")
     summary.add_row(str(result["num_images"]), f"{result['top1']:.2f}", f"{result['top5']:.2f}",
+                    f"{result['balanced_accuracy']:.2f}", f"{result['macro_f1']:.2f}",
                     f"{result['loss']:.4f}")
     console.print(summary)
     classes = list(result["per_class"])

@@ -100,6 +100,7 @@ def test_help_documents_every_public_option_quickly():
     assert top.returncode == 0 and "train" in top.stdout and "eval" in top.stdout
 
 
+@pytest.mark.slow  # a subprocess; test_errors runs the same case through the real command
 def test_missing_data_through_the_real_cli(tmp_path):
     out = run_cli("train", "--preset", "smoke", "--data.root", str(tmp_path / "nothing"),
                   "--data.no-download", "--work-dir", str(tmp_path / "w"), "--device", "cpu")

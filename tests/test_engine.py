@@ -62,7 +62,7 @@ def test_run_writes_config_metrics_and_checkpoints(trained):
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "top1" in r]
     assert set(train[0]) == {"epoch", "step", "loss", "lr", "grad_norm", "img_per_s"}
-    assert set(val[0]) == {"epoch", "val_loss", "top1", "top5"}
+    assert set(val[0]) == {"epoch", "val_loss", "top1", "top5", "balanced_accuracy", "macro_f1"}
     # 1000 images / batch 50 = 20 steps an epoch, logged every 5 steps
     assert [r["step"] for r in train if r["epoch"] == 1] == [5, 10, 15, 20]
     assert train[-1]["step"] == 60 and train[-1]["lr"] < 1e-4

@@ -164,6 +164,7 @@ def test_fresh_start_in_a_used_work_dir_is_refused(cifar_root, tmp_path, capsys)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept
 
 
+@pytest.mark.slow  # a second process, ~12 s
 def test_second_run_on_the_same_work_dir_is_refused_until_the_first_dies(tmp_path, cifar_root):
     with WorkDirLock(tmp_path):
         out = subprocess.run([sys.executable, "-m", "convnext_cifar",

@@ -52,6 +52,7 @@ def test_a_bad_space_is_one_line_before_anything_runs(space, message, cifar_root
     assert not (work / "study.db").exists()
 
 
+@pytest.mark.slow  # three trials and a training, ~16 s
 def test_a_study_runs_its_trials_as_runs_and_writes_a_best_config_that_trains(
         cifar_root, tmp_path, capsys):
     work = tmp_path / "study"
