@@ -5,7 +5,6 @@ noted once. What each dataset's files are is its `datasets.Cifar` description.""
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import tarfile
 import urllib.request
@@ -16,7 +15,7 @@ import torch
 
 from convnext_cifar.datasets import Dataset, Split, identity_of
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import load_array_pickle
+from convnext_cifar.files import file_hash, load_array_pickle
 
 if TYPE_CHECKING:
     from convnext_cifar.config import DataConfig
@@ -82,14 +81,6 @@ def _read_batch(path: Path, spec: Cifar, fix: str) -> tuple[torch.Tensor, torch.
     return images, torch.from_numpy(labels)
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 _checked: dict[tuple[Path, int, int], dict[str, str]] = {}
 
 
@@ -101,7 +92,7 @@ def _checksums(spec: Cifar, folder: Path) -> dict[str, str]:
     key = (folder.resolve(), sum(s.st_size for s in stats), max(
         (s.st_mtime_ns for s in stats), default=0))
     if key not in _checked:
-        _checked[key] = {n: _md5(folder / n) for n in present}
+        _checked[key] = {n: file_hash(folder / n, "md5") for n in present}
     return _checked[key]
 
 
@@ -154,7 +145,7 @@ def download(spec: Cifar, root: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise UserError(f"could not download {spec.title} ({e}); check the connection, or fetch "
                         f"{spec.url} by hand and unpack it into {root}") from None
-    if (got := _md5(tmp)) != spec.archive_md5:
+    if (got := file_hash(tmp, "md5")) != spec.archive_md5:
         tmp.unlink(missing_ok=True)
         raise UserError(f"downloaded archive has MD5 {got}, expected {spec.archive_md5}; "
                         "try again (the download was corrupted)")

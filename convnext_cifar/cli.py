@@ -120,9 +120,8 @@ COMPILE = {"auto": None, "on": True, "off": False}  # None: as the run recorded
 
 def _print_config(cfg: TrainConfig, resume: str | None) -> int:
     """The config `train` would run with: run name and work dir filled in (the work dir is
-    chosen as `train` would, nothing created), normalisation as recorded or standard."""
-    import dataclasses
-
+    chosen as `train` would, nothing created); a mean/std left None is the dataset's standard
+    or measured one, filled in when the run starts."""
     from convnext_cifar.config import config_json
     from convnext_cifar.resume import choose_work_dir
 

@@ -260,22 +260,19 @@ class LossConfig:
         _check(bool(values) and all(v > 0 and v == v for v in values), "loss.class_weights",
                self.class_weights, "use none, balanced, or positive numbers w1,w2,... one a class")
 
-    def weights(self, labels: Any, num_classes: int) -> list[float] | None:
-        """The weight of each class (None: unweighted); balanced: N / (classes x count),
-        so the mean weight over the training images is 1."""
+    def weights(self, counts: list[int]) -> list[float] | None:
+        """The weight of each class given its training image `counts` (None: unweighted);
+        balanced: N / (classes present x count), so the mean weight over the images is 1."""
         if self.class_weights == "none":
             return None
         if self.class_weights != "balanced":
             values = [float(v) for v in self.class_weights.split(",")]
-            if len(values) != num_classes:
+            if len(values) != len(counts):
                 raise UserError(f"--loss.class-weights gives {len(values)} weights for "
-                                f"{num_classes} classes; give one a class, in class order")
+                                f"{len(counts)} classes; give one a class, in class order")
             return values
-        counts = [0] * num_classes
-        for label in labels:
-            counts[int(label)] += 1
         present = sum(1 for c in counts if c)
-        return [len(labels) / (present * c) if c else 0.0 for c in counts]
+        return [sum(counts) / (present * c) if c else 0.0 for c in counts]
 
 
 @dataclass(frozen=True)

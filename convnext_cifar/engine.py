@@ -276,9 +276,11 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
             model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
         train_forward = compiled(ddp, rt)
     optimizer = build_optimizer(model, cfg.optim, rt.device)
-    weights = cfg.loss.weights(data.train.labels.tolist(), data.num_classes)
-    loss_fn = cross_entropy_sum(cfg.model.label_smoothing, None if weights is None else
-                                torch.tensor(weights, device=rt.device))
+    weights = None
+    if cfg.loss.class_weights != "none":  # the class counts are read once, here
+        counts = torch.bincount(data.train.labels, minlength=data.num_classes).tolist()
+        weights = torch.tensor(cfg.loss.weights(counts), device=rt.device)
+    loss_fn = cross_entropy_sum(cfg.model.label_smoothing, weights)
     step_fn = TrainStep(train_forward, optimizer, rt, loss_fn,
                         cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, dist.world,
                         eager=ddp or model,

@@ -5,7 +5,6 @@ normalisation in the file's metadata. Written to a temporary name, then renamed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 from convnext_cifar.errors import UserError
 from convnext_cifar.evaluate import load_model
-from convnext_cifar.files import write_file
+from convnext_cifar.files import file_hash, write_file
 from convnext_cifar.runtime import Runtime
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
@@ -69,7 +68,7 @@ def export_checkpoint(ckpt_path: Path, out: Path, fmt: str | None = None,
                           if include_preprocessing else
                           "float32 NCHW, (pixels 0-255 - mean) / std, at image_size"),
                 "output": "logits (N, classes)", "checkpoint": Path(ckpt_path).name,
-                "checkpoint_sha256": _sha256(Path(ckpt_path)),
+                "checkpoint_sha256": file_hash(Path(ckpt_path)),
                 "epoch": ckpt.epoch, "weights": ckpt.weights, "metrics": ckpt.metrics}
     if include_preprocessing:
         model = WithPreprocessing(model, mean, std, data.image_size).eval()
@@ -83,14 +82,6 @@ def export_checkpoint(ckpt_path: Path, out: Path, fmt: str | None = None,
         write_file(out, _pt2_bytes(model, example, batch, metadata),
                    advice="nothing was written")
     return metadata
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _require_onnx() -> None:

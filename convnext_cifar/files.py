@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import re
@@ -61,6 +62,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` is either the old file or the complete new one."""
     with atomic_writer(path) as f:
         f.write(data)
+
+
+def file_hash(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read a megabyte at a time."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_file(path: Path, data: bytes, what: str = "",

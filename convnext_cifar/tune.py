@@ -303,29 +303,17 @@ def _asking(work_dir: Path):
         os.close(fd)
 
 
-def _claim(trial, work_dir: Path):
+def _claim(trial, work_dir: Path) -> contextlib.ExitStack:
+    """The fresh trial's folder, locked by this process (released when the stack closes)."""
     from convnext_cifar.checkpoints import WorkDirLock
 
     folder = work_dir / f"trial-{trial.number}"
     folder.mkdir(parents=True, exist_ok=True)
-    lock = WorkDirLock(folder, ".tune-lock")
-    lock.__enter__()  # a fresh trial: nobody else has it
+    held = contextlib.ExitStack()
+    held.enter_context(WorkDirLock(folder, ".tune-lock"))  # a fresh trial: nobody else has it
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("work_dir", str(folder))
-    return _Held(lock)
-
-
-class _Held:
-    """A lock already taken, released on exit."""
-
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.__exit__(*exc)
+    return held
 
 
 def _take_over(study, work_dir: Path):
@@ -341,15 +329,15 @@ def _take_over(study, work_dir: Path):
         if frozen.user_attrs.get("host") != host:
             continue  # another machine's trial: its own host resumes it
         folder = work_dir / f"trial-{frozen.number}"
-        lock = WorkDirLock(folder, ".tune-lock")
+        held = contextlib.ExitStack()
         try:
-            lock.__enter__()
+            held.enter_context(WorkDirLock(folder, ".tune-lock"))
         except UserError:
             continue  # a live process runs it
         storage = study._storage  # noqa: SLF001 - optuna has no public lookup of a trial's id
         trial_id = storage.get_trial_id_from_study_id_trial_number(
             study._study_id, frozen.number)  # noqa: SLF001
-        return optuna.trial.Trial(study, trial_id), _Held(lock)
+        return optuna.trial.Trial(study, trial_id), held
     return None
 
 
