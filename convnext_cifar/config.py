@@ -92,6 +92,8 @@ class DataConfig:
     """folder images to --data.image-size: shorter side then centre crop, or squash both sides."""
     skip_bad_images: bool = False
     """folder: skip (and count) image files that cannot be decoded instead of stopping."""
+    placement: Literal["auto", "device", "host", "disk"] = "auto"
+    """Where training images live: auto (device, else pinned host, else disk), or one of them."""
     memory_share: float = 0.8
     """Largest share of the device's free memory the images may take (else host memory)."""
     decode_processes: int = 0
@@ -253,12 +255,16 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.class_weights in ("none", "balanced"):
             return
-        try:
-            values = [float(v) for v in self.class_weights.split(",")]
-        except ValueError:
-            values = []
+        values = self._given()
         _check(bool(values) and all(v > 0 and v == v for v in values), "loss.class_weights",
                self.class_weights, "use none, balanced, or positive numbers w1,w2,... one a class")
+
+    def _given(self) -> list[float]:
+        """The weights w1,w2,... as numbers ([] when they are not numbers)."""
+        try:
+            return [float(v) for v in self.class_weights.split(",")]
+        except ValueError:
+            return []
 
     def weights(self, counts: list[int]) -> list[float] | None:
         """The weight of each class given its training image `counts` (None: unweighted);
@@ -266,7 +272,7 @@ class LossConfig:
         if self.class_weights == "none":
             return None
         if self.class_weights != "balanced":
-            values = [float(v) for v in self.class_weights.split(",")]
+            values = self._given()
             if len(values) != len(counts):
                 raise UserError(f"--loss.class-weights gives {len(values)} weights for "
                                 f"{len(counts)} classes; give one a class, in class order")

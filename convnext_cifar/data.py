@@ -1,16 +1,18 @@
-"""The training and evaluation batches, made on the device from device-resident uint8 images.
+"""The training and evaluation batches, made on the device from uint8 images.
 
 A training batch is a gather from a seeded per-epoch permutation, then the zero-padded random
 crop and horizontal flip of every image at once (augment.crop_flip), then an optional transform
 of the whole global batch (augment.BatchAugment), then normalisation. No DataLoader, no
-per-image Python.
+per-image Python. Images on the training device are gathered there; images in host memory or
+on disk (placement.py) are gathered one batch ahead into pinned staging buffers (`Staging`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from convnext_cifar.augment import BatchPart, crop_flip, draw_crop_flip
 from convnext_cifar.config import DataConfig
 from convnext_cifar.distributed import Dist
+from convnext_cifar.placement import DiskImages
 from convnext_cifar.runtime import to_device
 
 
@@ -31,19 +34,12 @@ class Generators:
     lambda and box, used to slice).
     """
 
-    def __init__(self, device: torch.device, order_device: torch.device | None = None):
+    def __init__(self, device: torch.device):
         self.on_device = torch.Generator(device=device)
         self.host = np.random.default_rng(0)
-        # The epoch's permutation is drawn where the images are: on the device, from
-        # `on_device` itself; for images kept in host memory, from a CPU generator of its own.
-        self.order = (self.on_device
-                      if order_device is None or order_device == torch.device(device)
-                      else torch.Generator(device=order_device))
 
     def seed(self, seed: int, epoch: int) -> None:
         self.on_device.manual_seed(seed * 1_000_003 + epoch)
-        if self.order is not self.on_device:
-            self.order.manual_seed(seed * 1_000_003 + epoch)
         self.host = np.random.default_rng([seed, epoch])
 
     def fits(self, state: dict[str, Any]) -> bool:
@@ -101,26 +97,32 @@ def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
 
 
 class DeviceLoader:
-    """Training batches from device-resident data: seeded permutation, batched augmentation.
+    """Training batches: seeded permutation, batched augmentation on the training device.
 
     With `dist`, every rank draws the same permutation and the same augmentation parameters for
     the whole global batch and takes its own slice of it, so N processes see exactly the images
     and augmentations one process sees with the same global batch. `transform` (MixUp, ...) is
     applied to the whole global batch before it is sliced, drawing from this loader's generator.
+    Every draw, the permutation included, is made on the training device, wherever the images
+    live, so device, host and disk placement give the same batches.
 
     Stateful: `state_dict()` holds the generators, so a run interrupted mid-epoch continues with
     the very draws it would have made (`load_state_dict`, then `epoch(e, start=batch)`).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, seed: int,
-                 normalize: Normalize, dist: Dist | None = None,
+    def __init__(self, images: torch.Tensor | DiskImages, labels: torch.Tensor,
+                 cfg: DataConfig, seed: int, normalize: Normalize, dist: Dist | None = None,
                  transform: BatchTransform | None = None):
         self.images, self.labels, self.cfg, self.seed = images, labels, cfg, seed
         self.normalize, self.transform = normalize, transform
         self.dist = dist or Dist()
         self.device = normalize.mean.device  # where batches are made: the training device
-        self.generators = Generators(self.device, images.device)
+        self.generators = Generators(self.device)
         self._resume_state: dict[str, Any] | None = None
+        self._row_index: dict[tuple[int, torch.device], slice | torch.Tensor] = {}
+        # images not on the training device (pinned host memory, a decode cache) are staged
+        self.staging = (Staging(images, labels, self.device, cfg.batch_size)
+                        if off_device(images, self.device) else None)
 
     def __len__(self) -> int:
         n, b = len(self.images), self.cfg.batch_size
@@ -129,11 +131,31 @@ class DeviceLoader:
     def _order(self, gens: Generators) -> torch.Tensor:
         """The epoch's image order: a permutation, or with --data.sampler balanced as many draws
         (with replacement) with each class equally likely, from the same seeded generator."""
-        n, device = len(self.images), self.images.device
+        n = len(self.images)
         if self.cfg.sampler != "balanced":
-            return torch.randperm(n, generator=gens.order, device=device)
-        weights = balanced_weights(self.labels.to(device))
-        return torch.multinomial(weights, n, replacement=True, generator=gens.order)
+            return torch.randperm(n, generator=gens.on_device, device=self.device)
+        weights = balanced_weights(to_device(self.labels, self.device))
+        return torch.multinomial(weights, n, replacement=True, generator=gens.on_device)
+
+    def _rows(self, n: int) -> slice | np.ndarray:
+        """Which rows of a global batch of n this rank gathers: its own slice lo:hi; all of
+        them for a transform of the whole batch; or the rows a transform with `rows(n, lo, hi)`
+        (BatchAugment) says rows lo:hi depend on."""
+        lo, hi = self.dist.shard(n)
+        if self.transform is None:
+            return slice(lo, hi)
+        rows = self.transform.rows(n, lo, hi) if hasattr(self.transform, "rows") else None
+        return slice(0, n) if rows is None or len(rows) == n else rows
+
+    def _index(self, n: int, device: torch.device) -> slice | torch.Tensor:
+        """`_rows(n)` as an index on `device`, made once per batch size and device (no copy to
+        the device per step)."""
+        key = (n, device)
+        if key not in self._row_index:
+            rows = self._rows(n)
+            self._row_index[key] = rows if isinstance(rows, slice) else to_device(
+                torch.from_numpy(rows), device)
+        return self._row_index[key]
 
     def state_dict(self) -> dict[str, Any]:
         return self.generators.state_dict()
@@ -152,53 +174,130 @@ class DeviceLoader:
         gens = self.generators
         gens.seed(self.seed, epoch)
         order = self._order(gens)
+        if self.staging is not None:  # gathered on the host: the order is read there, once
+            order = order.cpu()
         if start:
             if self._resume_state is None:
                 raise ValueError("starting mid-epoch needs the generator state of a saved run")
             gens.load_state_dict(self._resume_state)
         self._resume_state = None
         b, cfg = self.cfg.batch_size, self.cfg
-        for i in range(start, len(self)):
-            idx = order[i * b:(i + 1) * b]
+        batches = [order[i * b:(i + 1) * b] for i in range(start, len(self))]
+        for idx, (images, labels) in zip(batches, self._gathered(batches)):
+            n = len(idx)
             # drawn for the whole global batch, so that every rank's slice sees its own draws
-            offsets, flips = draw_crop_flip(len(idx), cfg.padding, cfg.flip_prob, gens.on_device)
-            lo, hi = self.dist.shard(len(idx))
-            if self.transform is None:  # crop/flip only this rank's slice
-                images, labels = self._gather(idx[lo:hi])
-                x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device,
-                              (offsets[lo:hi], flips[lo:hi]))
-                y = labels
+            offsets, flips = draw_crop_flip(n, cfg.padding, cfg.flip_prob, gens.on_device)
+            rows, on = self._rows(n), self._index(n, offsets.device)
+            x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device,
+                          (offsets[on], flips[on]))
+            y = labels
+            if isinstance(rows, np.ndarray):  # the rows this rank's slice depends on
+                lo, hi = self.dist.shard(n)
+                x, y = self.transform(x, labels, gens, epoch, BatchPart(n, lo, hi, rows))
+            elif self.transform is not None:  # the whole global batch, then this rank's slice
+                lo, hi = self.dist.shard(n)
+                x, y = self.transform(x, labels, gens, epoch)
+                x, y = x[lo:hi], y[lo:hi]
+            yield self.normalize(x), y, n
+
+    def _take(self, idx: torch.Tensor) -> torch.Tensor:
+        """The images (global indices) this rank gathers of the global batch `idx`."""
+        return idx[self._index(len(idx), idx.device)]
+
+    def _gathered(self, batches: list[torch.Tensor]
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each batch's images and labels (the rows this rank takes) on the training device:
+        gathered there, or staged one batch ahead from host memory or disk."""
+        takes = (self._take(idx) for idx in batches)
+        if self.staging is not None:
+            yield from self.staging.stream(takes)
+            return
+        for take in takes:  # index_select: on the CPU ~9x faster than images[take], same bytes
+            yield self.images.index_select(0, take), self.labels.index_select(0, take)
+
+
+DISK_READERS = 4  # reads in flight from a decode cache (benchmarks/placement.py: cold cache)
+
+
+def off_device(images: torch.Tensor | DiskImages, device: torch.device) -> bool:
+    """Whether batches of `images` are staged (host memory, disk) rather than gathered on
+    `device` itself."""
+    return isinstance(images, DiskImages) or images.device != device
+
+
+class Staging:
+    """Batches gathered from images off the training device (pinned host memory, or a decode
+    cache on disk) into two staging buffers, one batch ahead of the step, by a reader thread,
+    each sent to the device without blocking.
+
+    The reader fills one buffer while the step uses the other. On a GPU the buffers are pinned
+    and a buffer is filled again only once its last copy to the device has finished (an event
+    recorded after the copy); on the CPU the batch is the buffer itself. The process holds the
+    two buffers, never the dataset: resident memory is bounded by them.
+    """
+
+    def __init__(self, images: torch.Tensor | DiskImages, labels: torch.Tensor,
+                 device: torch.device, rows: int):
+        self.images, self.labels, self.device = images, labels.cpu(), device
+        pin = device.type == "cuda"
+        shape = (rows, *images.shape[1:])
+        self.buffers = [(torch.empty(shape, dtype=torch.uint8, pin_memory=pin),
+                         torch.empty(rows, dtype=torch.int64, pin_memory=pin)) for _ in range(2)]
+        self.copied: list[Any] = [None, None]  # CUDA events: each buffer's last copy is done
+
+    def read(self, take: torch.Tensor, k: int, pool: ThreadPoolExecutor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels `take` into buffer k (waiting for its last copy to finish); from
+        disk with `pool`'s threads."""
+        if self.copied[k] is not None:
+            self.copied[k].synchronize()
+        images, labels = (t[:len(take)] for t in self.buffers[k])
+        # this thread's own grad mode: buffers made under inference_mode (eval) are written in it
+        with torch.inference_mode():
+            if isinstance(self.images, DiskImages):
+                self.images.read_into(take.numpy(), images, pool)
             else:
-                x, y = self._transformed(idx, offsets, flips, lo, hi, epoch)
-            yield self.normalize(x), y, len(idx)
+                torch.index_select(self.images, 0, take, out=images)
+            torch.index_select(self.labels, 0, take, out=labels)
+        return images, labels
 
-    def _transformed(self, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
-                     lo: int, hi: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows lo:hi of the global batch `idx` through the transform, every draw made for the
-        whole batch: a transform that says which rows it needs (`rows(n, lo, hi)`: BatchAugment)
-        gets just those, any other the whole global batch."""
-        cfg, gens, n = self.cfg, self.generators, len(idx)
-        rows = self.transform.rows(n, lo, hi) if hasattr(self.transform, "rows") else None
-        if rows is None or len(rows) == n:  # one process (or every row needed): all of it
-            images, labels = self._gather(idx)
-            x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device, (offsets, flips))
-            x, y = self.transform(x, labels, gens, epoch)
-            return x[lo:hi], y[lo:hi]
-        pick = torch.from_numpy(rows)
-        images, labels = self._gather(idx[to_device(pick, idx.device)])
-        on = to_device(pick, offsets.device)
-        x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device, (offsets[on], flips[on]))
-        return self.transform(x, labels, gens, epoch, BatchPart(n, lo, hi, rows))
+    def stream(self, takes: Iterable[torch.Tensor]
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) on the device for each index tensor of `takes`, in order; batch
+        i+1 is read while batch i is used."""
+        takes = iter(takes)
+        disk = isinstance(self.images, DiskImages)
+        with ThreadPoolExecutor(1, thread_name_prefix="staging") as reader, ThreadPoolExecutor(
+                DISK_READERS if disk else 1, thread_name_prefix="disk") as pool:
+            first = next(takes, None)
+            pending = None if first is None else reader.submit(self.read, first, 0, pool)
+            k = 0
+            while pending is not None:
+                images, labels = pending.result()
+                following = next(takes, None)
+                pending = (None if following is None
+                           else reader.submit(self.read, following, 1 - k, pool))
+                if self.device.type == "cuda":
+                    images = images.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
+                    self.copied[k] = torch.cuda.Event()
+                    self.copied[k].record()
+                yield images, labels
+                k = 1 - k
 
-    def _gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's images and labels on the training device."""
-        return to_device(self.images[idx], self.device), to_device(self.labels[idx], self.device)
 
-
-def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 normalize: Normalize) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every image exactly once, in order, unaugmented, on the normalisation's device."""
+def eval_batches(images: torch.Tensor | DiskImages, labels: torch.Tensor, batch_size: int,
+                 normalize: Normalize, lo: int = 0, hi: int | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Images lo:hi (default: all) exactly once, in order, unaugmented, on the normalisation's
+    device; images off the device (host memory, disk) staged one batch ahead."""
     device = normalize.mean.device
-    for i in range(0, len(images), batch_size):
-        yield (normalize(to_device(images[i:i + batch_size], device)),
-               to_device(labels[i:i + batch_size], device))
+    starts = range(lo, len(images) if hi is None else hi, batch_size)
+    stops = [min(i + batch_size, starts.stop) for i in starts]
+    if off_device(images, device):
+        batches = Staging(images, labels, device, batch_size).stream(
+            torch.arange(i, j) for i, j in zip(starts, stops))
+    else:
+        batches = ((images[i:j], labels[i:j]) for i, j in zip(starts, stops))
+    for x, y in batches:
+        yield normalize(x), y

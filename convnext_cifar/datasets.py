@@ -25,18 +25,22 @@ if TYPE_CHECKING:
     import torch
 
     from convnext_cifar.config import DataConfig
+    from convnext_cifar.placement import DiskImages
 
 HOST_MEMORY_SHARE = 0.8  # of host memory, for images a GPU has no room for
 
 
 @dataclass
 class Split:
-    """One split of a dataset: uint8 (N, 3, S, S) images and int64 (N,) labels; `files` are the
-    images' paths relative to the dataset's root where the kind reads files (folders)."""
+    """One split of a dataset: uint8 (N, 3, S, S) images (a tensor, or `placement.DiskImages`
+    read from a decode cache) and int64 (N,) labels; `files` are the images' paths relative to
+    the dataset's root where the kind reads files (folders); `histogram` the (3, 256) pixel
+    counts per channel where the kind has them without reading the images."""
 
-    images: torch.Tensor
+    images: torch.Tensor | DiskImages
     labels: torch.Tensor
     files: list[str] = field(default_factory=list)
+    histogram: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -54,7 +58,7 @@ class Dataset:
     identity: dict[str, Any]
     train: Split | None = None
     notes: list[str] = field(default_factory=list)  # warnings to show once the run starts
-    placement: str = "device"  # or "host": too big for the device, batches are copied over
+    placement: str = "device"  # or "host" (pinned), or "disk" (a decode cache): see placement.py
 
     @property
     def num_classes(self) -> int:
@@ -142,6 +146,10 @@ class Cifar(DatasetKind):
     size: int = 32  # the layout's images are 32 x 32
 
     def check(self, cfg: DataConfig) -> None:
+        if cfg.placement == "disk":
+            raise UserError(f"invalid --data.placement 'disk': {self.title} is read into memory "
+                            "whole (it is small); disk placement streams an image folder's "
+                            "decode cache (--data.dataset folder); use auto, device or host")
         if cfg.labels == "coarse" and self.coarse_keys is None:
             raise UserError(f"invalid --data.labels 'coarse': {self.title} has no coarse "
                             "labels")
@@ -280,12 +288,14 @@ def prepare_dataset(cfg: DataConfig) -> None:
 
 def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu",
                  train: bool = True) -> Dataset:
-    """The dataset `cfg` describes (its training split only when `train`), on `device` when it
-    fits in --data.memory-share of its free memory, else in pinned host memory."""
+    """The dataset `cfg` describes (its training split only when `train`), where
+    --data.placement puts it (auto: on `device` when it fits in --data.memory-share of its free
+    memory, else in pinned host memory, else an image folder's stays in its decode cache)."""
     import torch
 
     from convnext_cifar.placement import place
 
     device = torch.device(device)
     host_share = cfg.memory_share if device.type == "cpu" else HOST_MEMORY_SHARE
-    return place(kind_of(cfg).load(cfg, train, host_share), device, cfg.memory_share)
+    return place(kind_of(cfg).load(cfg, train, host_share), device, cfg.memory_share,
+                 cfg.placement)

@@ -168,14 +168,13 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     dist = dist or Dist()
     n = len(images)
     lo, hi = dist.shard(n)
-    images, labels = images[lo:hi], labels[lo:hi]
     dev = normalize.mean.device  # the images may live in host memory (Dataset.placement)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     top1 = torch.zeros((), dtype=torch.int64, device=dev)
     top5 = torch.zeros((), dtype=torch.int64, device=dev)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=dev)
     k = min(5, num_classes)
-    for x, y in eval_batches(images, labels, batch_size, normalize):
+    for x, y in eval_batches(images, labels, batch_size, normalize, lo, hi):
         tail = eager is not None and len(x) != batch_size
         logits = predict_logits(eager if tail else forward, x, rt, tta)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")

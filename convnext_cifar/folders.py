@@ -2,8 +2,9 @@
 train/. The files are listed (every directory once, links included, no image under two classes),
 split by a stable hash of each path, decoded once in parallel worker processes (images.py) at
 the training size and streamed into a cache file (root/.convnext-cifar-cache/, or
---data.cache-dir), keyed by everything that changes the decoded images; runs read the cache
-memory-mapped."""
+--data.cache-dir), keyed by everything that changes the decoded images, with each channel's
+pixel histogram (the mean/std of the training images without reading them again). A run gets
+the cache as `placement.DiskImages`: placement.py reads it into memory, or leaves it on disk."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from convnext_cifar.datasets import Dataset, Split, identity_of
 from convnext_cifar.errors import UserError
 from convnext_cifar.files import atomic_writer, remove_stale_temp_files
 from convnext_cifar.images import decode_chunks, is_image, read_images
-from convnext_cifar.placement import host_free_memory, too_big
+from convnext_cifar.placement import DiskImages, host_free_memory, too_big
 
 if TYPE_CHECKING:
     from convnext_cifar.config import DataConfig
@@ -53,16 +54,14 @@ def load(cfg: DataConfig, train: bool, host_share: float) -> Dataset:
     classes, train_files, val_files, notes = list_splits(root, cfg, need_train=train)
     train_files = _limit(train_files, cfg.limit_train, cfg.split_seed)
     val_files = _limit(val_files, cfg.limit_val, cfg.split_seed)
-    size = cfg.image_size
-    count = len(train_files) * train + len(val_files)
-    need = count * 3 * size * size  # one copy: decoding streams into the cache file
-    if need > host_share * host_free_memory():
-        raise too_big(need, host_free_memory(), host_share, size, count, "in host memory")
-    train_split = decode_split(root, "train", train_files, cfg, notes) if train else None
-    val_split = decode_split(root, "val", val_files, cfg, notes)
+    train_split = decode_split(root, "train", train_files, cfg, notes, host_share
+                               ) if train else None
+    val_split = decode_split(root, "val", val_files, cfg, notes, host_share)
     mean, std = cfg.mean, cfg.std
     if mean is None or std is None:  # no standard values: measured on the training images
-        measured = channel_stats((train_split or val_split).images)
+        measured_on = train_split or val_split
+        measured = (stats_of(measured_on.histogram) if measured_on.histogram is not None
+                    else channel_stats(measured_on.images))
         mean, std = mean or measured[0], std or measured[1]
     identity = identity_of(classes, [f.rel for f in train_files] if train_files else None,
                            [f.rel for f in val_files])
@@ -241,16 +240,28 @@ def _limit(files: list[ImageFile], limit: int, seed: int) -> list[ImageFile]:
     return [f for i, f in enumerate(files) if i in keep]
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images: torch.Tensor | DiskImages
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (unbiased) std of uint8 images on 0-255 pixels, exactly, from each
     channel's 256-bin histogram (fast for millions of pixels; a chunk of images at a time)."""
-    if not len(images):
-        return (127.5, 127.5, 127.5), (64.0, 64.0, 64.0)
-    hist = torch.zeros(images.shape[1], 256, dtype=torch.float64)
-    rows = max(1, 2**20 // images[0, 0].numel())  # a million pixels at a time: small copies
+    hist = torch.zeros(3, 256, dtype=torch.int64)
+    rows = max(1, 2**20 // (images.shape[-1] ** 2))  # a million pixels at a time: small copies
     for chunk in images.split(rows):
-        for c in range(images.shape[1]):
-            hist[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256).double()
+        hist += histogram(chunk)
+    return stats_of(hist)
+
+
+def histogram(images: torch.Tensor) -> torch.Tensor:
+    """(3, 256) int64: how many pixels of each channel have each value."""
+    return torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256)
+                        for c in range(images.shape[1])])
+
+
+def stats_of(hist: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, unbiased std) from a (3, 256) pixel histogram."""
+    hist = hist.double()
+    if not hist.sum():
+        return (127.5, 127.5, 127.5), (64.0, 64.0, 64.0)
     values = torch.arange(256, dtype=torch.float64)
     n = hist.sum(1)
     mean = (hist * values).sum(1) / n
@@ -261,9 +272,10 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 # ---- the decode cache ------------------------------------------------------------------------
 
 def decode_split(root: Path, split: str, files: list[ImageFile], cfg: DataConfig,
-                 notes: list[str]) -> Split:
-    """The split's images at cfg.image_size: from the cache when its files are unchanged, else
-    decoded into it (or, where no cache can be written, into memory)."""
+                 notes: list[str], host_share: float) -> Split:
+    """The split's images at cfg.image_size: its cache entry when its files are unchanged, else
+    decoded into a new one (left on disk: placement.py decides where they go); where no cache
+    can be written, decoded into memory when they fit in `host_share` of it."""
     path = cache_path(root, split, files, cfg)
     cached = read_cache(path, len(files), cfg.image_size)
     if cached is None:
@@ -274,10 +286,16 @@ def decode_split(root: Path, split: str, files: list[ImageFile], cfg: DataConfig
             notes.append(f"could not cache the decoded images in {path.parent} "
                          f"({e.strerror or e}); the next run decodes them again (give a "
                          "writable --data.cache-dir)")
+    hist = None
     if cached is not None:
-        offset, ok = cached
-        images = read_rows(path, offset, ok, cfg.image_size)
+        offset, ok, hist = cached
+        images = DiskImages(path, offset, np.flatnonzero(ok), cfg.image_size)
     else:
+        size, need = cfg.image_size, len(files) * 3 * cfg.image_size ** 2
+        if need > host_share * host_free_memory():
+            raise too_big(need, host_free_memory(), host_share, size, len(files),
+                          "in host memory", f"a writable --data.cache-dir (then {split} "
+                          "is read from disk)")
         images, bad = _decode_in_memory(root, split, files, cfg)
         unread = {str(p) for p, _ in bad}
         ok = np.array([f.path not in unread for f in files])
@@ -290,7 +308,7 @@ def decode_split(root: Path, split: str, files: list[ImageFile], cfg: DataConfig
     if not kept:
         raise UserError(f"no readable images in {root} for {split}")
     labels = torch.tensor([f.label for f in kept], dtype=torch.int64)
-    return Split(images, labels, [f.rel for f in kept])
+    return Split(images, labels, [f.rel for f in kept], hist)
 
 
 def cache_path(root: Path, split: str, files: list[ImageFile], cfg: DataConfig) -> Path:
@@ -306,9 +324,11 @@ def cache_path(root: Path, split: str, files: list[ImageFile], cfg: DataConfig) 
     return Path(cfg.cache_dir) / f"{split}-{tag}-{h.hexdigest()[:24]}.safetensors"
 
 
-def read_cache(path: Path, count: int, size: int) -> tuple[int, np.ndarray] | None:
-    """(where the images start in the file, which rows decoded) of a cache entry, or None when
-    it is missing, damaged, of another format or another shape (a miss)."""
+def read_cache(path: Path, count: int, size: int
+               ) -> tuple[int, np.ndarray, torch.Tensor | None] | None:
+    """(where the images start in the file, which rows decoded, the decoded rows' pixel
+    histogram, None in entries written before it was kept) of a cache entry, or None when it is
+    missing, damaged, of another format or another shape (a miss)."""
     try:
         with open(path, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
@@ -316,43 +336,34 @@ def read_cache(path: Path, count: int, size: int) -> tuple[int, np.ndarray] | No
         if header.get("__metadata__", {}).get("format") != CACHE_FORMAT:
             return None
         base = 8 + length
+        end = max(entry["data_offsets"][1] for name, entry in header.items()
+                  if name != "__metadata__")
         if header["images"]["shape"] != [count, 3, size, size] or path.stat().st_size != (
-                base + header["ok"]["data_offsets"][1]):
+                base + end):
             return None
         ok_at = base + header["ok"]["data_offsets"][0]
         ok = np.fromfile(path, np.uint8, count, offset=ok_at).astype(bool)
-        return base + header["images"]["data_offsets"][0], ok
+        hist = None
+        if "histogram" in header:
+            hist = torch.from_numpy(np.fromfile(
+                path, "<i8", 3 * 256, offset=base + header["histogram"]["data_offsets"][0]
+            ).reshape(3, 256).copy())
+        return base + header["images"]["data_offsets"][0], ok, hist
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def read_rows(path: Path, offset: int, ok: np.ndarray, size: int) -> torch.Tensor:
-    """The decoded rows of a cache entry read straight into one tensor (no second copy, no
-    mapping that would count the file as resident memory)."""
-    row = 3 * size * size
-    images = torch.empty((int(ok.sum()), 3, size, size), dtype=torch.uint8)
-    into = memoryview(images.numpy()).cast("B")
-    flips = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
-    done = 0
-    with open(path, "rb") as f:
-        for start, stop in zip(flips[::2], flips[1::2]):  # each run of decoded rows
-            f.seek(offset + int(start) * row)
-            length = int(stop - start) * row
-            if f.readinto(into[done:done + length]) != length:
-                raise OSError(f"{path} ended early")
-            done += length
-    return images
-
-
 def write_cache(path: Path, root: Path, split: str, files: list[ImageFile], cfg: DataConfig
                 ) -> None:
-    """Decode `files` straight into a new cache file (safetensors: labels, images, and which
-    rows decoded), a few chunks in memory at a time; then prune older entries. A file that
-    cannot be decoded stops it with one line, unless --data.skip-bad-images."""
+    """Decode `files` straight into a new cache file (safetensors: labels, images, which rows
+    decoded, and the decoded rows' pixel histogram), a few chunks in memory at a time; then
+    prune older entries. A file that cannot be decoded stops it with one line, unless
+    --data.skip-bad-images."""
     n, size = len(files), cfg.image_size
     labels = np.array([f.label for f in files], dtype="<i8")
     sizes = {"labels": ("I64", [n], 8 * n),  # in the file's order: `ok` is known last
-             "images": ("U8", [n, 3, size, size], n * 3 * size * size), "ok": ("U8", [n], n)}
+             "images": ("U8", [n, 3, size, size], n * 3 * size * size), "ok": ("U8", [n], n),
+             "histogram": ("I64", [3, 256], 8 * 3 * 256)}
     header, offset = {"__metadata__": {"format": CACHE_FORMAT}}, 0
     for name, (dtype, shape, length) in sizes.items():
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + length]}
@@ -363,20 +374,25 @@ def write_cache(path: Path, root: Path, split: str, files: list[ImageFile], cfg:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path.parent, shared=True)
     ok = np.ones(n, dtype=np.uint8)
+    hist = torch.zeros(3, 256, dtype=torch.int64)
+    index = {p.path: i for i, p in enumerate(files)}
     start_time, bad = time.monotonic(), []
     try:
         with atomic_writer(path) as f, _DecodeProgress(n, f"decoding {n} images of "
                                                           f"{root}/{split}") as bar:
             f.write(len(text).to_bytes(8, "little") + text + labels.tobytes())
-            for _, block, block_bad in decode_chunks([Path(p.path) for p in files], size,
+            for start, block, block_bad in decode_chunks([Path(p.path) for p in files], size,
                                                          cfg.resize, cfg.decode_processes):
                 f.write(np.ascontiguousarray(block).data)
+                good = np.ones(len(block), dtype=bool)
+                good[[index[str(p)] - start for p, _ in block_bad]] = False
+                hist += histogram(torch.from_numpy(block[good]))
                 bad += block_bad
                 bar.advance(len(block))
             _refuse_bad(bad, cfg)
-            index = {p.path: i for i, p in enumerate(files)}
             ok[[index[str(p)] for p, _ in bad]] = 0
             f.write(ok.tobytes())
+            f.write(hist.numpy().astype("<i8").tobytes())
     except BaseException:
         if created:
             _remove_if_empty(path.parent)

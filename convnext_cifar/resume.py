@@ -190,7 +190,8 @@ RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "comp
                      "channels_last", "log.tensorboard", "log.mlflow",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
                      "keep_last", "data.root", "data.download", "data.eval_batch_size",
-                     "data.workers", "data.decode_processes", "data.memory_share", "data.cache_dir",
+                     "data.workers", "data.decode_processes", "data.memory_share", "data.placement",
+                     "data.cache_dir",
                      "model.pretrained", "model.pretrained_format", "model.pretrained_prefix",
                      "model.pretrained_weights", "model.head_init_scale")  # (only the start)
 

@@ -17,10 +17,12 @@ from cifar_files import dump_py3, learnable_images, write_cifar100, write_image_
 from PIL import Image
 
 from convnext_cifar import datasets, folders, images
+from convnext_cifar import placement as place_module
 from convnext_cifar.config import DataConfig
 from convnext_cifar.datasets import CIFAR100, load_dataset
 from convnext_cifar.errors import UserError
 from convnext_cifar.images import read_image
+from convnext_cifar.placement import DiskImages
 from convnext_cifar.placement import choose as placement
 
 
@@ -263,22 +265,38 @@ def test_skip_bad_images_leaves_them_out_and_says_how_many(tmp_path):
     assert "skipped 2 image(s)" in note and "0001.png" in note
 
 
-def test_placement_keeps_what_fits_on_the_device_else_host_else_stops(monkeypatch, folder_root):
+def test_placement_keeps_what_fits_on_the_device_else_host_else_disk(monkeypatch, folder_root):
     gb = 2**30
     assert placement(1 * gb, 10 * gb, 10 * gb, 0.8, cpu=False) == "device"
     assert placement(9 * gb, 10 * gb, 64 * gb, 0.8, cpu=False) == "host"
     assert placement(9 * gb, 10 * gb, 64 * gb, 0.8, cpu=True) == ""  # no separate host memory
     assert placement(60 * gb, 10 * gb, 64 * gb, 0.8, cpu=False) == ""
+    assert placement(60 * gb, 10 * gb, 64 * gb, 0.8, cpu=False, disk=True) == "disk"
     assert placement(1, 10 * gb, 64 * gb, 1e-12, cpu=False) == "host"  # a forced tiny share
-    monkeypatch.setattr(folders, "host_free_memory", lambda: 200_000)  # a forced small limit
+    monkeypatch.setattr(place_module, "host_free_memory", lambda: 200_000)  # a forced small limit
+    monkeypatch.setattr(place_module, "free_memory", lambda device: 200_000)
+    data = load_dataset(folder_cfg(folder_root, image_size=64))  # a folder: stays on disk
+    assert data.placement == "disk" and isinstance(data.train.images, DiskImages)
+    assert "read from the decode cache on disk" in data.notes[-1]
     with pytest.raises(UserError) as e:
-        load_dataset(folder_cfg(folder_root, image_size=64))
+        load_dataset(folder_cfg(folder_root, image_size=64, placement="device"))
     message = str(e.value)
-    assert "41 x 3 x 64 x 64 bytes" in message and "in host memory" in message
-    assert "use --data.image-size 36 or less" in message  # 64 * sqrt(0.8 * 200000 / 503808)
-    monkeypatch.setattr(folders, "host_free_memory", lambda: 10_000_000)
-    with pytest.raises(UserError, match=r"use --data.image-size (\d+) or less"):
-        load_dataset(folder_cfg(folder_root, image_size=512, memory_share=0.9))
+    assert "41 x 3 x 64 x 64 bytes" in message and "on cpu" in message
+    # 64 * sqrt(0.8 * 200000 / (503808 + 41 * 8 label bytes))
+    assert "use --data.placement auto, or --data.image-size 36 or less" in message
+    monkeypatch.setattr(folders, "atomic_writer", _read_only)  # no cache: no disk tier
+    monkeypatch.setattr(folders, "host_free_memory", lambda: 200_000)
+    with pytest.raises(UserError, match=r"use a writable --data.cache-dir \(then train is read "
+                       r"from disk\), or --data.image-size (\d+) or less"):
+        load_dataset(folder_cfg(folder_root, image_size=80))
+    with pytest.raises(UserError, match="no decode cache to read from"):
+        load_dataset(folder_cfg(folder_root, image_size=40, placement="disk"))
+    with pytest.raises(UserError, match="invalid --data.placement 'disk': CIFAR-10 is read"):
+        cfg(folder_root, placement="disk")
+
+
+def _read_only(path):
+    raise PermissionError(13, "Read-only file system", str(path))
 
 
 def test_folder_run_records_normalisation_and_eval_checks_the_classes(folder_root, tmp_path,

@@ -179,6 +179,22 @@ def test_two_processes_on_an_image_folder_train_like_one(tmp_path):
     assert_close_runs(one, two, atol=1e-4)
 
 
+def test_two_processes_streaming_from_disk_with_the_balanced_sampler_train_like_one(tmp_path):
+    """One process with the images in memory, two reading theirs from the decode cache, both
+    drawing a class-balanced order: the same run."""
+    from cifar_files import write_image_folder
+
+    root = write_image_folder(tmp_path / "pics", {"train": {"a": 70, "b": 20, "c": 10},
+                                                  "val": {"a": 10, "b": 10, "c": 9}})
+    args = ("--data.dataset", "folder", *ARGS[:4], "--model.drop-path-rate", "0",
+            "--log-interval", "2", "--data.sampler", "balanced")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(small_run_args(root, one, *args, "--data.placement", "device")) == 0
+    out = torchrun(*small_run_args(root, two, *args, "--data.placement", "disk"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_close_runs(one, two, atol=1e-4)
+
+
 def two_nodes(args, cwds, port):
     """Two torchrun 'nodes' of one process each on this machine; each in its own folder, so a
     relative --work-dir is a node-local work dir, as on machines without a shared disk."""

@@ -199,3 +199,35 @@ def test_cuda_pinned_placement_copies_one_split_at_a_time():
     placed = place(data, torch.device("cuda"), 1e-12)  # a share nothing fits in: host memory
     assert placed.placement == "host" and placed.train.images.is_pinned()
     assert torch.equal(placed.val.images, images)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_batches_are_the_same_from_device_pinned_host_and_disk(tmp_path):
+    """Every draw on the GPU, the images gathered there, or staged from pinned host memory or
+    from a cache file through the reader thread and copied without blocking: equal batches."""
+    import numpy as np
+
+    from convnext_cifar.augment import build_batch_transform
+    from convnext_cifar.config import AugConfig
+    from convnext_cifar.data import DeviceLoader, Normalize
+    from convnext_cifar.placement import DiskImages
+
+    cuda = torch.device("cuda")
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (300,))
+    path = tmp_path / "cache.bin"
+    path.write_bytes(b"\0" * 16 + images.numpy().tobytes())
+    sources = {"device": (images.to(cuda), labels.to(cuda)),
+               "host": (images.pin_memory(), labels.pin_memory()),
+               "disk": (DiskImages(path, 16, np.arange(300), 32), labels)}
+    transform = build_batch_transform(AugConfig(mixup_alpha=0.8, randaugment="rand-m9"), 10,
+                                      (0.0,) * 3, (1.0,) * 3)
+    cfg = DataConfig(batch_size=64, sampler="balanced")
+    normalize = Normalize((0.0,) * 3, (1.0,) * 3, 32, cuda, True)
+    batches = {name: [(x.cpu(), y.cpu()) for x, y, _ in DeviceLoader(
+        *source, cfg, 0, normalize, transform=transform).epoch(3)]
+        for name, source in sources.items()}
+    for name in ("host", "disk"):
+        for (x, y), (x0, y0) in zip(batches[name], batches["device"]):
+            assert torch.equal(x, x0) and torch.equal(y, y0), name

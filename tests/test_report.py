@@ -177,6 +177,7 @@ def test_mlflow_gets_params_metrics_and_artifacts_across_a_sigterm(cifar_root, t
                                                                    monkeypatch, capsys):
     from mlflow import MlflowClient
 
+    monkeypatch.chdir(tmp_path)  # MLflow keeps a SQLite store's artifacts in ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     work = tmp_path / "run"
     args = small_run_args(cifar_root, work, "--sched.epochs", "2", "--sched.warmup-epochs", "0",
@@ -202,6 +203,7 @@ def test_mlflow_gets_params_metrics_and_artifacts_across_a_sigterm(cifar_root, t
         assert [v for _, v in history] == pytest.approx(expected), f"{name}: missing points"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"best.safetensors", "report.html", "report-confusion.png"} <= artifacts
+    assert (tmp_path / "mlruns").is_dir()  # where the artifacts went, not the repository
 
 
 def test_an_unreachable_tracking_server_is_one_line_and_the_run_goes_on(cifar_root, tmp_path,

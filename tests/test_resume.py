@@ -76,7 +76,7 @@ def test_crash_after_any_checkpoint_then_resume_is_bit_exact(
 
 @pytest.mark.parametrize("signum, at_step, code", [
     (signal.SIGTERM, 6, 143),  # mid-epoch 2, between log points
-    (signal.SIGINT, 8, 130),  # on the last step of epoch 2
+    pytest.param(signal.SIGINT, 8, 130, marks=pytest.mark.slow),  # the last step of epoch 2
 ])
 def test_signal_writes_a_state_and_resume_is_bit_exact(
         cifar_root, tmp_path, reference, monkeypatch, capsys, signum, at_step, code):
