@@ -99,7 +99,7 @@ def main(args: Args) -> dict:
                 continue
             root = tmp / kind
             write(root, count, args.classes)
-            cfg = DataConfig(dataset="folder", root=root, workers=args.workers)
+            cfg = DataConfig(dataset="folder", root=root, decode_processes=args.workers)
             cold, data = time_load(cfg)
             warm = statistics.median(time_load(cfg)[0] for _ in range(3))
             images = len(data.train.images) + len(data.val.images)

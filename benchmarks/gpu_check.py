@@ -17,6 +17,9 @@ spent (what it measured so far, and its last lines, are kept):
                      default compile (and the baseline), reduce-overhead (CUDA graphs), batch
                      1024, eval alone, the official-recipe preset
   profile            torch.profiler over a few steps of the recipe: the kernels of one step
+  placement          benchmarks/placement.py: device, host and disk placement on generated
+                     folders at 32 and 128 px (cold and warm cache, peak memory), and the Tiny
+                     loop fed from device vs disk: does the disk tier keep the step fed
 
 OUT_DIR receives only gpu_check.json, gpu_check.md and gpu_check_log.md (each step's command,
 exit code and last lines), rewritten after every step: they are small enough to come back from a
@@ -216,6 +219,22 @@ def profile(check: Check) -> dict:
     return {"ok": out.returncode == 0, **result}
 
 
+def placement(check: Check) -> dict:
+    args = ([sys.executable, "-m", "benchmarks.placement", "--json", "--sizes", "32",
+             "--images", "600", "--batch-size", "32", "--batches", "4", "--loop-model",
+             "convnextv2_atto", "--loop-steps", "2"] if check.dry else
+            [sys.executable, "-m", "benchmarks.placement", "--json", "--sizes", "32", "128",
+             "--images", "20000", "5000", "--loop-model", "convnextv2_tiny", "--loop-steps",
+             "16"])
+    out = check.run("placement", args, cap=240)
+    try:
+        rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+    except (IndexError, KeyError, json.JSONDecodeError):
+        return {"ok": False, **check.tail(out)}
+    ok = out.returncode == 0 and all("error" not in r for r in rows)
+    return {"ok": ok, "placement": rows, **({} if ok else check.tail(out))}
+
+
 STEPS = [  # (name, step, seconds it needs at the least to be worth starting)
     ("environment", environment, 5),
     ("cuda_tests", cuda_tests, 20),
@@ -231,6 +250,7 @@ STEPS = [  # (name, step, seconds it needs at the least to be worth starting)
     ("recipe", throughput("recipe", "--batch-size", "128", "--preset",
                           "cifar10-official-recipe"), 30),
     ("profile", profile, 20),
+    ("placement", placement, 40),
 ]
 
 
@@ -413,6 +433,14 @@ def summary(results: dict) -> str:
                   f" at batch 128, >= {TARGETS['train_b1024']:,} at 1024, >= "
                   f"{TARGETS['eval']:,} eval img/s; the reference run under "
                   f"{TARGETS['reference_s']} s."]
+    placed = steps.get("placement", {}).get("placement")
+    if placed:
+        keys = ("size", "placement", "images", "feed_cold_img_per_s", "feed_img_per_s",
+                "loader_cold_img_per_s", "loader_img_per_s", "loop_img_per_s", "peak_rss_mb")
+        lines += ["", "Placement (benchmarks/placement.py):", "", "| " + " | ".join(keys) + " |",
+                  "|" + " --- |" * len(keys)]
+        lines += ["| " + " | ".join(f"{r[k]:.0f}" if isinstance(r.get(k), float)
+                                    else str(r.get(k, "-")) for k in keys) + " |" for r in placed]
     if steps.get("profile", {}).get("top"):
         lines += ["", "Profiled step (kernels):", "", "```", *steps["profile"]["top"], "```"]
     return "\n".join(lines) + "\n"

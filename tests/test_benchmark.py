@@ -38,6 +38,25 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
     assert project["torch"] == torch.__version__ and project["threads"] >= 1
 
 
+@pytest.mark.slow
+def test_the_decode_and_placement_benchmarks_run_and_report(tmp_path):
+    decode = subprocess.run([sys.executable, "-m", "benchmarks.decode", "--png", "300", "--jpeg",
+                             "20", "--json"], capture_output=True, text=True, timeout=600)
+    assert decode.returncode == 0, decode.stderr
+    result = json.loads(decode.stdout)
+    assert result["png_32"]["images"] == 310 and result["loop"]["folder"] > 0
+    placed = subprocess.run([sys.executable, "-m", "benchmarks.placement", "--sizes", "32",
+                             "--images", "400", "--batches", "2", "--json", "--out",
+                             str(tmp_path / "p.json")], capture_output=True, text=True,
+                            timeout=600)
+    assert placed.returncode == 0, placed.stderr
+    rows = {r["placement"]: r for r in json.loads(placed.stdout)["rows"]}
+    assert sorted(rows) == ["device", "disk", "host"]
+    assert all(r["feed_img_per_s"] > 0 and r["loader_img_per_s"] > 0 for r in rows.values())
+    assert rows["disk"]["feed_cold_img_per_s"] > 0 and "feed_cold_img_per_s" not in rows["host"]
+    assert rows["device"]["cache_mb"] == rows["disk"]["cache_mb"] == 400 * 3 * 32 * 32 / 2**20
+
+
 def test_depthwise_backward_flops_are_not_multiplied_by_groups():
     conv = torch.nn.Conv2d(64, 64, 7, padding=3, groups=64)
     x = torch.randn(2, 64, 8, 8, requires_grad=True)

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["environment", "cuda_tests", "train_resume_eval", "host_memory", "torchrun",
          "throughput_b128", "throughput_b128_reduce_overhead", "throughput_b1024", "eval",
-         "recipe", "profile"]
+         "recipe", "profile", "placement"]
 
 
 def gpu_check(out, work, *args, timeout=900):
@@ -45,8 +45,12 @@ def test_gpu_check_dry_runs_every_step_and_writes_only_its_reports(tmp_path):
     assert rows["eval"][0]["eval_img_per_s"] > 0 and "loop_img_per_s" not in rows["eval"][0]
     assert rows["recipe"][0]["preset"] == "cifar10-official-recipe"
     assert steps["profile"]["ops_per_step"] > 0 and steps["profile"]["top"]
+    placed = {r["placement"]: r for r in steps["placement"]["placement"]}
+    assert sorted(placed) == ["device", "disk", "host"] and placed["disk"]["feed_cold_img_per_s"]
+    assert placed["disk"]["loop_img_per_s"] > 0 and placed["device"]["loop_img_per_s"] > 0
     markdown = (tmp_path / "out" / "gpu_check.md").read_text()
     assert markdown in out.stdout and "| train_resume_eval | ok" in markdown
+    assert "Placement (benchmarks/placement.py)" in markdown
     assert "## train --resume auto (exit 0)" in (tmp_path / "out" / "gpu_check_log.md").read_text()
 
 
