@@ -161,7 +161,10 @@ class DiskImages:
     Read with positioned reads, not a memory map: a map counts every page it touches as the
     process's resident memory, which would grow to the size of the cache over an epoch; reads
     go through the page cache (a warm cache is served from memory all the same) and land
-    directly in the buffer given, with no second copy.
+    directly in the buffer given, with no second copy. The file is opened when this is made,
+    right after its header was checked, and read through that descriptor: a cache entry that
+    another run prunes or replaces afterwards (--data.cache-dir shared, the folder changed)
+    cannot change or cut short what this run reads.
     """
 
     def __init__(self, path: Path, offset: int, rows: np.ndarray, size: int):
@@ -169,8 +172,7 @@ class DiskImages:
         self.rows = np.asarray(rows, dtype=np.int64)
         self.row_bytes = 3 * size * size
         self.dtype, self.device = torch.uint8, torch.device("cpu")
-        self._fd: int | None = None
-        self._pid = -1
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -198,8 +200,10 @@ class DiskImages:
             yield self[i:i + rows]
 
     def _file(self) -> int:
-        if self._fd is None or self._pid != os.getpid():  # a forked process opens its own
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        """The descriptor (a forked process shares it: positioned reads keep no file position;
+        an unpickled copy opens the path again)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
     def read_into(self, index: np.ndarray, out: torch.Tensor,
@@ -242,10 +246,10 @@ class DiskImages:
         list(pool.map(read, [reads[i:i + step] for i in range(0, len(reads), step)]))
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": None, "_pid": -1}
+        return {**self.__dict__, "_fd": None}
 
     def __del__(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
+        if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
 
 

@@ -84,6 +84,24 @@ def test_a_cache_cut_short_while_read_is_one_line_saying_what_to_do(tmp_path):
         disk[[2, 9]]
 
 
+def test_a_cache_pruned_or_replaced_by_another_run_is_still_read_as_loaded(tmp_path):
+    import pickle
+
+    path = tmp_path / "train-key.safetensors"
+    first = torch.arange(4 * 3 * 32 * 32, dtype=torch.int64).to(torch.uint8).view(4, 3, 32, 32)
+    path.write_bytes(first.numpy().tobytes())
+    disk = DiskImages(path, 0, np.arange(4), 32)  # the run has loaded it, not yet read it
+    replaced = tmp_path / "other"
+    replaced.write_bytes(bytes(2 * 3 * 32 * 32))  # another run's entry, shorter, all zeros
+    os.replace(replaced, path)
+    assert torch.equal(disk[[3, 0]], first[[3, 0]])
+    path.unlink()  # pruned
+    assert torch.equal(disk[:], first)
+    path.write_bytes(first.numpy().tobytes())
+    copy = pickle.loads(pickle.dumps(disk))  # another process: opens the path again
+    assert torch.equal(copy[[1]], first[[1]])
+
+
 def test_the_cache_keeps_the_pixel_histogram_that_mean_and_std_come_from(pics):
     data = load_dataset(folder(pics, placement="device"))
     assert data.train.histogram is not None  # written with the cache: no second read
