@@ -75,6 +75,17 @@ def list_splits(root: Path, cfg: DataConfig, need_train: bool = True
     --data.val-fraction share of train/. Training files are [] when not needed and absent."""
     val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() and (need_train or val_dir is None):
+        if not root.is_dir():
+            raise UserError(f"image folder {root} does not exist; pass --data.root a folder "
+                            "laid out as <root>/train/<class>/<image>")
+        flat = sorted(p.name for p in root.iterdir() if p.is_dir() and any(
+            map(is_image, os.listdir(p))))
+        if flat:  # the class folders themselves (torchvision's ImageFolder layout)
+            shown = ", ".join(flat[:3]) + (", ..." if len(flat) > 3 else "")
+            raise UserError(f"image folder {root} holds class folders ({shown}) but no train/ "
+                            f"folder; move them into {root}/train/ and hold out part of them "
+                            "with --data.val-fraction 0.1 (or add a val/ folder of the same "
+                            "classes)")
         raise UserError(f"image folder {root} has no train/ folder; lay it out as "
                         f"{root}/train/<class>/<image> with {root}/val/<class>/<image> (or "
                         "test/), or pass --data.root to such a folder")

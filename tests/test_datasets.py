@@ -237,6 +237,9 @@ def test_val_fraction_holds_out_each_file_by_a_stable_hash_of_its_path(tmp_path)
 @pytest.mark.parametrize("build, message", [
     (lambda r: (r / "train").mkdir(parents=True), "holds no class folders"),
     (lambda r: None, "has no train/ folder"),
+    (lambda r: write_image_folder(r, {"x": {"cats": 1, "dogs": 1}}),  # ImageFolder layout
+     r"holds class folders \(cats, dogs\) but no train/ folder; move them into .*/train/ and "
+     r"hold out part of them with --data.val-fraction 0.1"),
     (lambda r: (write_image_folder(r, {"train": {"a": 2}, "val": {"a": 1}}),
                 (r / "train" / "b").mkdir()), r"class folder .*train/b holds no images"),
     (lambda r: write_image_folder(r, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "c": 1}}),
@@ -250,9 +253,10 @@ def test_val_fraction_holds_out_each_file_by_a_stable_hash_of_its_path(tmp_path)
 ])
 def test_bad_folders_are_one_clear_error(tmp_path, build, message):
     build(tmp_path)
+    root = tmp_path / "x" if (tmp_path / "x").is_dir() else tmp_path
     with pytest.raises(UserError, match=message):
-        load_dataset(folder_cfg(tmp_path))
-    assert not (tmp_path / ".convnext-cifar-cache").exists()  # nothing written
+        load_dataset(folder_cfg(root))
+    assert not (root / ".convnext-cifar-cache").exists()  # nothing written
 
 
 def test_skip_bad_images_leaves_them_out_and_says_how_many(tmp_path):
