@@ -489,7 +489,7 @@ def validate(run: Run, position: Position, log: MetricsLog, progress: Progress
     if metrics[key] > position.best_top1:
         position.best_top1, position.best_epoch = metrics[key], position.epoch
         save_weights_of(run, "best.safetensors", position.epoch, metrics, module, weights)
-    progress.log_val(record, position.best_top1)
+    progress.log_val(record, position.best_top1, key)
     return candidates["raw"][1], record
 
 

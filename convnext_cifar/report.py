@@ -228,14 +228,20 @@ class Progress:
             self._bar.stop()
             self._bar = None
 
-    def log_val(self, record: dict[str, Any], best: float) -> None:
+    def log_val(self, record: dict[str, Any], best: float, metric: str = "top1") -> None:
+        """The validation line; `best` is the best value so far of `metric` (--eval.best-metric),
+        which the line shows beside top-1/top-5 when it is another one."""
         if not self.is_main:
             return
-        ema = (f"  ema top1 {record['ema_top1']:.2f} top5 {record['ema_top5']:.2f}"
+        chosen = ema_chosen = ""
+        if metric != "top1":
+            chosen = f"  {metric} {record[metric]:.2f}"
+            ema_chosen = f" {metric} {record[f'ema_{metric}']:.2f}" if "ema_top1" in record else ""
+        ema = (f"  ema top1 {record['ema_top1']:.2f} top5 {record['ema_top5']:.2f}{ema_chosen}"
                if "ema_top1" in record else "")
         print(f"epoch {record['epoch']}/{self.epochs} val  loss {record['val_loss']:.4f}  "
-              f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}{ema}  (best {best:.2f})",
-              flush=True)
+              f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}{chosen}{ema}  "
+              f"(best {metric} {best:.2f})", flush=True)
 
     def message(self, text: str) -> None:
         if self.is_main:

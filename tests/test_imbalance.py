@@ -38,7 +38,12 @@ def test_validation_and_eval_report_them_and_best_follows_the_chosen_metric(
     best = max(val, key=lambda r: r["macro_f1"])  # the first of equals
     ckpt = load_weights(work / "best.safetensors")
     assert ckpt.epoch == best["epoch"] and ckpt.metrics["macro_f1"] == best["macro_f1"]
-    assert "done: best macro_f1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "done: best macro_f1" in out
+    lines = [x for x in out.splitlines() if " val  loss" in x]  # each names the metric it keeps
+    assert len(lines) == 2 and all(f"  macro_f1 {r['macro_f1']:.2f}  " in x and x.endswith(
+        f"(best macro_f1 {max(v['macro_f1'] for v in val[:i + 1]):.2f})")
+        for i, (x, r) in enumerate(zip(lines, val)))
     assert cli.main(["eval", str(work / "best.safetensors"), "--json", "--compile", "off"]) == 0
     result = json.loads(capsys.readouterr().out)
     confusion = result["confusion"]
