@@ -199,7 +199,7 @@ def predict_command(
     ckpt: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="CKPT")],
     paths: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="PATH")],
     batch_size: EvalBatchSize[int] = 256,
-    top_k: int = 5,
+    top_k: int | None = None,
     tta: Tta = None,
     device: str | None = None,
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
@@ -212,7 +212,8 @@ def predict_command(
         ckpt: A .safetensors file written by `train`; it holds everything needed.
         paths: Image files (PNG, JPEG, BMP, WebP, GIF) or folders of them.
         batch_size: Images per batch on the device.
-        top_k: Classes listed per image, most probable first (at most the class count).
+        top_k: Classes listed per image, most probable first (default: 5, or every class
+            when there are fewer).
         tta: Test-time augmentation, none or flip (default: as the run validated).
         device: Torch device: auto (cuda, else mps, else cpu), cpu, mps, cuda, cuda:N (default:
             as recorded, where this machine has it).
@@ -229,9 +230,9 @@ def predict_command(
         from convnext_cifar.report import print_predictions
 
         failed = 0
-        chunks = predict(ckpt, paths, batch_size, top_k, tta, device,
-                         COMPILE[compile])  # checks first
-        with CsvWriter(csv, top_k) if csv is not None else contextlib.nullcontext() as table:
+        k, chunks = predict(ckpt, paths, batch_size, top_k, tta, device,
+                            COMPILE[compile])  # checks first
+        with CsvWriter(csv, k) if csv is not None else contextlib.nullcontext() as table:
             for predictions, unreadable in chunks:  # printed as they come: any number of files
                 if table is not None:
                     table.write(predictions)
@@ -239,7 +240,7 @@ def predict_command(
                     for p in predictions:
                         print(json.dumps(p.as_dict()), flush=True)
                 elif csv is None and predictions:
-                    print_predictions(predictions, top_k)
+                    print_predictions(predictions, k)
                 for path, reason in unreadable:
                     _say(f"convnext-cifar: cannot read {path}: {reason}")
                 failed += len(unreadable)

@@ -49,16 +49,19 @@ def image_paths(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     return found, failed
 
 
-def predict(ckpt_path: Path, paths: list[Path], batch_size: int = 256, top_k: int = 5,
+def predict(ckpt_path: Path, paths: list[Path], batch_size: int = 256, top_k: int | None = None,
             tta: str | None = None, device: str | None = None, compile: bool | None = False
-            ) -> Iterator[tuple[list[Prediction], list[tuple[Path, str]]]]:
-    """Top-k predictions, a batch of files at a time: (the readable files' predictions, the
-    (path, reason) of the others). Only a few batches of images are in memory at once, so any
-    number of files can be predicted; checkpoint and path errors come before the first batch.
-    The model runs uncompiled unless `compile` (and the run compiled): for a one-off pass a cold
-    compile costs more than it saves, but for a very large one."""
+            ) -> tuple[int, Iterator[tuple[list[Prediction], list[tuple[Path, str]]]]]:
+    """(k, the top-k predictions a batch of files at a time: the readable files' predictions,
+    the (path, reason) of the others); k is `top_k`, by default 5 or the class count when there
+    are fewer. Only a few batches of images are in memory at once, so any number of files can be
+    predicted; checkpoint and path errors come before the first batch. The model runs uncompiled
+    unless `compile` (and the run compiled): for a one-off pass a cold compile costs more than
+    it saves, but for a very large one."""
     model = load_model(ckpt_path, device, tta, compile=compile)
     num_classes = len(model.classes)
+    if top_k is None:
+        top_k = min(DEFAULT_TOP_K, num_classes)
     if not 1 <= top_k <= num_classes:
         raise UserError(f"--top-k {top_k}: must be between 1 and the {num_classes} classes of "
                         f"{ckpt_path}")
@@ -66,7 +69,10 @@ def predict(ckpt_path: Path, paths: list[Path], batch_size: int = 256, top_k: in
     if not files:
         raise UserError("no image files (.png, .jpg, .jpeg, .bmp, .webp, .gif) in "
                         + ", ".join(str(p) for p in paths))
-    return _predictions(model, files, failed, batch_size, top_k)
+    return top_k, _predictions(model, files, failed, batch_size, top_k)
+
+
+DEFAULT_TOP_K = 5
 
 
 def _predictions(model: LoadedModel, files: list[Path], failed: list[tuple[Path, str]],

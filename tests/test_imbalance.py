@@ -96,9 +96,10 @@ def test_training_eval_and_predict_read_a_photo_upright(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["predict", str(work / "best.safetensors"), str(root / "val" / "a" /
                                                                    "0000.png"),
-                     str(tmp_path / "upright.png"), "--json", "--top-k", "2"]) == 0
+                     str(tmp_path / "upright.png"), "--json"]) == 0
     first, second = (json.loads(x) for x in capsys.readouterr().out.splitlines())
     assert first["top_k"] == second["top_k"]
+    assert len(first["top_k"]) == 2  # the default top-5 of a 2-class model: both classes
 
 
 # ---- the balanced sampler and class weights ------------------------------------------------------
