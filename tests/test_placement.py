@@ -235,19 +235,32 @@ def test_disk_placement_trains_bit_for_bit_as_device_placement(pics, tmp_path, e
     assert len(strip[0]) == 4 and strip[0] == strip[1]  # losses, norms, every metric
 
 
-@pytest.mark.slow  # three short runs
-def test_a_run_streaming_from_disk_resumes_mid_epoch_bit_exactly(pics, tmp_path, monkeypatch):
+RESUMED = ("--data.dataset", "folder", "--data.skip-bad-images", "--sched.epochs", "2",
+           "--data.batch-size", "16", "--data.decode-processes", "1", "--data.sampler",
+           "balanced", "--aug.mixup-alpha", "0.8")
+
+
+@pytest.fixture(scope="module")
+def whole_disk_run(pics, tmp_path_factory):
+    whole = tmp_path_factory.mktemp("whole")
+    assert cli.main(small_run_args(pics, whole, *RESUMED, "--data.placement", "disk")) == 0
+    return whole
+
+
+@pytest.mark.slow  # five short runs
+@pytest.mark.parametrize("then", ["disk", "device"])  # resumed where it was, or moved
+def test_a_run_streaming_from_disk_resumes_mid_epoch_bit_exactly(pics, whole_disk_run, tmp_path,
+                                                                 monkeypatch, then):
     from conftest import signal_at_step
 
-    args = ("--data.dataset", "folder", "--data.skip-bad-images", "--sched.epochs", "2",
-            "--data.batch-size", "16", "--data.decode-processes", "1", "--data.placement",
-            "disk", "--data.sampler", "balanced", "--aug.mixup-alpha", "0.8")
-    assert cli.main(small_run_args(pics, tmp_path / "whole", *args)) == 0
+    args, whole = RESUMED, whole_disk_run
     restore = signal_at_step(monkeypatch, 4)  # mid epoch 2 (3 steps an epoch)
-    assert cli.main(small_run_args(pics, tmp_path / "cut", *args)) == 143
+    assert cli.main(small_run_args(pics, tmp_path / "cut", *args,
+                                   "--data.placement", "disk")) == 143
     restore()
-    assert cli.main(small_run_args(pics, tmp_path / "cut", *args, "--resume", "auto")) == 0
-    a, b = run_weights(tmp_path / "whole"), run_weights(tmp_path / "cut")
+    assert cli.main(small_run_args(pics, tmp_path / "cut", *args, "--data.placement", then,
+                                   "--resume", "auto")) == 0
+    a, b = run_weights(whole), run_weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
