@@ -108,8 +108,9 @@ def differing_from_defaults(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
 CURVES = [  # name, alt, [(record kind, key, label)], y label
     ("loss", "learning curves: training loss per step and validation loss per epoch",
      [("train", "loss", "training loss"), ("val", "val_loss", "validation loss")], "loss"),
-    ("accuracy", "validation top-1 and top-5 accuracy per epoch (and of the EMA weights)",
-     [("val", "top1", "top-1"), ("val", "top5", "top-5"), ("val", "ema_top1", "EMA top-1")],
+    ("accuracy", "validation accuracy per epoch",
+     [("val", "top1", "top-1"), ("val", "top5", "top-5"), ("val", "ema_top1", "EMA top-1"),
+      ("val", "balanced_accuracy", "balanced accuracy"), ("val", "macro_f1", "macro F1")],
      "accuracy %"),
     ("lr", "learning rate per step", [("train", "lr", "learning rate")], "learning rate"),
     ("grad_norm", "gradient norm per step (before clipping)",
@@ -120,12 +121,13 @@ CURVES = [  # name, alt, [(record kind, key, label)], y label
 
 
 def curve_figures(runs: list[RunData]) -> list[Figure]:
-    """The learning curves, x axis the epoch; several runs overlaid, one colour each."""
+    """The learning curves, x axis the epoch; several runs overlaid, one colour each. Each
+    figure's alt text names the series drawn (a series a run did not record is left out)."""
     plt = pyplot()
     figures = []
     for name, alt, series, ylabel in CURVES:
         fig, ax = plt.subplots(figsize=(7, 3.6))
-        drawn = 0
+        drawn, labels = 0, []
         for run in runs:
             for kind, key, label in series:
                 rows = [r for r in (run.train if kind == "train" else run.val)
@@ -137,6 +139,7 @@ def curve_figures(runs: list[RunData]) -> list[Figure]:
                 ax.plot(xs, [r[key] for r in rows], marker="o" if kind == "val" else None,
                         markersize=3, linewidth=1.2, label=tag)
                 drawn += 1
+                labels += [] if label in labels else [label]
         if not drawn:
             plt.close(fig)
             continue
@@ -144,7 +147,8 @@ def curve_figures(runs: list[RunData]) -> list[Figure]:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        figures.append(Figure(name, alt, _png(fig)))
+        figures.append(Figure(name, f"{alt} ({', '.join(labels)})" if len(series) > 1 else alt,
+                              _png(fig)))
     return figures
 
 

@@ -42,7 +42,8 @@ def test_the_report_of_a_run_is_one_page_with_every_figure_inline_and_beside(run
     assert "http://" not in text and "https://" not in text  # nothing fetched: opens offline
     shown = images_of(text)
     alts = " | ".join(alt for _, alt in shown)
-    for needed in ("training loss", "top-1 and top-5", "learning rate", "gradient norm",
+    for needed in ("training loss", "validation loss", "accuracy per epoch (top-1, top-5, "
+                   "balanced accuracy, macro F1)", "learning rate", "gradient norm",
                    "throughput", "confusion matrix", "per-class", "most confident mistakes",
                    "as the model receives it"):
         assert needed in alts, needed
