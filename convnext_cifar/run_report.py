@@ -160,6 +160,7 @@ class HeldOut:
     images: torch.Tensor  # uint8 (N, 3, S, S)
     labels: torch.Tensor  # (N,)
     probs: torch.Tensor  # (N, classes) softmax of the best checkpoint
+    about: str = ""  # which epoch the best checkpoint is, and by which metric it was chosen
 
     @property
     def predicted(self) -> torch.Tensor:
@@ -195,7 +196,12 @@ def held_out(run: RunData, device: str, batch_size: int | None,
                                    root=data_root or loaded.cfg.data.root)
     data = load_dataset(data_cfg, "cpu")
     probs = loaded.probabilities(data.val.images, batch_size or data_cfg.eval_batch_size)
-    return HeldOut(loaded.classes, data.val.images, data.val.labels, probs), data
+    ckpt, metric = loaded.checkpoint, loaded.cfg.eval.best_metric
+    value = ckpt.metrics.get(metric)
+    about = (f"best.safetensors: epoch {ckpt.epoch}" + (" (EMA weights)" if ckpt.weights == "ema"
+                                                         else "")
+             + (f", chosen by {metric} {value:.2f}" if isinstance(value, (int, float)) else ""))
+    return HeldOut(loaded.classes, data.val.images, data.val.labels, probs, about), data
 
 
 def confusion_figure(held: HeldOut) -> Figure:
@@ -348,7 +354,7 @@ def single_run_page(run: RunData, device: str, batch_size: int | None,
     shown = [confusion_figure(held), per_class_figure(held)]
     wrong = mistakes_figure(held)
     parts.append("<h2>Best checkpoint on the held-out images</h2>"
-                 + "".join(_figure(f) for f in shown))
+                 + f"<p>{html.escape(held.about)}</p>" + "".join(_figure(f) for f in shown))
     parts.append("<h2>Most confident mistakes</h2>" + (_figure(wrong) if wrong else
                                                         "<p>No held-out image is wrong.</p>"))
     preview = preview_figure(run.cfg, data)

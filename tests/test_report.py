@@ -14,6 +14,7 @@ from conftest import signal_at_step, small_run_args
 from PIL import Image
 
 from convnext_cifar import cli, run_report
+from convnext_cifar.checkpoints import load_weights
 from convnext_cifar.config import TrainConfig, load_config_file, to_dict
 from convnext_cifar.evaluate import evaluate_checkpoint
 
@@ -65,6 +66,9 @@ def test_the_held_out_figures_are_right(run_dir):
     recorded = evaluate_checkpoint(run_dir / "best.safetensors", compile=False)
     assert counts.tolist() == recorded["confusion"]
     assert 100.0 * int(counts.diag().sum()) / 120 == pytest.approx(recorded["top1"])
+    ckpt = load_weights(run_dir / "best.safetensors")
+    assert held.about == (f"best.safetensors: epoch {ckpt.epoch}, chosen by top1 "
+                          f"{ckpt.metrics['top1']:.2f}")
     picked = held.mistakes()
     wrong = int((held.predicted != held.labels).sum())
     assert len(picked) == min(run_report.GALLERY, wrong) and wrong > 0
