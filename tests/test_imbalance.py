@@ -181,3 +181,18 @@ def test_a_balanced_weighted_run_resumes_bit_exactly(cifar_root, tmp_path, monke
     a = load_file(tmp_path / "whole" / "epoch_2.safetensors")
     b = load_file(tmp_path / "cut" / "epoch_2.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_the_validation_line_shows_the_chosen_metric_raw_and_ema(capsys):
+    from convnext_cifar.report import Progress
+
+    record = {"epoch": 3, "val_loss": 0.5, "top1": 84.0, "top5": 100.0,
+              "balanced_accuracy": 66.67, "macro_f1": 60.0, "ema_top1": 96.0, "ema_top5": 100.0,
+              "ema_balanced_accuracy": 97.78, "ema_macro_f1": 95.0}
+    Progress(10, live=False).log_val(record, 97.78, "balanced_accuracy")
+    Progress(10, live=False).log_val({k: v for k, v in record.items() if "ema" not in k}, 84.0)
+    chosen, plain = capsys.readouterr().out.splitlines()
+    assert chosen == ("epoch 3/10 val  loss 0.5000  top1 84.00  top5 100.00  balanced_accuracy "
+                      "66.67  ema top1 96.00 top5 100.00 balanced_accuracy 97.78  "
+                      "(best balanced_accuracy 97.78)")
+    assert plain == "epoch 3/10 val  loss 0.5000  top1 84.00  top5 100.00  (best top1 84.00)"
