@@ -119,7 +119,8 @@ class DeviceLoader:
         self.device = normalize.mean.device  # where batches are made: the training device
         self.generators = Generators(self.device)
         self._resume_state: dict[str, Any] | None = None
-        self._row_index: dict[tuple[int, torch.device], slice | torch.Tensor] = {}
+        self._row_plan: dict[tuple[int, torch.device],
+                             tuple[slice | np.ndarray, slice | torch.Tensor]] = {}
         # images not on the training device (pinned host memory, a decode cache) are staged
         self.staging = (Staging(images, labels, self.device, cfg.batch_size)
                         if off_device(images, self.device) else None)
@@ -137,25 +138,24 @@ class DeviceLoader:
         weights = balanced_weights(to_device(self.labels, self.device))
         return torch.multinomial(weights, n, replacement=True, generator=gens.on_device)
 
-    def _rows(self, n: int) -> slice | np.ndarray:
-        """Which rows of a global batch of n this rank gathers: its own slice lo:hi; all of
-        them for a transform of the whole batch; or the rows a transform with `rows(n, lo, hi)`
-        (BatchAugment) says rows lo:hi depend on."""
-        lo, hi = self.dist.shard(n)
-        if self.transform is None:
-            return slice(lo, hi)
-        rows = self.transform.rows(n, lo, hi) if hasattr(self.transform, "rows") else None
-        return slice(0, n) if rows is None or len(rows) == n else rows
-
-    def _index(self, n: int, device: torch.device) -> slice | torch.Tensor:
-        """`_rows(n)` as an index on `device`, made once per batch size and device (no copy to
-        the device per step)."""
+    def _rows(self, n: int, device: torch.device
+              ) -> tuple[slice | np.ndarray, slice | torch.Tensor]:
+        """Which rows of a global batch of n this rank gathers, and the same as an index on
+        `device`: its own slice lo:hi; all of them for a transform of the whole batch; or the
+        rows a transform with `rows(n, lo, hi)` (BatchAugment) says rows lo:hi depend on. Made
+        once per batch size and device (no work and no copy to the device per step)."""
         key = (n, device)
-        if key not in self._row_index:
-            rows = self._rows(n)
-            self._row_index[key] = rows if isinstance(rows, slice) else to_device(
+        if key not in self._row_plan:
+            lo, hi = self.dist.shard(n)
+            if self.transform is None:
+                rows = slice(lo, hi)
+            else:
+                rows = self.transform.rows(n, lo, hi) if hasattr(self.transform, "rows") else None
+                if rows is None or len(rows) == n:
+                    rows = slice(0, n)
+            self._row_plan[key] = rows, rows if isinstance(rows, slice) else to_device(
                 torch.from_numpy(rows), device)
-        return self._row_index[key]
+        return self._row_plan[key]
 
     def state_dict(self) -> dict[str, Any]:
         return self.generators.state_dict()
@@ -187,7 +187,7 @@ class DeviceLoader:
             n = len(idx)
             # drawn for the whole global batch, so that every rank's slice sees its own draws
             offsets, flips = draw_crop_flip(n, cfg.padding, cfg.flip_prob, gens.on_device)
-            rows, on = self._rows(n), self._index(n, offsets.device)
+            rows, on = self._rows(n, offsets.device)
             x = crop_flip(images, cfg.padding, cfg.flip_prob, gens.on_device,
                           (offsets[on], flips[on]))
             y = labels
@@ -202,7 +202,7 @@ class DeviceLoader:
 
     def _take(self, idx: torch.Tensor) -> torch.Tensor:
         """The images (global indices) this rank gathers of the global batch `idx`."""
-        return idx[self._index(len(idx), idx.device)]
+        return idx[self._rows(len(idx), idx.device)[1]]
 
     def _gathered(self, batches: list[torch.Tensor]
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -243,13 +243,14 @@ class Staging:
         shape = (rows, *images.shape[1:])
         self.buffers = [(torch.empty(shape, dtype=torch.uint8, pin_memory=pin),
                          torch.empty(rows, dtype=torch.int64, pin_memory=pin)) for _ in range(2)]
-        self.copied: list[Any] = [None, None]  # CUDA events: each buffer's last copy is done
+        # on a GPU, an event per buffer, recorded after each copy from it (made once, reused)
+        self.copied = [torch.cuda.Event(), torch.cuda.Event()] if pin else None
 
     def read(self, take: torch.Tensor, k: int, pool: ThreadPoolExecutor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and labels `take` into buffer k (waiting for its last copy to finish); from
         disk with `pool`'s threads."""
-        if self.copied[k] is not None:
+        if self.copied is not None:  # (an event not yet recorded returns at once)
             self.copied[k].synchronize()
         images, labels = (t[:len(take)] for t in self.buffers[k])
         # this thread's own grad mode: buffers made under inference_mode (eval) are written in it
@@ -277,10 +278,9 @@ class Staging:
                 following = next(takes, None)
                 pending = (None if following is None
                            else reader.submit(self.read, following, 1 - k, pool))
-                if self.device.type == "cuda":
+                if self.copied is not None:
                     images = images.to(self.device, non_blocking=True)
                     labels = labels.to(self.device, non_blocking=True)
-                    self.copied[k] = torch.cuda.Event()
                     self.copied[k].record()
                 yield images, labels
                 k = 1 - k
