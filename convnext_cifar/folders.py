@@ -78,8 +78,7 @@ def list_splits(root: Path, cfg: DataConfig, need_train: bool = True
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist; pass --data.root a folder "
                             "laid out as <root>/train/<class>/<image>")
-        flat = sorted(p.name for p in root.iterdir() if p.is_dir() and any(
-            map(is_image, os.listdir(p))))
+        flat = sorted(p.name for p in root.iterdir() if p.is_dir() and _holds_images(p))
         if flat:  # the class folders themselves (torchvision's ImageFolder layout)
             shown = ", ".join(flat[:3]) + (", ..." if len(flat) > 3 else "")
             raise UserError(f"image folder {root} holds class folders ({shown}) but no train/ "
@@ -108,6 +107,13 @@ def list_splits(root: Path, cfg: DataConfig, need_train: bool = True
         raise UserError(f"image folder {root} has no val/ or test/ folder; add one, or hold out "
                         "part of train/ with --data.val-fraction 0.1")
     return classes, train_files, val_files, notes
+
+
+def _holds_images(folder: Path) -> bool:
+    try:
+        return any(map(is_image, os.listdir(folder)))
+    except OSError:  # unreadable: not a class folder this message can name
+        return False
 
 
 def list_classes(split_dir: Path, root: Path, notes: list[str]
