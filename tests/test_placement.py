@@ -271,3 +271,22 @@ def test_auto_placement_streams_a_folder_too_big_for_memory(pics, monkeypatch):
     assert data.placement == "disk" and isinstance(data.val.images, DiskImages)
     small = dataclasses.replace(folder(pics), limit_train=5, limit_val=5)
     assert load_dataset(small).placement == "device"  # 10 images fit
+
+
+def test_a_run_whose_cache_another_run_prunes_and_replaces_trains_as_if_untouched(
+        pics, whole_disk_run, tmp_path, monkeypatch):
+    real_place = placement.place
+
+    def place_then_prune(data, *args, **kwargs):  # as soon as the run has its images
+        placed = real_place(data, *args, **kwargs)
+        for split in (placed.train, placed.val):
+            path = split.images.path
+            path.unlink()  # pruned by another run ...
+            path.write_bytes(bytes(1024))  # ... and something else written in its place
+        return placed
+
+    monkeypatch.setattr(placement, "place", place_then_prune)
+    work = tmp_path / "pruned"
+    assert cli.main(small_run_args(pics, work, *RESUMED, "--data.placement", "disk")) == 0
+    a, b = run_weights(whole_disk_run), run_weights(work)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
