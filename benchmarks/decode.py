@@ -5,7 +5,7 @@ next to the same loop on CIFAR-layout data of the same size, in one process.
     python -m benchmarks.decode --png 5000 --jpeg 500 --json
 
 The images are generated into a temporary folder (class folders, as users keep them). `decode`
-is `datasets.load_dataset` with no cache (what a first run does: list, decode in worker
+is `data.kinds.load_dataset` with no cache (what a first run does: list, decode in worker
 processes, resize, write the cache); `cached start` is the same call again (what every later
 run does). The loop figures come from `benchmarks.throughput.measure` (the real
 `train_one_epoch`) on the decoded folder images and on random images of the same size.
@@ -74,7 +74,7 @@ def write_jpegs(root: Path, count: int, classes: int) -> None:
 
 
 def time_load(cfg) -> tuple[float, object]:
-    from convnext_cifar.datasets import load_dataset
+    from convnext_cifar.data.kinds import load_dataset
 
     t0 = time.perf_counter()
     data = load_dataset(cfg)

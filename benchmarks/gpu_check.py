@@ -43,7 +43,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_TEST_FILES = [str(ROOT / "tests" / name) for name in ("test_engine.py", "test_gpu_paths.py")]
+CUDA_TEST_FILES = [str(ROOT / "tests" / name) for name in (  # the files with `cuda` tests
+    "data/test_loader.py", "data/test_placement.py", "use/test_evaluate.py",
+    "training/test_loop.py")]
 TARGETS = {"train_b128": 40_000, "train_b1024": 80_000, "eval": 150_000, "reference_s": 180}
 OUTPUTS = ("gpu_check.json", "gpu_check.md", "gpu_check_log.md")
 LOG_LINES = 40  # of each step, in gpu_check_log.md
@@ -93,7 +95,8 @@ def environment(check: Check) -> dict:
 
 def cuda_tests(check: Check) -> dict:
     out = check.run("cuda_tests", [sys.executable, "-m", "pytest", "-q", "-o", "addopts=",
-                                   "-m", "cuda", "-p", "no:cacheprovider", *CUDA_TEST_FILES],
+                                   "--import-mode=importlib", "-m", "cuda", "-p",
+                                   "no:cacheprovider", *CUDA_TEST_FILES],
                     cap=240)
     last = (out.stdout.strip().splitlines() or [""])[-1]
     counts = {f"tests_{kind}": _count(last, kind) for kind in ("passed", "failed", "skipped")}

@@ -114,10 +114,10 @@ def measure_one(args: Args, root: Path, size: int, placement: str) -> dict:
     """One placement at one size, in this (fresh) process."""
     import torch
 
-    from convnext_cifar.data import DeviceLoader, Normalize, Staging
-    from convnext_cifar.datasets import load_dataset
+    from convnext_cifar.data.cache import DiskImages
+    from convnext_cifar.data.kinds import load_dataset
+    from convnext_cifar.data.loader import DeviceLoader, Normalize, Staging
     from convnext_cifar.distributed import Dist
-    from convnext_cifar.placement import DiskImages
     from convnext_cifar.runtime import resolve_device
 
     device = resolve_device(args.device)
@@ -182,7 +182,7 @@ def passes(args: Args, loader, files: list[Path], sync) -> dict:
 def loop(args: Args, data, device) -> float:
     """The real training loop (benchmarks.throughput) on the first batches of `data`."""
     from benchmarks import throughput
-    from convnext_cifar.placement import DiskImages
+    from convnext_cifar.data.cache import DiskImages
 
     bench = throughput.Args(model=args.loop_model, batch_size=args.batch_size,
                             steps=args.loop_steps, windows=3, image_size=data.val.images.shape[-1],
@@ -204,7 +204,7 @@ def main(args: Args) -> dict:
         root, size, placement = args.worker.split(",")
         print(json.dumps(measure_one(args, Path(root), int(size), placement)))
         return {}
-    from convnext_cifar.datasets import load_dataset
+    from convnext_cifar.data.kinds import load_dataset
 
     result: dict = {"rows": [], "cpu_count": os.cpu_count()}
     tmp = Path(tempfile.mkdtemp(prefix="placement-bench-"))

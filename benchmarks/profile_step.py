@@ -54,8 +54,8 @@ def profile(args: Args) -> dict[str, Any]:
 
     from benchmarks.throughput import Args as BenchArgs
     from benchmarks.throughput import bench_config, synthetic_dataset
-    from convnext_cifar.engine import build_run
     from convnext_cifar.runtime import Runtime
+    from convnext_cifar.training.build import build_run
 
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
@@ -68,7 +68,7 @@ def profile(args: Args) -> dict[str, Any]:
         run = build_run(dataclasses.replace(cfg, work_dir=Path(tmp)), rt,
                         data=synthetic_dataset(bench, device))
         if args.one_pass is not None:
-            from convnext_cifar.optim import build_optimizer
+            from convnext_cifar.model.optim import build_optimizer
 
             run.step_fn.optimizer = build_optimizer(run.model, cfg.optim, device, args.one_pass)
         batches = iter(run.loader.epoch(0))

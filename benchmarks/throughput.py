@@ -7,10 +7,10 @@ typical-PyTorch baseline measured side by side in the same process.
 
 Per configuration (precision x channels_last x compile):
   data   `DeviceLoader` alone: permutation, gather, crop/flip, normalise
-  loop   `engine.train_one_epoch` itself: data + LR schedule + forward, loss, backward, clip,
+  loop   `training.loop.train_one_epoch` itself: data + LR schedule + forward, loss, backward, clip,
          AdamW, on-device metrics (exactly what `train` runs)
   bare   the same `TrainStep` on one resident, normalised batch: the model ceiling
-  eval   `engine.evaluate` itself over resident test images
+  eval   `use.evaluate.evaluate` itself over resident test images
 Baseline: torchvision CIFAR10-style per-image PIL transforms (RandomCrop(32, padding=4),
 RandomHorizontalFlip, ToTensor, Normalize) through a DataLoader with worker processes, the same
 model and optimizer, eager fp32: the loop most PyTorch users write.
@@ -196,7 +196,8 @@ def synthetic_dataset(args: Args, device, num_classes: int = 10):
     """Random uint8 images in CIFAR's layout: one training window's worth and one eval window's."""
     import torch
 
-    from convnext_cifar.datasets import CIFAR10, Dataset, Split
+    from convnext_cifar.data.cifar import CIFAR10
+    from convnext_cifar.data.dataset import Dataset, Split
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     n, n_eval = args.batch_size * args.steps, args.eval_batch_size * args.steps
@@ -235,8 +236,9 @@ def measure(args: Args, device, precision: str, channels_last: bool, compile_on:
     """Every figure of one configuration, on `data` (default: random CIFAR-layout images)."""
     import torch
 
-    from convnext_cifar.engine import TrainStep, build_run
     from convnext_cifar.runtime import Runtime, configure_backends
+    from convnext_cifar.training.build import build_run
+    from convnext_cifar.training.step import TrainStep
 
     cfg = bench_config(args, device, precision, channels_last, compile_on)
     rt = Runtime(device, precision, compile_on, channels_last, args.compile_mode)
@@ -276,14 +278,15 @@ def measure(args: Args, device, precision: str, channels_last: bool, compile_on:
 def timed_paths(args: Args, run, tmp: Path) -> tuple[dict[str, tuple[Any, int]], tuple]:
     """{name: (one window's work, images in it)} for data, loop, bare and eval, and the first
     training batch (x, y)."""
-    from convnext_cifar.engine import Guard, Window, train_one_epoch
-    from convnext_cifar.evaluate import evaluate
-    from convnext_cifar.report import MetricsLog, Progress
-    from convnext_cifar.resume import Position
+    from convnext_cifar.outputs.console import Progress
+    from convnext_cifar.outputs.metrics_log import MetricsLog
+    from convnext_cifar.training.loop import train_one_epoch
+    from convnext_cifar.training.state import Position
+    from convnext_cifar.training.step import Guard, Window
+    from convnext_cifar.use.evaluate import evaluate
 
     data, device = run.data, run.rt.device
-    log, quiet = MetricsLog(tmp / "m.jsonl"), Progress(1, live=False)
-    quiet.log_train = lambda *a, **k: None  # the benchmark prints its own table
+    log, quiet = MetricsLog([]), Progress(1, live=False)  # it prints its own table
     epoch = itertools.count()
     x, y, _ = next(run.loader.epoch(0))
 
@@ -317,7 +320,7 @@ def baseline_loader(args: Args, device):
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from convnext_cifar.datasets import CIFAR10
+    from convnext_cifar.data.cifar import CIFAR10
 
     class CIFARLike(Dataset):
         def __init__(self, images, labels, transform):
@@ -349,8 +352,8 @@ def baseline(args: Args, device) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from convnext_cifar.config import ModelConfig, OptimConfig
-    from convnext_cifar.model import build_model
-    from convnext_cifar.optim import build_optimizer
+    from convnext_cifar.model.build import build_model
+    from convnext_cifar.model.optim import build_optimizer
 
     loader = baseline_loader(args, device)
     torch.manual_seed(0)

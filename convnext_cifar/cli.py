@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
-import io
 import json
 import os
-import re
 import sys
 import typing
 from collections.abc import Callable
@@ -29,14 +26,14 @@ from typing import Annotated, Literal
 
 import tyro
 
-from convnext_cifar.config import RENAMED, TrainConfig, load_config_file
+from convnext_cifar import __version__
+from convnext_cifar.cli_errors import parse
+from convnext_cifar.config import TrainConfig, TuneConfig, config_json, load_config_file
 from convnext_cifar.errors import Interrupted, UserError
 from convnext_cifar.presets import PRESETS
-from convnext_cifar.tune import TuneConfig
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 DEFAULT_PRESET = next(iter(PRESETS))
-COMMANDS = ("train", "tune", "eval", "predict", "export", "runs", "report", "convert")
 
 
 def _option_value(args: list[str], flag: str) -> str | None:
@@ -60,7 +57,7 @@ def starting_config(args: list[str]) -> TrainConfig:
     if config is not None:
         return load_config_file(Path(config))
     if preset is None and resume not in (None, "auto"):
-        from convnext_cifar.resume import resumed_config
+        from convnext_cifar.training.state import resumed_config
 
         return resumed_config(Path(resume))
     if preset is not None and preset not in PRESETS:
@@ -99,7 +96,7 @@ def _train_command(default: TrainConfig):
             return _print_config(cfg, resume)
 
         def run() -> int:
-            from convnext_cifar.engine import fit
+            from convnext_cifar.training.loop import fit
 
             fit(cfg, resume=resume, allow_changes=resume_allow_changes)
             return 0
@@ -122,8 +119,7 @@ def _print_config(cfg: TrainConfig, resume: str | None) -> int:
     """The config `train` would run with: run name and work dir filled in (the work dir is
     chosen as `train` would, nothing created); a mean/std left None is the dataset's standard
     or measured one, filled in when the run starts."""
-    from convnext_cifar.config import config_json
-    from convnext_cifar.resume import choose_work_dir
+    from convnext_cifar.outputs.workdir import choose_work_dir
 
     cfg = dataclasses.replace(cfg, name=cfg.run_name)
     cfg, _ = choose_work_dir(cfg, resume)
@@ -181,8 +177,8 @@ def eval_command(
         raise UserError(f"invalid --data.eval-batch-size {batch_size}: must be >= 1")
 
     def run() -> int:
-        from convnext_cifar.evaluate import evaluate_checkpoint
-        from convnext_cifar.report import print_eval
+        from convnext_cifar.outputs.console import print_eval
+        from convnext_cifar.use.evaluate import evaluate_checkpoint
 
         result = evaluate_checkpoint(ckpt, data_root, download, device, batch_size, tta,
                                      COMPILE[compile])
@@ -226,8 +222,8 @@ def predict_command(
         raise UserError(f"invalid --data.eval-batch-size {batch_size}: must be >= 1")
 
     def run() -> int:
-        from convnext_cifar.predict import CsvWriter, predict
-        from convnext_cifar.report import print_predictions
+        from convnext_cifar.outputs.console import print_predictions
+        from convnext_cifar.use.predict import CsvWriter, predict
 
         failed = 0
         k, chunks = predict(ckpt, paths, batch_size, top_k, tta, device,
@@ -266,7 +262,7 @@ def export_command(
     """
 
     def run() -> int:
-        from convnext_cifar.export import export_checkpoint
+        from convnext_cifar.use.export import export_checkpoint
 
         meta = export_checkpoint(ckpt, out, fmt, include_preprocessing)
         print(f"{ckpt} -> {out}: input {meta['input']}, output {meta['output']}, "
@@ -289,8 +285,8 @@ def runs_command(
     """
 
     def run() -> int:
-        from convnext_cifar.report import print_runs
-        from convnext_cifar.runs import list_runs
+        from convnext_cifar.outputs.console import print_runs
+        from convnext_cifar.outputs.runs import list_runs
 
         rows, differing = list_runs(folders)
         if json_output:
@@ -324,7 +320,7 @@ def report_command(
     """
 
     def run() -> int:
-        from convnext_cifar.run_report import write_report
+        from convnext_cifar.outputs.report import write_report
 
         page = write_report(folders, out, device, batch_size, data_root)
         print(f"report: {page}")
@@ -354,7 +350,7 @@ def convert_command(
     """
 
     def run() -> int:
-        from convnext_cifar.model import convert_to_timm
+        from convnext_cifar.model.build import convert_to_timm
 
         name, report = convert_to_timm(str(src), dst, model_name, layout, prefix, weights)
         print(f"{src} -> {dst} ({name}): {report}")
@@ -363,86 +359,11 @@ def convert_command(
     return run
 
 
-def parse(commands: dict[str, Callable], args: list[str]) -> Callable[[], int] | int:
-    """The command to run, or an exit code after --help; tyro's error boxes become one line."""
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            return tyro.extras.subcommand_cli_from_dict(commands, prog="convnext-cifar", args=args)
-    except SystemExit as e:
-        if e.code in (0, None):
-            sys.stderr.write(captured.getvalue())
-            return 0
-        raise UserError(_one_line(captured.getvalue(), args)) from None
-
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-FRAME = " │╭╮╰╯┃━┏┓┗┛"
-
-
-def _one_line(box: str, args: list[str]) -> str:
-    """The message of a tyro error box, without its frame, colours and help text, with the
-    options tyro suggests for a misspelt one ("did you mean --optim.lr?")."""
-    lines = [raw.strip(FRAME).strip() for raw in ANSI.sub("", box).splitlines()]
-    blocks: list[list[str]] = [[]]  # the text between the box's separators
-    for line in lines:
-        if _separator(line):
-            blocks.append([])
-        elif line:
-            blocks[-1].append(line)
-    blocks = [b for b in blocks if b] or [[]]
-    # a box drawn in ASCII (no UTF-8 output) has its title on a line of its own
-    message = blocks[0] if "╭" in box or len(blocks) == 1 else blocks[1]
-    command = args[0] if args and args[0] in COMMANDS else ""
-    text = re.sub(r" \(applied to [^)]*\)", "", " ".join(message)) or "invalid command line"
-    if "nrecognized" in text and (close := _suggested(lines, text, command)):
-        text += "; did you mean " + " or ".join(close) + "?"
-    return f"{text} (see convnext-cifar{' ' + command if command else ''} --help)"
-
-
-def _separator(line: str) -> bool:
-    """A frame title (─ Title ───) or a rule (───, or --- when drawn in ASCII)."""
-    return line.startswith("─") or (len(line) >= 3 and set(line) <= set("-─━="))
-
-
-def _suggested(lines: list[str], message: str, command: str) -> list[str]:
-    """Options to suggest for misspelt ones: a renamed option's new name, then those tyro lists
-    under "Perhaps you meant" for this command (up to 3); should its box ever change shape,
-    the closest `train` options by name, found here."""
-    unknown = re.findall(r"--[\w.-]+", message)
-    renamed = [f"--{RENAMED[key]}".replace("_", "-") for u in unknown
-               if (key := u.lstrip("-").replace("-", "_")) in RENAMED]
-    offered: list[tuple[str, str]] = []  # (option, the command whose --help lists it)
-    if any("Perhaps you meant" in line for line in lines):
-        after = lines[next(i for i, x in enumerate(lines) if "Perhaps you meant" in x) + 1:]
-        for line in after:
-            if line.startswith("--") and not _separator(line):
-                offered.append((line.split()[0].rstrip(","), ""))
-            elif offered and line.startswith("in ") and line.endswith("--help"):
-                offered[-1] = (offered[-1][0], line.split()[-2])
-        if offered:  # tyro lists an option once, under any command that takes it
-            shared = set(train_options()) if command in ("train", "tune") else set()
-            return list(dict.fromkeys(renamed + [o for o, where in offered
-                                                 if where in ("", command) or o in shared]))[:3]
-    close = list(renamed)
-    if command == "train":
-        known = train_options()
-        for option in unknown:
-            last = option.lstrip("-").replace("_", "-").rsplit(".", 1)[-1]
-            close += [o for o in known if o.rsplit(".", 1)[-1] == last]
-            close += difflib.get_close_matches(option.replace("_", "-"), known, n=2, cutoff=0.7)
-    return list(dict.fromkeys(close))[:3]
-
-
-def train_options(cls: type = TrainConfig, prefix: str = "--") -> list[str]:
-    """Every option `train` takes for a config field, e.g. --optim.lr, --data.batch-size."""
-    out: list[str] = []
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name.replace("_", "-")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        out += (train_options(type(default), name + ".") if dataclasses.is_dataclass(default)
-                else [name])
-    return out
+def commands(default: TrainConfig) -> dict[str, Callable]:
+    """Every command by its name, `train` and `tune` starting from `default`: the one table."""
+    return {"train": _train_command(default), "tune": _tune_command(default),
+            "eval": eval_command, "predict": predict_command, "export": export_command,
+            "runs": runs_command, "report": report_command, "convert": convert_command}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,18 +380,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: list[str]) -> int:
     if args[:1] in (["--version"], ["-V"]):
-        from convnext_cifar import __version__
-
         print(f"convnext-cifar {__version__}")
         return 0
     try:
         default = (starting_config(args) if args[:1] in (["train"], ["tune"])
                    else PRESETS[DEFAULT_PRESET]())
-        commands = {"train": _train_command(default), "tune": _tune_command(default),
-                    "eval": eval_command,
-                    "predict": predict_command, "export": export_command, "runs": runs_command,
-                    "report": report_command, "convert": convert_command}
-        command = parse(commands, args)
+        command = parse(commands(default), args)
         return command() if callable(command) else command
     except UserError as e:
         _say(f"convnext-cifar: error: {e}")

@@ -1,10 +1,13 @@
-"""Typed, frozen configuration: one dataclass per concern, and the run settings that hold them.
+"""Typed, frozen configuration: one dataclass per concern, the run settings that hold them, and
+the search settings of `tune`.
 
 The presets (presets.py) are subclasses that change defaults, the way MMPretrain layered dict
 files through `_base_`. Every value is checked when the object is built; a bad one raises
-`UserError` naming the option. Also here: the JSON round trip of config.json and checkpoint
-metadata, and the parser of timm's RandAugment strings (AugConfig checks them when it is built).
-This module must not import torch or timm: `--help` has to answer fast.
+`UserError` naming the option (a dataset kind checks the options it cannot honour: config
+stands on data/kinds.py's registry). Also here: the JSON round trip of config.json and
+checkpoint metadata, the one walk over the options (`options`), setting options by their dotted
+names (`with_options`), and the parser of timm's RandAugment strings (AugConfig checks them
+when it is built). This module must not import torch or timm: `--help` has to answer fast.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from convnext_cifar.datasets import DATASETS
+import tyro
+
+from convnext_cifar.data.kinds import DATASETS
 from convnext_cifar.errors import UserError
+from convnext_cifar.metrics import BEST_METRICS, TUNE_METRICS
 
 CONVNEXTV2_MODELS = (
     "convnextv2_atto",
@@ -32,6 +38,8 @@ CONVNEXTV2_MODELS = (
     "convnextv2_huge",
 )
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]  (the registry's names)
+BestMetric = Literal[BEST_METRICS]  # type: ignore[valid-type]
+TuneMetric = Literal[TUNE_METRICS]  # type: ignore[valid-type]
 
 
 def _check(ok: bool, option: str, value: Any, must: str) -> None:
@@ -320,6 +328,11 @@ class AugConfig:
     def mixing(self) -> bool:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
+    @property
+    def randaugment_spec(self) -> RandAugmentSpec:
+        """--aug.randaugment parsed (checked when this was built; the default spec when off)."""
+        return parse_randaugment(self.randaugment) if self.randaugment else RandAugmentSpec()
+
 
 @dataclass(frozen=True)
 class EmaConfig:
@@ -342,7 +355,7 @@ class EvalConfig:
 
     tta: Literal["none", "flip"] = "none"
     """Test-time augmentation: flip averages the softmax of the image and its mirror."""
-    best_metric: Literal["top1", "balanced_accuracy", "macro_f1"] = "top1"
+    best_metric: BestMetric = "top1"  # type: ignore[valid-type]
     """Validation metric that picks best.safetensors (balanced: for imbalanced classes)."""
 
 
@@ -354,6 +367,29 @@ class LogConfig:
     """Also write every metrics.jsonl record as TensorBoard scalars under WORK_DIR/tb/."""
     mlflow: str = ""
     """MLflow tracking URI (e.g. sqlite:///mlflow.db or http://host:5000); empty: off."""
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The search of `tune`: trials, space, metric, pruner, sampler, storage."""
+
+    trials: int = 20
+    """Trials in the study in all, over every process sharing it (0: only report the study)."""
+    space: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """KEY=SPEC (repeatable), e.g. optim.lr=log(1e-4,1e-2); log/uniform/int(a,b), choice(v,..)."""
+    metric: TuneMetric = "top1"  # type: ignore[valid-type]
+    """Validation metric to maximise (its best over the trial's epochs)."""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    """Stop unpromising trials after a validation: median, hyperband or none."""
+    sampler: Literal["tpe", "random"] = "tpe"
+    """How the next trial's values are drawn (seeded with --seed)."""
+    storage: str = ""
+    """Optuna storage URL (default sqlite:///WORK_DIR/study.db); share it to share the study."""
+    study: str = ""
+    """Study name (default: the run name)."""
+
+    def __post_init__(self) -> None:
+        _check(self.trials >= 0, "tune.trials", self.trials, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -521,6 +557,35 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
 
 def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def options(cls: type = TrainConfig) -> dict[str, Any]:
+    """Every option of a config class by its dotted field name, with its type, the sections
+    walked through in field order: {'name': str, ..., 'optim.lr': float, ...}."""
+    out: dict[str, Any] = {}
+    for f_name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update({f"{f_name}.{k}": v for k, v in options(tp).items()})
+        else:
+            out[f_name] = tp
+    return out
+
+
+def with_options(base: TrainConfig, values: dict[str, Any], what: str = "config"
+                 ) -> TrainConfig:
+    """`base` with the options named by their dotted names set to `values` and checked as a
+    config.json would be; a value the config refuses is one line starting with `what`."""
+    data = to_dict(base)
+    for key, value in values.items():
+        *path, last = key.split(".")
+        node = data
+        for part in path:
+            node = node[part]
+        node[last] = list(value) if isinstance(value, tuple) else value
+    try:
+        return from_dict(TrainConfig, data)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
 
 
 def load_config_file(path: Path) -> TrainConfig:

@@ -7,7 +7,7 @@
 - `load_pth`: `torch.load(weights_only=True)`, with the objects other toolboxes pickle beside their
   weights read as inert placeholders; any other global refuses the file, running nothing.
 - `load_array_pickle`: the python pickles datasets ship (CIFAR), numpy arrays and containers only.
-- `first_line`: the useful first sentence of a library's long error message.
+- `first_line`: the useful first line (or sentence) of a library's long error message.
 """
 
 from __future__ import annotations
@@ -134,10 +134,14 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
-def first_line(e: BaseException) -> str:
-    """The first sentence of an exception's message (torch's go on for a paragraph)."""
+def first_line(e: BaseException, sentence: bool = True) -> str:
+    """The first line of an exception's message, cut at its first sentence unless `sentence` is
+    False (torch's messages go on for a paragraph); at most 200 characters."""
     text = str(e).strip()
-    return (text.splitlines()[0].split(". ")[0] if text else type(e).__name__)[:200]
+    if not text:
+        return type(e).__name__[:200]
+    line = text.splitlines()[0]
+    return (line.split(". ")[0] if sentence else line)[:200]
 
 
 # ---- .pth files: torch.load(weights_only=True) with inert toolbox objects ----------------------

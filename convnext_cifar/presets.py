@@ -43,7 +43,7 @@ class ConvNeXtV2Tiny(ModelConfig):
 @dataclass(frozen=True)
 class CIFAR10Data(DataConfig):
     """CIFAR-10 as MMPretrain's _base_/datasets/cifar10_bs16.py defines it; its normalisation
-    is CIFAR-10's standard mean/std, which the dataset description holds (datasets.CIFAR10) and
+    is CIFAR-10's standard mean/std, which the dataset description holds (data/cifar.py) and
     a run records in its config.json."""
 
     batch_size: int = 16

@@ -14,13 +14,15 @@ import random
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from convnext_cifar.config import TrainConfig
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
+
+if TYPE_CHECKING:  # read here, never built: the config stands on data/, above this module
+    from convnext_cifar.config import TrainConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Measured with benchmarks/throughput.py on the 2-core CPU (benchmarks/RESULTS.md): compiling

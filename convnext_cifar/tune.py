@@ -24,39 +24,25 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import tyro
-
-from convnext_cifar.config import TrainConfig, coerce, from_dict, to_dict, type_name
+from convnext_cifar.config import (
+    TrainConfig,
+    TuneConfig,
+    coerce,
+    options,
+    to_dict,
+    type_name,
+    with_options,
+)
 from convnext_cifar.errors import Pruned, TrainingDiverged, UserError
+from convnext_cifar.files import first_line, write_file
+from convnext_cifar.outputs.metrics_log import read_records
+from convnext_cifar.outputs.workdir import CONFIG_FILE, METRICS_FILE, FileLock, WorkDirLock
+from convnext_cifar.training.loop import fit
 
 EXTRA = "pip install 'convnext-cifar[tune]'"
 SPEC = re.compile(r"^(log|uniform|int|choice)\((.*)\)$")
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """The search: trials, space, metric, pruner, sampler, storage."""
-
-    trials: int = 20
-    """Trials in the study in all, over every process sharing it (0: only report the study)."""
-    space: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
-    """KEY=SPEC (repeatable), e.g. optim.lr=log(1e-4,1e-2); log/uniform/int(a,b), choice(v,..)."""
-    metric: Literal["top1", "ema_top1"] = "top1"
-    """Validation metric to maximise (its best over the trial's epochs)."""
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    """Stop unpromising trials after a validation: median, hyperband or none."""
-    sampler: Literal["tpe", "random"] = "tpe"
-    """How the next trial's values are drawn (seeded with --seed)."""
-    storage: str = ""
-    """Optuna storage URL (default sqlite:///WORK_DIR/study.db); share it to share the study."""
-    study: str = ""
-    """Study name (default: the run name)."""
-
-    def __post_init__(self) -> None:
-        if self.trials < 0:
-            raise UserError(f"invalid --tune.trials {self.trials}: must be >= 0")
 
 
 # ---- the search space ---------------------------------------------------------------------------
@@ -68,28 +54,6 @@ class Dimension:
     values: tuple[Any, ...]  # (low, high) or the choices
 
 
-def _field_type(key: str) -> Any:
-    """The type of a dotted config field, or None when there is no such field."""
-    import typing
-
-    cls: Any = TrainConfig
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return None
-        tp = hints[part]
-        if i < len(parts) - 1:
-            field = next(f for f in dataclasses.fields(cls) if f.name == part)
-            cls = type(field.default_factory()) if field.default_factory is not \
-                dataclasses.MISSING else tp
-            if not dataclasses.is_dataclass(cls):
-                return None
-        else:
-            return tp
-    return None
-
-
 def parse_space(specs: tuple[str, ...], base: TrainConfig) -> list[Dimension]:
     """Every KEY=SPEC checked (key, type, range) before anything runs: one line naming the bad
     part otherwise. The ends of each range must make a valid config too."""
@@ -99,8 +63,8 @@ def parse_space(specs: tuple[str, ...], base: TrainConfig) -> list[Dimension]:
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep or not key:
             raise UserError(f"--tune.space {spec!r}: write KEY=SPEC, e.g. optim.lr=log(1e-4,1e-2)")
-        tp = _field_type(key)
-        if tp is None or dataclasses.is_dataclass(tp):
+        tp = options().get(key)
+        if tp is None:
             raise UserError(f"--tune.space {spec!r}: {key} is not a train option (see "
                             "`convnext-cifar train --help`; e.g. optim.lr, model.drop_path_rate)")
         if key in ("name", "work_dir", "seed") or any(d.key == key for d in dims):
@@ -114,7 +78,7 @@ def parse_space(specs: tuple[str, ...], base: TrainConfig) -> list[Dimension]:
         dims.append(_dimension(spec, key, kind, args, tp))
     for dim in dims:  # every end of every range must be a config this run accepts
         for value in dim.values:
-            configure(base, {dim.key: value}, f"--tune.space {dim.key}: {value!r}")
+            with_options(base, {dim.key: value}, f"--tune.space {dim.key}: {value!r}")
     return dims
 
 
@@ -156,21 +120,6 @@ def _dimension(spec: str, key: str, kind: str, args: list[str], tp: Any) -> Dime
             raise UserError(f"--tune.space {spec!r}: int() takes whole numbers")
         return Dimension(key, kind, (int(low), int(high)))
     return Dimension(key, kind, (low, high))
-
-
-def configure(base: TrainConfig, params: dict[str, Any], what: str = "trial") -> TrainConfig:
-    """`base` with the dotted `params` set; a value the config refuses is one line."""
-    data = to_dict(base)
-    for key, value in params.items():
-        *path, last = key.split(".")
-        node = data
-        for part in path:
-            node = node[part]
-        node[last] = list(value) if isinstance(value, tuple) else value
-    try:
-        return from_dict(TrainConfig, data)
-    except UserError as e:
-        raise UserError(f"{what}: {e}") from None
 
 
 def distributions(dims: list[Dimension]) -> dict[str, Any]:
@@ -226,7 +175,8 @@ def open_study(tune: TuneConfig, work_dir: Path, name: str, seed: int):
                                    direction="maximize", sampler=sampler, pruner=pruner,
                                    load_if_exists=True), storage
     except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server
-        raise UserError(f"--tune.storage {storage}: cannot open the study ({_first(e)})") from None
+        raise UserError(f"--tune.storage {storage}: cannot open the study "
+                        f"({first_line(e, sentence=False)})") from None
 
 
 def _sampler(tune: TuneConfig, seed: int):
@@ -234,10 +184,6 @@ def _sampler(tune: TuneConfig, seed: int):
 
     return (optuna.samplers.TPESampler(seed=seed) if tune.sampler == "tpe"
             else optuna.samplers.RandomSampler(seed=seed))
-
-
-def _first(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def counted(study) -> int:
@@ -289,24 +235,14 @@ def tune(base: TrainConfig, tcfg: TuneConfig) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _asking(work_dir: Path):
-    """An exclusive lock on WORK_DIR/.ask-lock, so that processes sharing the work dir never
+def _asking(work_dir: Path) -> FileLock:
+    """The lock of WORK_DIR/.ask-lock, waited for, so that processes sharing the work dir never
     count N-1 together and both add a trial."""
-    import fcntl
-
-    fd = os.open(work_dir / ".ask-lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return FileLock(work_dir / ".ask-lock", wait=True)
 
 
 def _claim(trial, work_dir: Path) -> contextlib.ExitStack:
     """The fresh trial's folder, locked by this process (released when the stack closes)."""
-    from convnext_cifar.checkpoints import WorkDirLock
-
     folder = work_dir / f"trial-{trial.number}"
     folder.mkdir(parents=True, exist_ok=True)
     held = contextlib.ExitStack()
@@ -321,8 +257,6 @@ def _take_over(study, work_dir: Path):
     held by this process; None when there is none."""
     import optuna
     from optuna.trial import TrialState
-
-    from convnext_cifar.checkpoints import WorkDirLock
 
     host = socket.gethostname()
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -345,11 +279,9 @@ def _run_trial(study, trial, base: TrainConfig, dims: list[Dimension], tcfg: Tun
                work_dir: Path, resume: str | None) -> None:
     from optuna.trial import TrialState
 
-    from convnext_cifar.engine import fit
-
     params = {d.key: _from_plain(d, trial.params[d.key]) for d in dims}
     folder = work_dir / f"trial-{trial.number}"
-    cfg = dataclasses.replace(configure(base, params), name=f"trial-{trial.number}",
+    cfg = dataclasses.replace(with_options(base, params, "trial"), name=f"trial-{trial.number}",
                               work_dir=folder)
     print(f"trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in params.items()),
           flush=True)
@@ -382,9 +314,7 @@ def _run_trial(study, trial, base: TrainConfig, dims: list[Dimension], tcfg: Tun
 
 
 def _best(folder: Path, metric: str) -> float:
-    from convnext_cifar.runs import read_records
-
-    values = [r[metric] for r in read_records(folder / "metrics.jsonl") if metric in r]
+    values = [r[metric] for r in read_records(folder / METRICS_FILE) if metric in r]
     return max(values) if values else float("nan")
 
 
@@ -392,8 +322,6 @@ def summarize(study, work_dir: Path, base: TrainConfig, tcfg: TuneConfig) -> Non
     """Print the trials, best first, and write best_config.json (the best trial's config,
     ready for `train --config`)."""
     from optuna.trial import TrialState
-
-    from convnext_cifar.files import write_file
 
     trials = study.get_trials(deepcopy=False)
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE),
@@ -412,7 +340,7 @@ def summarize(study, work_dir: Path, base: TrainConfig, tcfg: TuneConfig) -> Non
     if not done:
         return
     best = done[0]
-    config = json.loads((work_dir / f"trial-{best.number}" / "config.json").read_text())
+    config = json.loads((work_dir / f"trial-{best.number}" / CONFIG_FILE).read_text())
     config["work_dir"] = None  # a new run of the best values goes to its own work dir
     config["name"] = to_dict(base)["name"]
     write_file(work_dir / "best_config.json", (json.dumps(config, indent=2) + "\n").encode(),

@@ -1,5 +1,7 @@
+"""Fixtures the tests share: a small learnable CIFAR-10 in the official layout, image folders,
+and finished runs to read."""
+
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -12,7 +14,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # processes the tests start (they inherit this). Set before anything imports torch.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from cifar_files import learnable_images, write_cifar10  # noqa: E402
+from cifar_files import learnable_images, write_cifar10, write_image_folder  # noqa: E402
+from support import FEW, small_run_args  # noqa: E402
+
+from convnext_cifar import cli  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,45 +31,34 @@ def cifar_root(tmp_path_factory) -> Path:
     return root
 
 
-def small_run_args(root: Path, work_dir: Path, *extra: str) -> list[str]:
-    """`train` arguments for a quick CPU run of atto on the generated data."""
-    return ["train", "--preset", "smoke", "--data.root", str(root), "--data.no-download",
-            "--work-dir", str(work_dir), "--data.batch-size", "50", "--data.limit-train", "0",
-            "--data.limit-val", "0", "--log-interval", "5", "--device", "cpu", "--compile", "off",
-            *extra]
+@pytest.fixture(scope="module")
+def folder_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pets")
+    write_image_folder(root, {"train": {"cat": 12, "dog": 10, "eel": 8},
+                              "val": {"cat": 4, "dog": 4, "eel": 3}})
+    return root
 
 
-def signal_at_step(monkeypatch, at_step: int, signum: int = signal.SIGTERM):
-    """Deliver `signum` to this process (through the real handler) right after training step
-    `at_step`; returns the function that restores the real step."""
-    from convnext_cifar import engine
-
-    real, calls = engine.TrainStep.__call__, []
-
-    def step_then_signal(self, x, y, n=None):
-        out = real(self, x, y, n)
-        calls.append(1)
-        if len(calls) == at_step:
-            os.kill(os.getpid(), signum)
-        return out
-
-    monkeypatch.setattr(engine.TrainStep, "__call__", step_then_signal)
-    return lambda: monkeypatch.setattr(engine.TrainStep, "__call__", real)
+@pytest.fixture(scope="module")
+def pics(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pics")
+    write_image_folder(root, {"train": {"a": 30, "b": 12, "c": 6}, "val": {"a": 6, "b": 5, "c": 4}})
+    (root / "train" / "b" / "0003.png").write_bytes(b"not an image")  # a skipped cache row
+    return root
 
 
-def die_after_state(monkeypatch, count: int = 1):
-    """A hard kill (SystemExit) right after the `count`-th training state is on disk; returns
-    the function that restores the real save."""
-    from convnext_cifar.resume import TrainingState
+@pytest.fixture(scope="module")
+def run_dir(cifar_root, tmp_path_factory):
+    """A finished 2-epoch atto run on the generated CIFAR-10, barely trained (mistakes)."""
+    work = tmp_path_factory.mktemp("report") / "run"
+    assert cli.main(small_run_args(cifar_root, work, *FEW, "--optim.lr", "1e-4",
+                                   "--aug.randaugment", "rand-m9-n2")) == 0
+    return work
 
-    real, saved = TrainingState.save, []
 
-    def save_then_die(*args, **kwargs):
-        path = real(*args, **kwargs)
-        saved.append(path)
-        if len(saved) == count:
-            raise SystemExit("killed")
-        return path
-
-    monkeypatch.setattr(TrainingState, "save", save_then_die)
-    return lambda: monkeypatch.setattr(TrainingState, "save", real)
+@pytest.fixture(scope="module")
+def trained(cifar_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("trained")
+    assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "2",
+                                   "--data.limit-train", "300")) == 0
+    return work

@@ -1,151 +1,65 @@
+"""cli.py on its own (the commands run for real in end_to_end/): the one table of commands, the
+config `train` starts from, and how each kind of error ends (one line, its exit code)."""
+
 import json
-import os
-import shutil
-import subprocess
-import sys
+import signal
 
 import pytest
 
-from convnext_cifar import cli, engine
-from convnext_cifar.config import config_json
-from convnext_cifar.presets import CIFAR10Smoke
-
-PUBLIC_OPTIONS = [
-    "--ema.decay", "--ema.warmup-steps", "--aug.mixup-alpha", "--aug.cutmix-alpha",
-    "--aug.mix-prob", "--aug.switch-prob", "--aug.mix-mode", "--aug.mix-off-epoch",
-    "--aug.randaugment", "--aug.erasing-prob", "--optim.layer-decay", "--optim.layer-decay-type",
-    "--model.head-init-scale", "--model.pretrained-weights", "--eval.tta",
-    "cifar10-official-recipe", "cifar10-224",
-    "--data.root", "--data.download", "--data.no-download", "--data.batch-size", "--model.name",
-    "--model.pretrained", "--model.drop-path-rate", "--optim.lr", "--sched.epochs",
-    "--sched.warmup-epochs", "--work-dir", "--seed", "--device", "--val-interval",
-    "--ckpt-interval", "--log-interval", "--config", "--preset",
-]
+from convnext_cifar import cli
+from convnext_cifar.config import TrainConfig, config_json
+from convnext_cifar.errors import Interrupted, TrainingDiverged, UserError
+from convnext_cifar.presets import PRESETS, CIFAR10Smoke
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "convnext_cifar", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+def test_one_table_names_every_command_the_usage_lists():
+    table = cli.commands(TrainConfig())
+    usage = [line.split()[1] for line in cli.__doc__.splitlines()
+             if line.strip().startswith("convnext-cifar ")]
+    assert list(table) == usage
+    assert all(callable(c) for c in table.values())
 
 
-@pytest.fixture
-def captured(monkeypatch):
-    seen = []
-    monkeypatch.setattr(engine, "fit", lambda cfg, **kw: seen.append(cfg))
-    return seen
+def test_train_starts_from_a_preset_or_a_config_file_never_both(tmp_path):
+    assert isinstance(cli.starting_config(["train"]), PRESETS[cli.DEFAULT_PRESET])
+    assert isinstance(cli.starting_config(["train", "--preset=smoke"]), CIFAR10Smoke)
+    saved = tmp_path / "config.json"
+    saved.write_text(config_json(TrainConfig(seed=7)))
+    assert cli.starting_config(["train", "--config", str(saved), "--seed", "3"]).seed == 7
+    with pytest.raises(UserError, match="either --preset or --config"):
+        cli.starting_config(["train", "--preset", "smoke", "--config", str(saved)])
+    with pytest.raises(UserError, match="unknown --preset 'tiny'; choose one of cifar10, smoke"):
+        cli.starting_config(["train", "--preset", "tiny"])
 
 
-def test_overrides_reach_the_config(captured):
-    rc = cli.main(["train", "--optim.lr", "1e-3", "--data.batch-size", "64", "--sched.epochs",
-                   "20", "--sched.warmup-epochs", "2", "--model.name", "convnextv2_atto",
-                   "--model.pretrained", "none", "--model.drop-path-rate", "0.1", "--data.root",
-                   "/d", "--data.no-download", "--work-dir", "/w", "--seed", "3", "--device",
-                   "cpu", "--val-interval", "2", "--ckpt-interval", "5", "--log-interval", "7"])
-    assert rc == 0
-    (c,) = captured
-    assert (c.optim.lr, c.data.batch_size, c.sched.epochs, c.sched.warmup_epochs) == (
-        1e-3, 64, 20, 2)
-    assert (c.model.name, c.model.pretrained, c.model.drop_path_rate) == (
-        "convnextv2_atto", "none", 0.1)
-    assert (str(c.data.root), c.data.download, str(c.work_dir), c.seed, c.device) == (
-        "/d", False, "/w", 3, "cpu")
-    assert (c.val_interval, c.ckpt_interval, c.log_interval) == (2, 5, 7)
-    assert c.model.label_smoothing == 0.2 and c.optim.clip_grad_norm == 5.0  # untouched
-
-
-def test_default_train_is_the_reference_and_presets_are_selectable(captured):
-    assert cli.main(["train"]) == 0 and captured[-1].run_name == "convnextv2-tiny_cifar10"
-    assert cli.main(["train", "--model.name", "convnextv2_atto"]) == 0
-    assert str(captured[-1].run_dir) == "work_dirs/convnextv2-atto_cifar10"  # says what ran
-    assert cli.main(["train", "--preset", "smoke", "--seed", "4"]) == 0
-    assert captured[-1].model.name == "convnextv2_atto" and captured[-1].seed == 4
-
-
-def test_config_file_then_overrides_on_top(captured, tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(config_json(CIFAR10Smoke(seed=11)))
-    assert cli.main(["train", "--config", str(path), "--optim.lr", "2e-3"]) == 0
-    c = captured[-1]
-    assert c.seed == 11 and c.optim.lr == 2e-3 and c.model.name == "convnextv2_atto"
-
-
-@pytest.mark.parametrize("args, message", [
-    (["train", "--optim.lr", "0"], "invalid --optim.lr 0.0: must be > 0"),
-    (["train", "--sched.warmup-epochs", "200"], "--sched.warmup-epochs"),
-    (["train", "--model.name", "resnet18"], "--model.name"),
-    (["train", "--preset", "smoke", "--config", "x.json"], "either --preset or --config"),
-    (["train", "--config", "/nonexistent/config.json"], "no such file"),
-    (["train", "--ema.decay", "1.5"], "invalid --ema.decay 1.5: must be in [0, 1)"),
-    (["train", "--aug.mixup-alpha", "-0.2"], "invalid --aug.mixup-alpha -0.2"),
-    (["train", "--aug.cutmix-alpha", "-1"], "invalid --aug.cutmix-alpha -1.0"),
-    (["train", "--optim.layer-decay", "0"], "invalid --optim.layer-decay 0.0"),
-    (["train", "--aug.randaugment", "rand-q9"], "invalid --aug.randaugment 'rand-q9'"),
-    (["train", "--aug.randaugment", "augmix-m5"], "not a timm RandAugment string"),
-    (["train", "--aug.erasing-prob", "2"], "invalid --aug.erasing-prob 2.0"),
-    (["train", "--model.head-init-scale", "0"], "invalid --model.head-init-scale"),
+@pytest.mark.parametrize("error, code, line", [
+    (UserError("no such file"), 2, "convnext-cifar: error: no such file"),
+    (TrainingDiverged("nan at step 3"), 1, "convnext-cifar: error: nan at step 3"),
+    (Interrupted("SIGTERM: stopped", 128 + signal.SIGTERM), 143, "convnext-cifar: SIGTERM: "
+     "stopped"),
+    (KeyboardInterrupt(), 130, "convnext-cifar: interrupted; nothing more was written"),
 ])
-def test_bad_options_end_in_one_line_and_exit_2(captured, capsys, args, message):
-    assert cli.main(args) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and "Traceback" not in err
-    assert not captured
+def test_each_kind_of_error_is_one_line_and_its_exit_code(monkeypatch, capsys, error, code,
+                                                           line):
+    def runs_then_fails(*args, **kwargs):
+        def run():
+            raise error
+        return run
+
+    monkeypatch.setattr(cli, "runs_command", runs_then_fails)
+    assert cli.main(["runs"]) == code
+    assert capsys.readouterr().err == line + "\n"
 
 
-def test_help_documents_every_public_option_quickly():
-    out = run_cli("train", "--help")
-    assert out.returncode == 0
-    for option in PUBLIC_OPTIONS:
-        assert option in out.stdout, option
-    top = run_cli("--help")
-    assert top.returncode == 0 and "train" in top.stdout and "eval" in top.stdout
+def test_only_rank_0_speaks_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["eval", "/nowhere/best.safetensors"]) == 2
+    assert capsys.readouterr().err == ""
 
 
-@pytest.mark.slow  # a subprocess; test_errors runs the same case through the real command
-def test_missing_data_through_the_real_cli(tmp_path):
-    out = run_cli("train", "--preset", "smoke", "--data.root", str(tmp_path / "nothing"),
-                  "--data.no-download", "--work-dir", str(tmp_path / "w"), "--device", "cpu")
-    assert out.returncode == 2
-    assert out.stderr.startswith("convnext-cifar: error: CIFAR-10 not found")
-    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
-
-
-def test_eval_of_missing_checkpoint_is_one_line(tmp_path):
-    out = run_cli("eval", str(tmp_path / "best.safetensors"))
-    assert out.returncode == 2 and "does not exist" in out.stderr and out.stderr.count("\n") == 1
-
-
-@pytest.mark.skipif(shutil.which("convnext-cifar") is None, reason="package not installed")
-def test_console_script_is_installed():
-    out = subprocess.run(["convnext-cifar", "train", "--help"], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"})
-    assert out.returncode == 0 and "--optim.lr" in out.stdout
-
-
-def test_saved_config_reproduces_the_run_config(tmp_path, captured):
-    path = tmp_path / "config.json"
-    path.write_text(config_json(CIFAR10Smoke(seed=2)))
-    cli.main(["train", "--config", str(path)])
-    assert json.loads(config_json(captured[-1])) == json.loads(path.read_text())
-
-
-def test_output_into_a_closed_pipe_ends_quietly():
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # like `| head` that has already exited: every write fails
-    try:
-        out = subprocess.run([sys.executable, "-m", "convnext_cifar", "train", "--help"],
-                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
-    finally:
-        os.close(write_end)
-    assert out.returncode == 141 and out.stderr == "", out.stderr
-
-
-def test_the_dataset_is_checked_before_any_pretrained_weights(monkeypatch, tmp_path, capsys):
-    from convnext_cifar import model
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("fetched weights before looking at the data")
-
-    monkeypatch.setattr(model, "_timm_hub_state_dict", no_download)
-    rc = cli.main(["train", "--data.root", str(tmp_path / "none"), "--data.no-download",
-                   "--work-dir", str(tmp_path / "w"), "--device", "cpu"])
-    assert rc == 2 and "CIFAR-10 not found" in capsys.readouterr().err
+def test_version_and_print_config(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("convnext-cifar 0.")
+    assert cli.main(["train", "--preset", "smoke", "--seed", "5", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["seed"] == 5 and printed["name"] == "convnextv2-atto_cifar10-smoke"

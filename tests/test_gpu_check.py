@@ -1,16 +1,17 @@
-"""benchmarks/gpu_check.py --dry: every step of the GPU check at tiny sizes on the CPU, so the
-one-command GPU check cannot rot between the rare sessions that have a GPU, and the budget that
-keeps a real check inside the machine's time: kills past it, keeps what was measured."""
+"""benchmarks/gpu_check.py: every step runs (dry, on the CPU), writes only its reports, and
+stops under its budget."""
 
 import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = ROOT
+
+
 ORDER = ["environment", "cuda_tests", "train_resume_eval", "host_memory", "torchrun",
          "throughput_b128", "throughput_b128_reduce_overhead", "throughput_b1024", "eval",
          "recipe", "profile", "placement"]
@@ -92,3 +93,11 @@ def test_without_tyro_the_check_stops_in_one_line(tmp_path):
     assert all(steps[name]["skipped"] == "the environment step stopped the check"
                for name in ORDER[1:])
     assert out.stderr.strip().splitlines()[-1].startswith("gpu_check: tyro is not importable")
+
+
+def test_the_check_runs_every_file_that_holds_cuda_tests():
+    from benchmarks.gpu_check import CUDA_TEST_FILES
+
+    marked = {str(p) for p in sorted((ROOT / "tests").rglob("test_*.py"))
+              if "\n@pytest.mark.cuda\n" in p.read_text()}
+    assert set(CUDA_TEST_FILES) == marked

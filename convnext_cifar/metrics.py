@@ -1,0 +1,29 @@
+"""The names of what a validation measures: the one list every record, table, figure, tracker
+and option takes them from.
+
+A validation record (metrics.jsonl) holds `val_loss` and each accuracy metric below, in percent,
+and with an EMA of the weights the same again as `ema_<name>` (ema_val_loss, ema_top1, ...).
+"""
+
+from __future__ import annotations
+
+LOSS = "val_loss"
+
+METRICS: dict[str, str] = {
+    "top1": "top-1",
+    "top5": "top-5",
+    "balanced_accuracy": "balanced accuracy",  # mean recall over the classes present
+    "macro_f1": "macro F1",  # mean F1 over the classes present
+}
+"""Every accuracy metric of a validation, in percent, and the label tables and figures give it."""
+
+BEST_METRICS = ("top1", "balanced_accuracy", "macro_f1")
+"""The metrics that may pick best.safetensors (--eval.best-metric); the first is the default."""
+
+TUNE_METRICS = ("top1", "ema_top1")
+"""The metrics a tuning study may maximise (--tune.metric); the first is the default."""
+
+
+def ema(name: str) -> str:
+    """The record key of `name` measured on the EMA of the weights."""
+    return f"ema_{name}"

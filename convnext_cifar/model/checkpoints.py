@@ -1,0 +1,116 @@
+"""Weights files: a model's weights as safetensors with everything needed to rebuild it in the
+metadata (the run's config, classes, epoch, metrics, raw or EMA weights, the dataset's
+identity), read back with one clear error for anything else.
+
+Every file is written with `files.write_file`: a final name never holds a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convnext_cifar.config import TrainConfig, from_dict, to_dict
+from convnext_cifar.errors import UserError
+from convnext_cifar.files import require_file, write_file
+
+FORMAT = "convnext-cifar/weights-v1"
+RESUME_ADVICE = "earlier files are intact; free space or fix permissions and resume"
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], cfg: TrainConfig,
+                 classes: list[str], epoch: int, metrics: dict[str, float],
+                 runtime: dict[str, Any], weights: str = "raw",
+                 identity: dict[str, Any] | None = None) -> None:
+    """Model weights (contiguous, on the CPU) plus config, classes, epoch, the metrics of these
+    weights, which weights they are (raw, or the EMA of the run's weights) and the identity of
+    the dataset they were trained and validated on."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(to_dict(cfg)),
+        "classes": json.dumps(classes),
+        "epoch": str(epoch),
+        "metrics": json.dumps(metrics),
+        "runtime": json.dumps(runtime),
+        "weights": weights,
+        **({"dataset": json.dumps(identity)} if identity is not None else {}),
+    }
+    write_file(path, save(tensors, metadata=metadata), "checkpoint", RESUME_ADVICE)
+
+
+@dataclass
+class Checkpoint:
+    state_dict: dict[str, torch.Tensor]
+    config: TrainConfig
+    classes: list[str]
+    epoch: int
+    metrics: dict[str, float]
+    weights: str = "raw"  # "ema": the EMA of the run's weights
+    identity: dict[str, Any] | None = None  # the dataset's (dataset.identity_of); None: older
+
+
+def load_weights(path: Path) -> Checkpoint:
+    """Read a file written by `save_weights`, with one clear error for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    path = require_file(path, "checkpoint")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} is not a readable safetensors checkpoint ({e}); "
+                        "it may be truncated or of another kind") from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{path} was not written by convnext-cifar (no '{FORMAT}' metadata); "
+                        "use `convnext-cifar train --model.pretrained` to start from other weights")
+    try:
+        ckpt = Checkpoint(state_dict, from_dict(TrainConfig, json.loads(metadata["config"])),
+                          json.loads(metadata["classes"]), int(metadata["epoch"]),
+                          json.loads(metadata["metrics"]), metadata.get("weights", "raw"),
+                          json.loads(metadata.get("dataset", "null")))
+        problem = _metadata_problem(ckpt)
+    except (KeyError, ValueError, TypeError, UserError) as e:
+        problem = str(e)
+    if problem:
+        raise UserError(f"{path} has damaged metadata ({problem}); it was edited or written by "
+                        "something else: use another checkpoint of the run")
+    return ckpt
+
+
+def weights_epoch(path: Path) -> int:
+    """The epoch a weights file records, from its metadata alone (-1 if it is unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("epoch", -1))
+    except Exception:  # a damaged file: the caller treats it as of no known epoch
+        return -1
+
+
+def _metadata_problem(ckpt: Checkpoint) -> str:
+    """What is wrong with a checkpoint's metadata values ('' if nothing)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not (isinstance(ckpt.classes, list) and ckpt.classes
+            and all(isinstance(c, str) for c in ckpt.classes)):
+        return f"classes is {ckpt.classes!r}, not a list of class names"
+    if not (isinstance(ckpt.metrics, dict) and all(number(v) for v in ckpt.metrics.values())):
+        return f"metrics is {ckpt.metrics!r}, not an object of numbers"
+    if ckpt.weights not in ("raw", "ema"):
+        return f"weights is {ckpt.weights!r}, not raw or ema"
+    if ckpt.epoch < 0:
+        return f"epoch is {ckpt.epoch}"
+    if ckpt.identity is not None and not (isinstance(ckpt.identity, dict)
+                                          and isinstance(ckpt.identity.get("classes"), list)):
+        return "dataset is not an identity object"
+    return ""

@@ -1,0 +1,393 @@
+"""`convnext-cifar report`: one self-contained HTML page that shows a run (or compares several),
+with every figure inline and also written as a PNG file beside the page.
+
+For one run: learning curves from metrics.jsonl; the best checkpoint on the held-out split
+(confusion heatmap, per-class accuracy, the most confident mistakes); the training batch the
+model receives first (the run's own loader and augmentation, same seed); the options that
+differ from the defaults, status, best epoch and wall time. For several: their curves overlaid
+and a table of their differing options and best results. Plotting needs matplotlib (the
+`report` extra); everything else is the trainer's own code: the held-out split comes through
+`eval`'s own `load_held_out` (with its checks), the preview through the loader `train` builds.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convnext_cifar.config import TrainConfig, flatten, from_dict, to_dict
+from convnext_cifar.data.dataset import Dataset
+from convnext_cifar.data.loader import training_loader
+from convnext_cifar.distributed import Dist
+from convnext_cifar.errors import UserError
+from convnext_cifar.files import write_file
+from convnext_cifar.metrics import METRICS, ema
+from convnext_cifar.outputs.console import run_best, wall_clock
+from convnext_cifar.outputs.metrics_log import read_records
+from convnext_cifar.outputs.runs import compare, summarize
+from convnext_cifar.outputs.workdir import BEST_FILE, CONFIG_FILE, METRICS_FILE
+from convnext_cifar.presets import PRESETS
+from convnext_cifar.terminal import warn
+from convnext_cifar.use.evaluate import load_held_out, load_model
+
+EXTRA = "pip install 'convnext-cifar[report]'"
+GALLERY = 24  # most confident mistakes shown
+PREVIEW = 32  # training images shown
+
+
+@dataclass
+class Figure:
+    name: str  # file stem: report-<name>.png
+    alt: str  # what it shows, the <img> alt text
+    png: bytes
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or one line naming the extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError(f"the report draws its figures with matplotlib: {EXTRA}") from None
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
+# ---- a run on disk ------------------------------------------------------------------------------
+
+@dataclass
+class RunData:
+    run_dir: Path
+    summary: dict[str, Any]  # runs.summarize: name, status, best, wall time, flat config
+    cfg: TrainConfig
+    records: list[dict[str, Any]]
+
+    @property
+    def train(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "loss" in r and "step" in r]
+
+    @property
+    def val(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "top1" in r]
+
+    def epoch_of(self, step: int) -> float:
+        """A step as a fractional epoch, the x axis every curve shares: an epoch's last log
+        point is at its last step, so epoch 1's last step is the steps per epoch."""
+        first = [r["step"] for r in self.train if r["epoch"] == 1]
+        return step / max(first) if first else float(step)
+
+
+def read_run(run_dir: Path) -> RunData:
+    """A work dir's config, records and summary; one line when it holds no run."""
+    run_dir = Path(run_dir)
+    summary = summarize(run_dir) if run_dir.is_dir() else None
+    if summary is None:
+        raise UserError(f"{run_dir} is not a run's work dir (no config.json written by train); "
+                        "give the folder `train` wrote, e.g. work_dirs/NAME")
+    cfg = from_dict(TrainConfig, json.loads((run_dir / CONFIG_FILE).read_text()))
+    return RunData(run_dir, summary, cfg, read_records(run_dir / METRICS_FILE))
+
+
+def differing_from_defaults(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{option: (default, this run's value)} for every option the run changed."""
+    default = flatten(to_dict(next(iter(PRESETS.values()))()))
+    mine = flatten(to_dict(cfg))
+    return {k: (default.get(k), v) for k, v in mine.items()
+            if k not in ("name", "work_dir") and default.get(k) != v}
+
+
+# ---- learning curves ----------------------------------------------------------------------------
+
+CURVES = [  # name, alt, [(record kind, key, label)], y label
+    ("loss", "learning curves: training loss per step and validation loss per epoch",
+     [("train", "loss", "training loss"), ("val", "val_loss", "validation loss")], "loss"),
+    ("accuracy", "validation accuracy per epoch",
+     [("val", name, label) for name, label in METRICS.items()]
+     + [("val", ema("top1"), "EMA " + METRICS["top1"])], "accuracy %"),
+    ("lr", "learning rate per step", [("train", "lr", "learning rate")], "learning rate"),
+    ("grad_norm", "gradient norm per step (before clipping)",
+     [("train", "grad_norm", "gradient norm")], "gradient norm"),
+    ("throughput", "training throughput per log window",
+     [("train", "img_per_s", "images/s")], "images/s"),
+]
+
+
+def curve_figures(runs: list[RunData]) -> list[Figure]:
+    """The learning curves, x axis the epoch; several runs overlaid, one colour each. Each
+    figure's alt text names the series drawn (a series a run did not record is left out)."""
+    plt = pyplot()
+    figures = []
+    for name, alt, series, ylabel in CURVES:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        drawn, labels = 0, []
+        for run in runs:
+            for kind, key, label in series:
+                rows = [r for r in (run.train if kind == "train" else run.val)
+                        if isinstance(r.get(key), (int, float))]
+                if not rows:
+                    continue
+                xs = [run.epoch_of(r["step"]) if kind == "train" else r["epoch"] for r in rows]
+                tag = label if len(runs) == 1 else f"{run.summary['name']}: {label}"
+                ax.plot(xs, [r[key] for r in rows], marker="o" if kind == "val" else None,
+                        markersize=3, linewidth=1.2, label=tag)
+                drawn += 1
+                labels += [] if label in labels else [label]
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        figures.append(Figure(name, f"{alt} ({', '.join(labels)})" if len(series) > 1 else alt,
+                              _png(fig)))
+    return figures
+
+
+# ---- the best checkpoint on the held-out split --------------------------------------------------
+
+@dataclass
+class HeldOut:
+    classes: list[str]
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    labels: torch.Tensor  # (N,)
+    probs: torch.Tensor  # (N, classes) softmax of the best checkpoint
+    about: str = ""  # which epoch the best checkpoint is, and by which metric it was chosen
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.probs.argmax(1)
+
+    def confusion(self) -> torch.Tensor:
+        k = len(self.classes)
+        cells = self.labels * k + self.predicted
+        return torch.bincount(cells, minlength=k * k).view(k, k)
+
+    def mistakes(self, count: int = GALLERY) -> list[int]:
+        """Misclassified images, most confident first (ties: in order)."""
+        wrong = (self.predicted != self.labels).nonzero().flatten()
+        confidence = self.probs[wrong, self.predicted[wrong]]
+        order = torch.sort(confidence, descending=True, stable=True).indices
+        return wrong[order][:count].tolist()
+
+
+def held_out(run: RunData, device: str, batch_size: int | None,
+             data_root: Path | None) -> tuple[HeldOut, Dataset] | None:
+    """The best checkpoint's probabilities on the held-out split (read and checked as `eval`
+    reads it), and the dataset (with its training split, for the preview); None when the run
+    has no best checkpoint yet."""
+    best = run.run_dir / BEST_FILE
+    if not best.exists():
+        return None
+    loaded = load_model(best, device, compile=False)
+    data, data_cfg = load_held_out(loaded, data_root, download=False, batch_size=batch_size,
+                                   device="cpu", train=True)
+    for note in data.notes:
+        warn(note)
+    probs = loaded.probabilities(data.val.images, data_cfg.eval_batch_size)
+    ckpt, metric = loaded.checkpoint, loaded.cfg.eval.best_metric
+    value = ckpt.metrics.get(metric)
+    about = (f"best.safetensors: epoch {ckpt.epoch}" + (" (EMA weights)" if ckpt.weights == "ema"
+                                                         else "")
+             + (f", chosen by {metric} {value:.2f}" if isinstance(value, (int, float)) else ""))
+    return HeldOut(loaded.classes, data.val.images, data.val.labels, probs, about), data
+
+
+def confusion_figure(held: HeldOut) -> Figure:
+    """Rows: true class, columns: predicted, shaded by the share of the row (readable at 100
+    classes: names on the axes up to 30 classes, indices beyond, counts written up to 12)."""
+    plt = pyplot()
+    counts = held.confusion()
+    k = len(held.classes)
+    share = counts.double() / counts.sum(1, keepdim=True).clamp(min=1)
+    side = min(14.0, 3.0 + 0.11 * k)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    names = held.classes if k <= 30 else [str(i) for i in range(k)]
+    step = 1 if k <= 30 else 5
+    ax.set_xticks(range(0, k, step), names[::step], rotation=90, fontsize=7 if k <= 30 else 6)
+    ax.set_yticks(range(0, k, step), names[::step], fontsize=7 if k <= 30 else 6)
+    if k <= 12:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"confusion matrix, {int(counts.sum())} held-out images")
+    return Figure("confusion", f"confusion matrix of the best checkpoint over {k} classes "
+                  f"({int(counts.sum())} held-out images)", _png(fig))
+
+
+def per_class_figure(held: HeldOut) -> Figure:
+    plt = pyplot()
+    counts = held.confusion()
+    accuracy = 100.0 * counts.diag().double() / counts.sum(1).clamp(min=1)
+    k = len(held.classes)
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.16 * k + 1)))
+    ax.barh(range(k), accuracy.numpy(), color="tab:blue")
+    ax.set_yticks(range(k), held.classes, fontsize=7 if k <= 30 else 5)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("top-1 accuracy % (held-out images of the class)")
+    ax.grid(axis="x", alpha=0.3)
+    return Figure("per_class", f"per-class top-1 accuracy of the best checkpoint, {k} classes",
+                  _png(fig))
+
+
+def _grid(images: torch.Tensor, titles: list[str], name: str, alt: str) -> Figure:
+    """uint8 (N, 3, H, W) images in a grid, each upscaled (nearest) with its title."""
+    plt = pyplot()
+    cols = 8
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_title(titles[i], fontsize=6)
+    return Figure(name, alt, _png(fig))
+
+
+def mistakes_figure(held: HeldOut) -> Figure | None:
+    picked = held.mistakes()
+    if not picked:
+        return None
+    titles = [f"true {held.classes[int(held.labels[i])]}\npred "
+              f"{held.classes[int(held.predicted[i])]} {float(held.probs[i].max()):.2f}"
+              for i in picked]
+    return _grid(held.images[picked], titles, "mistakes",
+                 f"the {len(picked)} most confident mistakes of the best checkpoint on "
+                 "held-out images, most confident first, with true and predicted class")
+
+
+# ---- what the model receives --------------------------------------------------------------------
+
+def augmentation_preview(cfg: TrainConfig, data: Dataset, count: int = PREVIEW
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` images (normalised, as the model receives them) and targets of the
+    run's first training batch: the run's own loader, augmentation and seed, on the CPU."""
+    loader = training_loader(cfg, data, torch.device("cpu"), channels_last=False, dist=Dist())
+    x, y, _ = next(iter(loader.epoch(0)))
+    return x[:count], y[:count]
+
+
+def preview_figure(cfg: TrainConfig, data: Dataset) -> Figure:
+    x, y = augmentation_preview(cfg, data)
+    mean = torch.tensor(data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(data.std).view(1, 3, 1, 1)
+    pixels = (x.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
+    titles = []
+    for target in y:
+        if target.ndim == 0:
+            titles.append(data.classes[int(target)])
+        else:  # soft targets (MixUp/CutMix, label smoothing aside): the two largest shares
+            top = target.topk(min(2, len(target)))
+            titles.append("\n".join(f"{data.classes[int(i)]} {float(v):.2f}"
+                                    for v, i in zip(top.values, top.indices) if v > 0.05))
+    return _grid(pixels, titles, "augmentation", "the first training batch as the model "
+                 "receives it: the run's crop, flip, RandAugment, erasing and MixUp/CutMix, "
+                 "same seed")
+
+
+# ---- the page -----------------------------------------------------------------------------------
+
+STYLE = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+         "padding:3px 8px;text-align:left;font-size:14px}figure{margin:1.5em 0}"
+         "img{max-width:100%}figcaption{color:#555;font-size:13px}")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _figure(fig: Figure) -> str:
+    data = base64.b64encode(fig.png).decode()
+    alt = html.escape(fig.alt)
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{alt}">'
+            f"<figcaption>{alt}</figcaption></figure>")
+
+
+def single_run_page(run: RunData, device: str, batch_size: int | None,
+                    data_root: Path | None) -> tuple[str, list[Figure]]:
+    s = run.summary
+    parts = [f"<h1>{html.escape(s['name'])}</h1>", _table(
+        ["status", "best top-1 (epoch)", "epochs", "wall time", "model", "dataset"],
+        [[s["status"], run_best(s), f"{s['epochs_done']}/{s['epochs']}",
+          wall_clock(s["wall_s"]), s["model"], s["dataset"]]])]
+    changed = differing_from_defaults(run.cfg)
+    parts.append("<h2>Options that differ from the defaults</h2>" + (_table(
+        ["option", "default", "this run"],
+        [[k, json.dumps(d), json.dumps(v)] for k, (d, v) in changed.items()])
+        if changed else "<p>none</p>"))
+    figures = curve_figures([run])
+    parts.append("<h2>Learning curves</h2>" + "".join(_figure(f) for f in figures))
+    found = held_out(run, device, batch_size, data_root)
+    if found is None:
+        parts.append("<p>No best checkpoint yet: the held-out figures come after the first "
+                     "validation.</p>")
+        return "".join(parts), figures
+    held, data = found
+    shown = [confusion_figure(held), per_class_figure(held)]
+    wrong = mistakes_figure(held)
+    parts.append("<h2>Best checkpoint on the held-out images</h2>"
+                 + f"<p>{html.escape(held.about)}</p>" + "".join(_figure(f) for f in shown))
+    parts.append("<h2>Most confident mistakes</h2>" + (_figure(wrong) if wrong else
+                                                        "<p>No held-out image is wrong.</p>"))
+    preview = preview_figure(run.cfg, data)
+    parts.append("<h2>What the model receives</h2>" + _figure(preview))
+    return "".join(parts), figures + shown + ([wrong] if wrong else []) + [preview]
+
+
+def comparison_page(runs: list[RunData]) -> tuple[str, list[Figure]]:
+    rows = [r.summary for r in runs]
+    differing = compare(rows)
+    table = _table(["name", "status", "best top-1 (epoch)", "epochs", "wall time", *differing],
+                   [[r["name"], r["status"], run_best(r), f"{r['epochs_done']}/{r['epochs']}",
+                     wall_clock(r["wall_s"]), *(json.dumps(r["config"].get(k))
+                                                for k in differing)] for r in rows])
+    figures = curve_figures(runs)
+    return (f"<h1>{len(runs)} runs</h1>{table}<h2>Learning curves</h2>"
+            + "".join(_figure(f) for f in figures), figures)
+
+
+def write_report(run_dirs: list[Path], out: Path | None = None, device: str = "cpu",
+                 batch_size: int | None = None, data_root: Path | None = None) -> Path:
+    """Write the page (default WORK_DIR/report.html; ./report.html for several runs) and its
+    figures as <stem>-<figure>.png beside it; returns the page's path."""
+    pyplot()  # the extra first: one line before any work
+    runs = [read_run(d) for d in run_dirs]
+    if out is None:
+        out = runs[0].run_dir / "report.html" if len(runs) == 1 else Path("report.html")
+    if len(runs) == 1:
+        body, figures = single_run_page(runs[0], device, batch_size, data_root)
+    else:
+        body, figures = comparison_page(runs)
+    title = html.escape(runs[0].summary["name"] if len(runs) == 1 else f"{len(runs)} runs")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title} - convnext-cifar "
+            f"report</title><style>{STYLE}</style></head><body>{body}</body></html>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for fig in figures:
+        write_file(out.with_name(f"{out.stem}-{fig.name}.png"), fig.png, "report figure")
+    write_file(out, page.encode(), "report")
+    return out

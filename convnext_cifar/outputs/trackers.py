@@ -1,0 +1,235 @@
+"""The trackers beside metrics.jsonl, each a `metrics_log.Sink`: TensorBoard
+(`--log.tensorboard`) and MLflow (`--log.mlflow URI`). A tracker is one class here and one entry
+in `trackers_for`. Both take the finished run's report: TensorBoard its figures as images and
+the hparams with the final metrics, MLflow the best checkpoint and the report as artifacts.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from convnext_cifar.config import TrainConfig, flatten, to_dict
+from convnext_cifar.errors import UserError
+from convnext_cifar.files import first_line
+from convnext_cifar.network import reachable
+from convnext_cifar.outputs.metrics_log import Sink
+from convnext_cifar.outputs.runs import summarize
+from convnext_cifar.outputs.workdir import BEST_FILE
+from convnext_cifar.terminal import warn
+
+EXPERIMENT = "convnext-cifar"
+PROBE_SECONDS = 3.0
+
+
+def trackers_for(cfg: TrainConfig) -> list[Sink]:
+    """The trackers `cfg.log` turns on, in the order they receive each record."""
+    return ([TensorBoardSink(cfg.run_dir / "tb", cfg)] if cfg.log.tensorboard else []) + (
+        [MlflowSink(cfg.log.mlflow, cfg)] if cfg.log.mlflow else [])
+
+
+def tracker_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl record as tracker metrics: train/loss, train/lr, ... for a log window;
+    val/loss, val/top1, val/ema_top1, ... for a validation (epoch and step are the axes)."""
+    train = "loss" in record
+    out = {}
+    for key, value in record.items():
+        if key in ("epoch", "step") or isinstance(value, bool) or not isinstance(value,
+                                                                                 (int, float)):
+            continue
+        # val_loss -> val/loss, ema_val_loss -> val/ema_loss, top1 -> val/top1
+        out[f"train/{key}" if train else "val/" + key.replace("val_", "")] = float(value)
+    return out
+
+
+class TensorBoardSink(Sink):
+    """Records as TensorBoard scalars under WORK_DIR/tb/, x axis the optimizer step:
+    train/{loss,lr,grad_norm,img_per_s} and val/{loss,top1,top5,...} (val/ema_* with EMA).
+
+    A resumed run opens the writer with purge_step = the state's step + 1, so TensorBoard drops
+    whatever the interrupted run logged after that state: no point twice, none missing.
+    """
+
+    takes_report = True
+
+    def __init__(self, folder: Path, cfg: TrainConfig):
+        self.folder, self.cfg, self.writer = Path(folder), cfg, None
+
+    def open(self, step: int, resumed: bool) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--log.tensorboard needs the tensorboard extra: pip install "
+                            "'convnext-cifar[tensorboard]'") from None
+        self.writer = SummaryWriter(str(self.folder), purge_step=step + 1 if resumed else None)
+
+    def add(self, record: dict[str, Any], step: int) -> None:
+        for tag, value in tracker_metrics(record).items():
+            self.writer.add_scalar(tag, value, step)
+
+    def publish(self, report: Path | None) -> None:
+        """The confusion heatmap and the augmentation preview as images; the hparams with the
+        run's best top-1 and its epoch."""
+        if report is not None:
+            _tensorboard_images(self.writer, report)
+        _tensorboard_hparams(self.writer, self.cfg)
+
+    def close(self, outcome: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class MlflowSink(Sink):
+    """One MLflow run per training run: the flattened config as params (`optim.lr`), every
+    record as metrics at its step (train/loss, val/top1, ... as in TensorBoard), sent when a
+    training state is written, so MLflow never holds more than the newest state has seen;
+    the best checkpoint and the report as artifacts. A resumed run continues the same MLflow run
+    (its id is this sink's state) and sends what followed that state once. A tracking server
+    that cannot be reached is one line at the start; one that fails later is one line, and the
+    run goes on."""
+
+    state_name = "tracking"
+    takes_report = True
+
+    def __init__(self, uri: str, cfg: TrainConfig):
+        try:
+            from mlflow import MlflowClient
+        except ImportError:
+            raise UserError("--log.mlflow needs the mlflow extra: pip install "
+                            "'convnext-cifar[mlflow]'") from None
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about its tables
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.uri, self.cfg = uri, cfg
+        self.client_class = MlflowClient
+        self.client: Any = None
+        self.run_id = ""  # restored from a state, or set by `open`
+        self.pending: list[tuple[dict[str, Any], int]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = str(state.get("run_id", ""))
+
+    def open(self, step: int, resumed: bool = False) -> None:
+        """Continue the run id the state gave (resumed at optimizer step `step`), or start a
+        run (with the params); a store that cannot be used leaves the run untracked, with one
+        line saying why. A run that already holds points past `step` (a rollback to an older
+        state) is not continued: a new MLflow run takes the resumed line, tagged with the old."""
+        scheme = urlsplit(self.uri).scheme
+        if scheme in ("http", "https"):
+            if not reachable(self.uri, PROBE_SECONDS):
+                warn(f"MLflow tracking server {self.uri} cannot be reached; this run is not "
+                     "tracked there (metrics.jsonl has everything)")
+                return
+        try:
+            client = self.client_class(tracking_uri=self.uri)
+            tags = {"work_dir": str(self.cfg.run_dir)}
+            if self.run_id:
+                try:
+                    client.get_run(self.run_id)
+                    ahead = [m.step for m in client.get_metric_history(self.run_id, "train/loss")
+                             if m.step > step]
+                except Exception as e:  # noqa: BLE001 - another store, or the run was deleted
+                    warn(f"MLflow run {self.run_id} is not in {self.uri} "
+                         f"({first_line(e, sentence=False)}); continuing in a new MLflow run")
+                    ahead = None
+                if ahead == []:
+                    client.update_run(self.run_id, status="RUNNING")
+                    self.client = client
+                    return
+                if ahead:
+                    print(f"note: MLflow run {self.run_id} went on past step {step}; the resumed "
+                          "line continues in a new MLflow run", file=sys.stderr)
+                    tags["rolled_back_from"] = self.run_id
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            experiment_id = (experiment.experiment_id if experiment is not None
+                             else client.create_experiment(EXPERIMENT))
+            run = client.create_run(experiment_id, run_name=self.cfg.run_name, tags=tags)
+            self.run_id = run.info.run_id
+            self.client = client
+            self._params()
+        except Exception as e:  # noqa: BLE001 - any store error: the run goes on untracked
+            warn(f"MLflow at {self.uri} is not usable ({first_line(e, sentence=False)}); this "
+                 "run is not tracked there (metrics.jsonl has everything)")
+            self.client = None
+
+    def _params(self) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(self.cfg)).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def add(self, record: dict[str, Any], step: int | None) -> None:
+        if self.client is not None:
+            self.pending.append((record, int(step or 0)))
+
+    def commit(self) -> None:
+        """Send the records since the last state (called once a state is on disk)."""
+        if self.client is None or not self.pending:
+            self.pending.clear()
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, value, now, step) for record, step in self.pending
+                   for name, value in tracker_metrics(record).items()]
+        self.pending.clear()
+        self._guard(lambda: [self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+                             for i in range(0, len(metrics), 900)])
+
+    def artifact(self, path: Path) -> None:
+        if self.client is not None and Path(path).exists():
+            self._guard(lambda: self.client.log_artifact(self.run_id, str(path)))
+
+    def publish(self, report: Path | None) -> None:
+        """The best checkpoint and the report (with its figures) as artifacts."""
+        self.artifact(self.cfg.run_dir / BEST_FILE)
+        if report is not None:
+            for path in sorted(report.parent.glob(f"{report.stem}*")):
+                self.artifact(path)
+
+    def close(self, outcome: str) -> None:
+        """End the MLflow run: FINISHED, KILLED (interrupted: it may resume) or FAILED."""
+        if self.client is None:
+            return
+        self.commit()
+        state = {"finished": "FINISHED", "interrupted": "KILLED"}.get(outcome, "FAILED")
+        self._guard(lambda: self.client.set_terminated(self.run_id, status=state))
+
+    def _guard(self, send) -> None:
+        try:
+            send()
+        except Exception as e:  # noqa: BLE001 - a tracking failure never ends the training
+            warn(f"MLflow at {self.uri} failed ({first_line(e, sentence=False)}); the run goes on "
+                 "without it")
+            self.client = None
+
+
+def _tensorboard_images(writer: Any, page: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for name in ("confusion", "augmentation"):
+        png = page.with_name(f"{page.stem}-{name}.png")
+        if png.exists():
+            image = np.asarray(Image.open(io.BytesIO(png.read_bytes())).convert("RGB"))
+            writer.add_image(f"report/{name}", image, dataformats="HWC")
+    writer.flush()
+
+
+def _tensorboard_hparams(writer: Any, cfg: TrainConfig) -> None:
+    summary = summarize(cfg.run_dir) or {}
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+               for k, v in flatten(to_dict(cfg)).items() if k not in ("name", "work_dir")}
+    metrics = {"hparam/best_top1": float(summary.get("best_top1") or 0.0),
+               "hparam/best_epoch": float(summary.get("best_epoch") or 0)}
+    writer.add_hparams(hparams, metrics, run_name="hparams")
+    writer.flush()

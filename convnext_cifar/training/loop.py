@@ -1,0 +1,355 @@
+"""The training loop, written out: fit() -> train() -> train_one_epoch() -> TrainStep, and
+validate(). build.py builds what they run; state.py holds what they resume from. Using a
+trained model (eval, predict, export) is use/'s, which never imports this package.
+
+Every record goes to the run's `MetricsLog` (console, metrics.jsonl, trackers); after the last
+epoch the HTML report is written when a tracker takes it. Scalars stay on the device between
+log points: the only host-device syncs are at a log point, at the end of an epoch and after
+validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convnext_cifar import distributed
+from convnext_cifar.config import TrainConfig
+from convnext_cifar.data.kinds import load_dataset, prepare_dataset
+from convnext_cifar.errors import Interrupted, Pruned, TrainingDiverged, UserError
+from convnext_cifar.metrics import ema
+from convnext_cifar.model.checkpoints import load_weights, save_weights
+from convnext_cifar.model.ema import ema_lag_warning
+from convnext_cifar.model.optim import lr_at, peak_lr, set_lr
+from convnext_cifar.outputs.console import ConsoleSink, Progress, RunClock
+from convnext_cifar.outputs.metrics_log import JsonlSink, MetricsLog, Sink
+from convnext_cifar.outputs.report import write_report
+from convnext_cifar.outputs.trackers import trackers_for
+from convnext_cifar.outputs.workdir import (
+    BEST_FILE,
+    METRICS_FILE,
+    choose_work_dir,
+    claim_work_dir,
+    write_status,
+)
+from convnext_cifar.runtime import configure_backends, resolve_runtime
+from convnext_cifar.terminal import warn
+from convnext_cifar.training.build import Run, build_run
+from convnext_cifar.training.signals import StopSignals
+from convnext_cifar.training.state import (
+    DatasetRecord,
+    GlobalRng,
+    Position,
+    TrainingState,
+    device_kind_change,
+    find_resume_state,
+    recorded_normalisation,
+    refuse_changes,
+)
+from convnext_cifar.training.step import Guard, Window
+from convnext_cifar.use.evaluate import evaluate
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+def train_one_epoch(run: Run, position: Position, log: MetricsLog, progress: Progress,
+                    window: Window, guard: Guard, stop: StopSignals | None = None) -> bool:
+    """Train epoch `position.epoch` from batch `position.batch`, updating `position`.
+
+    Returns False when a stop was requested before the epoch's end (position.batch says where).
+    Under DDP the ranks agree on stopping at a log point, where they synchronise anyway.
+    """
+    cfg, step_fn, loader = run.cfg, run.step_fn, run.loader
+    step_fn.forward.train()
+    steps, top_lr = len(loader), peak_lr(cfg.optim, cfg.data.batch_size)
+    progress.start_epoch(position.epoch + 1, steps, done=position.batch)
+    # each batch arrives gathered, cropped, flipped, augmented and mixed (data/loader.py)
+    for x, y, n in loader.epoch(position.epoch, start=position.batch):
+        lr = lr_at(position.step, top_lr, cfg.sched, steps)
+        set_lr(step_fn.optimizer, lr)
+        loss, grad_norm = step_fn(x, y, n)
+        window.add(loss, grad_norm, n)
+        guard.update(loss, grad_norm)
+        position.step += 1
+        position.batch += 1
+        if run.ema is not None:
+            run.ema.update(run.model, position.step)
+        progress.advance()
+        at_log = position.batch % cfg.log_interval == 0 or position.batch == steps
+        if at_log:
+            guard.check(steps, cfg.run_dir)
+            record = window.flush(position.epoch + 1, position.step, lr, run.dist)
+            position.tick()  # the console projects the run's wall time from it
+            log.write(record)
+        if stop is not None and position.batch < steps and stop.agreed(run.dist, at_log,
+                                                                        x.device):
+            progress.end_epoch()
+            guard.check(steps, cfg.run_dir)
+            return False
+    progress.end_epoch()
+    position.epoch, position.batch = position.epoch + 1, 0
+    return True
+
+
+def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
+          live_progress: bool | None = None,
+          on_validation: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    """The epochs of a built run (continuing the training state `found`); returns the best.
+    `on_validation(epoch, record)` (a tuner's) sees every validation record; when it returns
+    True the run stops there, as pruned."""
+    cfg, rt, dist, steps = run.cfg, run.rt, run.dist, len(run.loader)
+    clock = RunClock(cfg.sched.epochs, steps, cfg.data.batch_size, cfg.val_interval)
+    progress = Progress(cfg.sched.epochs, live_progress, is_main=dist.is_main, clock=clock)
+    progress.message(f"run {cfg.run_name}: {json.dumps(rt.as_dict())} x {dist.world} "
+                     f"process(es) -> {cfg.run_dir}")
+    for note in run.data.notes:
+        progress.warning(note)
+    if run.ema is not None and cfg.ema.decay != "auto" and (
+            lag := ema_lag_warning(run.ema.decay, cfg.sched.epochs * steps)):
+        progress.warning(lag)
+    position, window = Position(best_metric=cfg.eval.best_metric), Window(rt.device)
+    guard = Guard(rt.device, patience=50 if rt.precision == "fp16" else 1)
+    log = MetricsLog(sinks(cfg, progress, position, steps) if dist.is_main else [])
+    state = TrainingState(cfg, dist, steps, {
+        "run": position, "model": run.model, "optimizer": run.step_fn.optimizer,
+        "scaler": run.step_fn.scaler, "rng": GlobalRng(rt.device, dist), "loader": run.loader,
+        "window": window, "guard": guard, **log.stateful(),
+        "dataset": DatasetRecord(run.data.identity),
+        **({"ema": run.ema} if run.ema is not None else {})}, optional=("dataset", "tracking"))
+    _start_or_resume(state, found, log, progress)
+    with RunStatus(run, position, log) as status, StopSignals() as stop:
+        while position.epoch < cfg.sched.epochs:
+            if not train_one_epoch(run, position, log, progress, window, guard, stop):
+                raise stop.interrupted(_save(state, log), position, cfg)
+            epoch, last = position.epoch, position.epoch == cfg.sched.epochs
+            metrics: dict[str, float] = {}
+            if epoch % cfg.val_interval == 0 or last:
+                metrics = _validate_timed(run, state, log, progress, on_validation)
+            if epoch % cfg.ckpt_interval == 0 or last:
+                save_weights_of(run, f"epoch_{epoch}.safetensors", epoch, metrics)
+            stopping = dist.any(stop.requested, rt.device)
+            if state.due() or stopping:
+                path = _save(state, log)
+                if stopping and not last:
+                    raise stop.interrupted(path, position, cfg)
+            status.write("running")
+        _publish(run, log)
+    progress.message(f"done: best {position.best_metric} {position.best:.2f} at epoch "
+                     f"{position.best_epoch}: {cfg.run_dir / BEST_FILE}")
+    return {"best": position.best, "best_metric": position.best_metric,
+            "best_epoch": position.best_epoch, "work_dir": str(cfg.run_dir)}
+
+
+def sinks(cfg: TrainConfig, progress: Progress, position: Position, steps: int) -> list[Sink]:
+    """Where the records of the process that writes files go: metrics.jsonl, the trackers
+    `cfg.log` turns on, the console."""
+    return [JsonlSink(cfg.run_dir / METRICS_FILE), *trackers_for(cfg),
+            ConsoleSink(progress, position, steps)]
+
+
+def _publish(run: Run, log: MetricsLog) -> None:
+    """After the last epoch: the HTML report, for the trackers that take it (TensorBoard its
+    figures, MLflow the page); a report that cannot be made is one line."""
+    if not log.takes_report:
+        return
+    try:
+        page = write_report([run.cfg.run_dir], device=str(run.rt.device))
+    except UserError as e:
+        warn(f"no report for the trackers: {e}")
+        page = None
+    log.publish(page)
+
+
+def _validate_timed(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
+                    on_validation: Callable[[int, dict[str, Any]], bool] | None
+                    ) -> dict[str, float]:
+    """`validate`, timed for the run's projection; stops the run as pruned when the caller's
+    `on_validation` says so (after writing a state)."""
+    position, started = state.position, time.perf_counter()
+    metrics, record = validate(run, position, log)
+    position.tick()
+    progress.validated(time.perf_counter() - started, position.step, position.epoch,
+                       position.elapsed_s)
+    if on_validation is not None and on_validation(position.epoch, record):
+        _save(state, log)
+        raise Pruned(f"pruned after epoch {position.epoch}")
+    return metrics
+
+
+def _save(state: TrainingState, log: MetricsLog) -> Path:
+    """Write a training state; then the trackers may have what it has seen."""
+    path = state.save()
+    log.commit()  # (a process that writes no files has no sinks)
+    return path
+
+
+def _start_or_resume(state: TrainingState, found: tuple[Path, dict[str, Any]] | None,
+                     log: MetricsLog, progress: Progress) -> None:
+    """A fresh start empties metrics.jsonl; a resumption restores every component of `found`
+    (metrics.jsonl is cut back to what that state had seen, TensorBoard drops what followed
+    it, MLflow continues its run)."""
+    cfg, position = state.cfg, state.position
+    if found is not None:
+        state.restore(found[1], found[0])
+        if state.dist.is_main:
+            _best_after_resume(position, cfg.run_dir, progress)
+        progress.message(f"resumed from {found[0]} at epoch {position.epoch + 1}, batch "
+                         f"{position.batch}, step {position.step}")
+    log.open(position.step, resumed=found is not None)
+
+
+def outcome_of(kind: type[BaseException] | None) -> str:
+    """How a run ended, by the exception that ended it (None: it finished)."""
+    if kind is None:
+        return "finished"
+    for outcome, kinds in (("interrupted", (Interrupted, KeyboardInterrupt)),
+                           ("diverged", TrainingDiverged), ("pruned", Pruned)):
+        if issubclass(kind, kinds):
+            return outcome
+    return "failed"
+
+
+class RunStatus:
+    """status.json of a run (rank 0): "running" while the run lives, then "finished",
+    "interrupted" (a signal; a kill leaves "running" without the lock), "diverged" or "pruned".
+    As a context manager it writes the outcome, then closes the run's sinks."""
+
+    def __init__(self, run: Run, position: Position, log: MetricsLog):
+        self.run, self.position, self.log = run, position, log
+
+    def write(self, status: str) -> None:
+        if self.run.dist.is_main:
+            p = self.position
+            p.tick()
+            write_status(self.run.cfg.run_dir, {
+                "status": status, "epoch": p.epoch, "epochs": self.run.cfg.sched.epochs,
+                "step": p.step, "best": p.best, "best_metric": p.best_metric,
+                "best_epoch": p.best_epoch, "elapsed_s": p.elapsed_s, "updated": time.time(),
+                "pid": os.getpid()})
+
+    def __enter__(self) -> RunStatus:
+        self.write("running")
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        outcome = outcome_of(kind)
+        if outcome != "failed":  # a failure leaves "running": `runs` sees the lock is free
+            self.write(outcome)
+        self.log.close(outcome)
+
+
+def validate(run: Run, position: Position, log: MetricsLog) -> tuple[dict[str, float],
+                                                                      dict[str, Any]]:
+    """Evaluate the weights (and their EMA) after epoch `position.epoch`, keep the best of the
+    two as best.safetensors, then log the record (the console shows it beside the best so
+    far); returns the raw weights' metrics and the record."""
+    candidates = {"raw": (run.model, _validation_metrics(run, run.forward, run.model))}
+    record = {"epoch": position.epoch, **candidates["raw"][1]}
+    if run.ema is not None:
+        candidates["ema"] = (run.ema.module,
+                             _validation_metrics(run, run.ema.forward, run.ema.module))
+        record.update({ema(k): v for k, v in candidates["ema"][1].items()})
+    key = position.best_metric
+    weights = max(candidates, key=lambda k: candidates[k][1][key])  # a tie keeps raw
+    module, metrics = candidates[weights]
+    if metrics[key] > position.best:
+        position.best, position.best_epoch = metrics[key], position.epoch
+        save_weights_of(run, BEST_FILE, position.epoch, metrics, module, weights)
+    log.write(record, step=position.step)
+    return candidates["raw"][1], record
+
+
+def _validation_metrics(run: Run, forward: torch.nn.Module, eager: torch.nn.Module
+                        ) -> dict[str, float]:
+    return evaluate(forward, run.data.val.images, run.data.val.labels,
+                    run.cfg.data.eval_batch_size, run.normalize, run.rt, run.data.num_classes,
+                    run.dist, run.cfg.eval.tta, eager).record()
+
+
+def save_weights_of(run: Run, name: str, epoch: int, metrics: dict[str, float],
+                    module: torch.nn.Module | None = None, weights: str = "raw") -> None:
+    if run.dist.is_main:
+        state_dict = (module or run.model).state_dict()
+        save_weights(run.cfg.run_dir / name, state_dict, run.cfg, run.data.classes, epoch,
+                     metrics, run.rt.as_dict(), weights, run.data.identity)
+
+
+def _best_after_resume(position: Position, run_dir: Path, progress: Progress) -> None:
+    """The best value of the best metric to beat: the state's, or a better one
+    best.safetensors holds (written before a crash, after the state). When the file holding
+    the state's best is gone (a rollback set it aside) the next validation writes a new one."""
+    metric = position.best_metric
+    if position.best_epoch and not (run_dir / BEST_FILE).exists():
+        progress.warning(f"best.safetensors of epoch {position.best_epoch} ({metric} "
+                         f"{position.best:.2f}) is not in {run_dir}; it will hold the best "
+                         "weights from the next validation on")
+        position.best, position.best_epoch = -1.0, 0
+    position.best = max(position.best, _best_on_disk(run_dir, metric))
+
+
+def _best_on_disk(run_dir: Path, metric: str) -> float:
+    """The metric recorded in an existing best.safetensors (-1 when there is none)."""
+    path = run_dir / BEST_FILE
+    if not path.exists():
+        return -1.0
+    try:
+        return float(load_weights(path).metrics.get(metric, -1.0))
+    except UserError:
+        return -1.0
+
+
+# ---- the train command -------------------------------------------------------------------------
+
+def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None = None,
+        allow_changes: bool = False,
+        on_validation: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    """Run the whole training described by `cfg` (or continue it); returns the best value of
+    the metric that picks best.safetensors, that metric, its epoch and the work dir.
+
+    Under torchrun every process calls this; rank 0 alone reads and writes the work dir (other
+    nodes' may be other disks) and decides for all. Everything a user can get wrong (data,
+    state to resume, options, a work dir in use) is checked before anything is written.
+    """
+    dist = distributed.from_env()
+    cfg = dataclasses.replace(cfg, name=cfg.run_name)
+    rt = resolve_runtime(cfg, dist)
+    configure_backends(rt)
+    per_step = dist.world * cfg.optim.accum_steps
+    if cfg.data.batch_size % per_step:
+        raise UserError(f"--data.batch-size {cfg.data.batch_size} is the global batch; it must "
+                        f"split evenly over {dist.world} processes x {cfg.optim.accum_steps} "
+                        f"accumulation steps (a multiple of {per_step})")
+    distributed.start(dist, rt.device)
+    try:
+        cfg, note = distributed.from_main(dist, lambda: choose_work_dir(cfg, resume))
+        if note and dist.is_main:
+            print(f"note: {note}", file=sys.stderr)
+        found = distributed.from_main(dist, lambda: find_resume_state(cfg, resume))
+        cfg = recorded_normalisation(found, cfg)
+        # The dataset before any weights: a missing one fails at once, with no download.
+        # Under torchrun rank 0 downloads or decodes it first; the others then read it.
+        distributed.main_first(dist, lambda: prepare_dataset(cfg.data))
+        data = distributed.together(dist, lambda: load_dataset(cfg.data, rt.device))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, mean=data.mean, std=data.std))  # recorded in config.json
+        if found is not None and not allow_changes:
+            distributed.together(dist, lambda: refuse_changes(found, cfg, data.identity,
+                                                              rt.device))
+        elif found is not None and (change := device_kind_change(found[1], rt.device)):
+            print(f"note: {change}: they start afresh here", file=sys.stderr)
+        # A resumed run takes its weights from the state: no download of pretrained weights.
+        run = build_run(cfg, rt, dist, data, pretrained=found is None)
+        with contextlib.ExitStack() as work_dir:
+            distributed.from_main(dist, lambda: claim_work_dir(cfg, data.val.files, found,
+                                                               work_dir))
+            return train(run, found, live_progress, on_validation)
+    finally:
+        distributed.stop()

@@ -1,0 +1,347 @@
+"""What a training state holds, and how a run continues from one.
+
+A training state is a mapping of named stateful components (model, optimizer, loader, ...), each
+with `state_dict()` / `load_state_dict()`; `TrainingState` saves and restores them by iterating
+that mapping, so a new piece of run state is one more entry (declared optional when states
+written before it existed should still resume). It also owns when states are written, their
+file format and which are kept. Also here: finding the state to resume from, and refusing
+changed options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as tdist
+
+from convnext_cifar.config import TrainConfig, config_json, flatten, from_dict, to_dict
+from convnext_cifar.data.dataset import identity_difference
+from convnext_cifar.data.loader import Generators
+from convnext_cifar.distributed import Dist
+from convnext_cifar.errors import UserError
+from convnext_cifar.files import first_line, load_pth, require_file, write_file
+from convnext_cifar.model.build import layout_mismatch
+from convnext_cifar.model.checkpoints import RESUME_ADVICE
+from convnext_cifar.outputs.workdir import find_states, state_path, state_step
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class Position:
+    """Where a run is: epochs and optimizer steps done, and the best validation so far."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in the current epoch (non-zero only after an interruption)
+    step: int = 0  # optimizer steps done
+    best: float = -1.0  # the best value so far of `best_metric` (-1: no validation yet)
+    best_metric: str = "top1"  # the metric that picks best.safetensors (--eval.best-metric)
+    best_epoch: int = 0
+    elapsed_s: float = 0.0  # wall time spent training, over every resumption
+
+    def __post_init__(self) -> None:
+        self._since = time.monotonic()
+
+    def tick(self) -> None:
+        """Add the wall time since the last tick (or the start, or the restore) to elapsed_s."""
+        now = time.monotonic()
+        self.elapsed_s += now - self._since
+        self._since = now
+
+    def state_dict(self) -> dict[str, Any]:
+        self.tick()
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if missing := {"epoch", "batch", "step"} - set(state):
+            raise KeyError(", ".join(sorted(missing)))
+        state = dict(state)
+        if "best_top1" in state:  # states of 0.1.0 named the best value so (any metric)
+            state["best"] = state.pop("best_top1")
+        state.pop("best_metric", None)  # recorded for the reader; the config names it
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._since = time.monotonic()
+
+
+class GlobalRng:
+    """The process-wide generators (python, torch CPU, CUDA): drop-path noise and the like.
+
+    Under DDP every rank has its own noise stream, so the state keeps one entry per rank
+    (gathered to every rank when saving: call `state_dict` on all ranks together).
+    """
+
+    def __init__(self, device: torch.device, dist: Dist):
+        self.device, self.dist = device, dist
+
+    def _local(self) -> dict[str, Any]:
+        return {"python": random.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                else None}
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.dist.enabled:
+            return {"per_rank": [self._local()]}
+        gathered: list[Any] = [None] * self.dist.world
+        tdist.all_gather_object(gathered, self._local())
+        return {"per_rank": gathered}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state["per_rank"]
+        if self.dist.rank >= len(ranks):  # more processes than the run had: fresh noise
+            torch.manual_seed(torch.initial_seed() + self.dist.rank)
+            return
+        mine = ranks[self.dist.rank]
+        random.setstate(mine["python"])
+        torch.set_rng_state(mine["torch"])
+        if mine["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
+
+
+class TrainingState:
+    """A run's stateful components by name, written to one state file on the run's cadence.
+
+    `components["run"]` is the run's `Position`. Names in `optional` may be missing from a
+    state (one written before they existed): they then keep their fresh state on restore.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist: Dist, steps_per_epoch: int,
+                 components: dict[str, Stateful], optional: tuple[str, ...] = ()):
+        self.cfg, self.dist, self.steps_per_epoch = cfg, dist, steps_per_epoch
+        self.components, self.optional = components, optional
+        self.position: Position = components["run"]  # type: ignore[assignment]
+
+    def due(self) -> bool:
+        """Whether the epoch just ended is one to write a state after: every --state-interval
+        epochs, and after the last."""
+        epoch = self.position.epoch
+        return epoch % self.cfg.state_interval == 0 or epoch == self.cfg.sched.epochs
+
+    def save(self) -> Path:
+        """Write state_<step>.pt (rank 0; every rank must call it) and prune older states: the
+        newest --keep-last stay, and the state of the best epoch."""
+        path = state_path(self.cfg.run_dir, self.position.step)
+        states = {name: c.state_dict() for name, c in self.components.items()}
+        if self.dist.is_main:
+            save_state(path, {"config": config_json(self.cfg), "components": states})
+            best_step = self.position.best_epoch * self.steps_per_epoch
+            prune_states(self.cfg.run_dir, self.cfg.keep_last, keep_step=best_step or None)
+        return path
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        """Load every component from `state` (as `find_resume_state` returned it)."""
+        saved = state["components"]
+        missing = [n for n in self.components if n not in saved and n not in self.optional]
+        if missing:
+            raise UserError(f"{path} ({state['format']}) holds no {', '.join(missing)}; resume "
+                            "it with the version that wrote it")
+        model = self.components["model"]
+        if problem := layout_mismatch(model, saved["model"]):
+            raise UserError(f"{path} does not fit this model ({problem}); resume with the run's "
+                            "own config.json")
+        for name, component in self.components.items():
+            if name not in saved:
+                continue
+            try:
+                component.load_state_dict(saved[name])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{path} does not fit this run's {name} ({first_line(e)}); "
+                                "resume with the run's own config.json") from None
+
+
+# ---- state files ---------------------------------------------------------------------------------
+
+STATE_FORMAT = "convnext-cifar/state-v2"
+OLDER_STATE_FORMATS = ("convnext-cifar/state-v1",)  # still read: upgrade_state
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save `state` atomically; it holds only tensors and plain containers (so that
+    `load_state` can read it with weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save({"format": STATE_FORMAT, **state}, buf)
+    write_file(path, buf.getvalue(), "training state", RESUME_ADVICE)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A state written by `save_state` (this version's format or an older one it still reads);
+    refuses anything else, running nothing."""
+    path = require_file(path, "training state")
+    state = load_pth(path)
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if not isinstance(fmt, str) or not fmt.startswith("convnext-cifar/state-"):
+        raise UserError(f"{path} is not a convnext-cifar training state; give a state_*.pt "
+                        "file of a run, or --resume auto")
+    if fmt != STATE_FORMAT and fmt not in OLDER_STATE_FORMATS:
+        raise UserError(f"{path} is a training state of format {fmt!r}, which this version "
+                        f"({STATE_FORMAT}) cannot resume; finish that run with the version that "
+                        "wrote it")
+    return state
+
+
+def prune_states(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
+    """Delete all but the newest `keep_last` states, never the one at step `keep_step`."""
+    states = find_states(run_dir)
+    for path in states[:-keep_last] if keep_last else states:
+        if keep_step is None or state_step(path) != keep_step:
+            path.unlink(missing_ok=True)
+
+
+def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state of an older format in the current layout (format v1: one key per piece)."""
+    if state["format"] == STATE_FORMAT:
+        return state
+    rng, run = state["rng"], state["run"]
+    return {"format": state["format"], "config": state["config"], "components": {
+        "run": run, "model": state["model"], "optimizer": state["optimizer"],
+        "scaler": state["scaler"] or {},
+        "rng": {"per_rank": [{k: rng[k] for k in ("python", "torch", "cuda")}]},
+        "loader": {"generator": rng["data"]}, "window": state["window"],
+        "guard": {"count": torch.tensor(run["step"]), "streak": torch.tensor(0)},
+        "log": {"bytes": state["metrics_bytes"]}}}
+
+
+# ---- finding the state to resume, and what may change -------------------------------------------
+
+# Options that may differ between a run and its resumption: where and how fast, not what.
+RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "compile_mode",
+                     "deterministic",
+                     "channels_last", "log.tensorboard", "log.mlflow",
+                     "val_interval", "ckpt_interval", "log_interval", "state_interval",
+                     "keep_last", "data.root", "data.download", "data.eval_batch_size",
+                     "data.workers", "data.decode_processes", "data.memory_share", "data.placement",
+                     "data.cache_dir",
+                     "model.pretrained", "model.pretrained_format", "model.pretrained_prefix",
+                     "model.pretrained_weights", "model.head_init_scale")  # (only the start)
+
+
+def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:
+    """The options that differ between a saved config and `new` and change what the run does.
+
+    The saved config is read back first, so options added since it was written count as their
+    defaults.
+    """
+    a, b = flatten(to_dict(from_dict(TrainConfig, old))), flatten(to_dict(new))
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A training state of this or an older format, in the current layout, with the pieces
+    resuming reads checked (one UserError naming the file otherwise)."""
+    state = load_state(path)
+    try:
+        state = upgrade_state(state)
+        run, log = state["components"]["run"], state["components"]["log"]
+        json.loads(state["config"])
+        problem = "" if all(isinstance(run.get(k), int) for k in ("epoch", "batch", "step")) \
+            and isinstance(log.get("bytes"), int) and isinstance(
+                state["components"].get("model"), dict) else "its run position is incomplete"
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        problem = f"{type(e).__name__}: {first_line(e)}"
+    if problem:
+        raise UserError(f"{path} is a damaged training state ({problem}); resume from another "
+                        "state of the run (--resume PATH), or --resume auto")
+    return state
+
+
+def find_resume_state(cfg: TrainConfig, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
+    """The training state to resume from: `auto`, the newest readable one in the work dir (none:
+    a fresh start); a work dir, its newest readable one (none: an error); or a state file."""
+    if not resume:
+        return None
+    folder = cfg.run_dir if resume == "auto" else Path(resume)
+    if resume != "auto" and not folder.is_dir():
+        if not folder.exists():
+            raise UserError(f"--resume {resume}: no such work dir or training state; give a "
+                            "run's folder (e.g. work_dirs/NAME), a state_*.pt file, or auto")
+        return folder, read_state(folder)
+    for path in reversed(find_states(folder)):
+        try:
+            return path, read_state(path)
+        except UserError as e:
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+    if resume != "auto":
+        raise UserError(f"--resume {resume}: the folder holds no readable training state "
+                        "(state_*.pt) to continue; start a new run instead")
+    print(f"no training state in {cfg.run_dir}; starting fresh", file=sys.stderr)
+    return None
+
+
+def resumed_config(target: Path) -> TrainConfig:
+    """The config `--resume WORK_DIR|STATE` continues with: the state's own (for a folder, its
+    newest readable state's), with the work dir where that state lies."""
+    path, state = find_resume_state(TrainConfig(), str(target))  # type: ignore[misc]
+    try:
+        cfg = from_dict(TrainConfig, json.loads(state["config"]))
+    except UserError as e:
+        raise UserError(f"{path}: its recorded config does not load ({e}); give --config "
+                        "with a config.json that does") from None
+    return dataclasses.replace(cfg, work_dir=path.parent)
+
+
+def refuse_changes(found: tuple[Path, dict[str, Any]], cfg: TrainConfig,
+                   identity: dict[str, Any], device: torch.device) -> None:
+    """Stop when `cfg`, the dataset (its `identity`) or the kind of `device` would make the
+    resumed run another run than the one saved."""
+    path, state = found
+    if problem := device_kind_change(state, device):
+        raise UserError(f"cannot resume {path} on {device}: {problem}; resume it on that kind "
+                        "of device, or pass --resume-allow-changes to go on with freshly "
+                        "seeded augmentation draws")
+    recorded = state["components"].get("dataset")
+    if recorded and (difference := identity_difference(recorded, identity)):
+        raise UserError(f"cannot resume {path}: {cfg.data.root} is not the data the run trained "
+                        f"on ({difference}); point --data.root at the run's data, or pass "
+                        "--resume-allow-changes to continue on this data")
+    if changes := config_changes(json.loads(state["config"]), cfg):
+        raise UserError(f"cannot resume {path}: the config differs in " + ", ".join(changes)
+                        + "; resume with the run's own config.json (--config) or pass "
+                        "--resume-allow-changes")
+
+
+def device_kind_change(state: dict[str, Any], device: torch.device) -> str:
+    """'' when the state's random streams continue on `device`, else what differs."""
+    if Generators(device).fits(state["components"]["loader"]):
+        return ""
+    return "its augmentation draws come from a generator of another kind of device"
+
+
+def recorded_normalisation(found: tuple[Path, dict[str, Any]] | None, cfg: TrainConfig
+                           ) -> TrainConfig:
+    """`cfg` with the mean/std the resumed run recorded, unless options give them: a run keeps
+    its normalisation (measured once on a folder's images) however its data may change."""
+    if found is None or cfg.data.mean is not None or cfg.data.std is not None:
+        return cfg
+    data = json.loads(found[1]["config"]).get("data", {})
+    if data.get("mean") is None or data.get("std") is None:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, mean=tuple(data["mean"]), std=tuple(data["std"])))
+
+
+class DatasetRecord:
+    """The dataset's identity as a component of the training state; a resumption compares it
+    (refuse_changes) before anything is written, so loading it back changes nothing."""
+
+    def __init__(self, identity: dict[str, Any]):
+        self.identity = identity
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.identity
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

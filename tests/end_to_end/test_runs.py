@@ -1,0 +1,132 @@
+"""End to end: `runs` lists finished, interrupted and running work dirs and what differs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from support import ONE_EPOCH, small_run_args, timeless_records
+
+from convnext_cifar import cli
+from convnext_cifar.config import TrainConfig, to_dict
+
+
+def test_runs_passes_over_what_is_not_a_run(cifar_root, tmp_path, monkeypatch, capsys):
+    real = tmp_path / "work_dirs" / "real"
+    assert cli.main(small_run_args(cifar_root, real, *ONE_EPOCH)) == 0
+    for name, text in (("foreign", '{"foo": 1}'), ("a_list", "[1, 2]"), ("broken", "{"),
+                       ("half", '{"model": "x", "data": {}, "optim": {}, "sched": {}}')):
+        (tmp_path / "work_dirs" / name).mkdir()
+        (tmp_path / "work_dirs" / name / "config.json").write_text(text)
+    (real / "status.json").write_text('["not", "a", "status"]')
+    with open(real / "metrics.jsonl", "a") as f:
+        f.write('[1, 2]\n{"epoch": "x", "top1": "y"}\n')
+    locked = tmp_path / "work_dirs" / "locked"
+    locked.mkdir()
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    import fcntl
+
+    taken = []
+    real_fcntl, real_flock = fcntl.fcntl, fcntl.flock
+    monkeypatch.setattr(fcntl, "fcntl", lambda fd, cmd, *a: taken.append(cmd) if cmd in (
+        getattr(fcntl, "F_OFD_SETLK", -1), fcntl.F_SETLK) else None or real_fcntl(fd, cmd, *a))
+    monkeypatch.setattr(fcntl, "flock", lambda *a: taken.append("flock") or real_flock(*a))
+    capsys.readouterr()
+    assert cli.main(["runs", str(tmp_path / "work_dirs"), "--json"]) == 0
+    out = capsys.readouterr()
+    rows = json.loads(out.out)["runs"]
+    assert [Path(r["work_dir"]).name for r in rows] == ["real"] and out.err == ""
+    assert rows[0]["status"] == "interrupted" or rows[0]["status"] == "not started"
+    assert taken == []  # looked at the lock without taking it
+
+
+def test_the_runs_table_keeps_names_and_results_whole(tmp_path, monkeypatch, capsys):
+    for i in range(3):  # a dozen differing options, long run names
+        work = tmp_path / f"a-rather-long-run-name-number-{i}"
+        work.mkdir()
+        config = to_dict(TrainConfig())
+        config["name"] = work.name
+        for j, key in enumerate(("lr", "weight_decay", "eps", "layer_decay")):
+            config["optim"][key] = 0.1 * (i + 1) + j
+        for key in ("mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob"):
+            config["aug"][key] = 0.1 * i
+        config["seed"], config["sched"]["epochs"] = i, 10 + i
+        config["data"]["padding"], config["data"]["flip_prob"] = i, 0.1 * i
+        (work / "config.json").write_text(json.dumps(config))
+        (work / "metrics.jsonl").write_text(json.dumps(
+            {"epoch": 1, "val_loss": 1.0, "top1": 91.25 + i, "top5": 99.0}) + "\n")
+    monkeypatch.setenv("COLUMNS", "160")
+    assert cli.main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for i in range(3):
+        assert f"a-rather-long-run-name-number-{i}" in out
+        assert f"{91.25 + i:.2f} (1)" in out
+    assert "optim.lr=" in out and "…" not in out.split("differing")[0]
+    assert max(len(line) for line in out.splitlines()) <= 160
+
+
+def test_runs_table_compares_finished_interrupted_and_running_work_dirs(
+        trained, cifar_root, tmp_path, capsys):
+    other = tmp_path / "runs" / "lr"
+    assert cli.main(small_run_args(cifar_root, other, "--sched.epochs", "1", "--optim.lr",
+                                   "1e-3", "--data.limit-train", "100",
+                                   "--sched.warmup-epochs", "0")) == 0
+    stopped = tmp_path / "runs" / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "convnext_cifar", *small_run_args(
+        cifar_root, stopped, "--sched.epochs", "40", "--data.limit-train", "100")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import time
+
+        start = time.monotonic()
+        while not (stopped / "metrics.jsonl").exists() and time.monotonic() - start < 120:
+            time.sleep(0.05)
+        capsys.readouterr()
+        assert cli.main(["runs", str(trained), str(tmp_path / "runs"), "--json"]) == 0
+        table = json.loads(capsys.readouterr().out)
+        by_dir = {os.path.basename(r["work_dir"]): r for r in table["runs"]}
+        assert by_dir["stopped"]["status"] == "running"  # another process is writing it now
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert cli.main(["runs", str(trained), str(tmp_path / "runs"), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    by_dir = {os.path.basename(r["work_dir"]): r for r in table["runs"]}
+    assert by_dir["stopped"]["status"] == "interrupted"  # killed: no lock, "running" on file
+    finished = by_dir[trained.name]
+    val = [r for r in timeless_records(trained) if "top1" in r]
+    assert finished["status"] == "finished" and finished["epochs_done"] == 2
+    assert finished["epochs"] == 2 and finished["best_top1"] == max(r["top1"] for r in val)
+    assert finished["last_top1"] == val[-1]["top1"] and finished["wall_s"] > 0
+    assert finished["img_per_s"] > 0 and finished["model"] == "convnextv2_atto"
+    assert "optim.lr" in table["differing"] and "sched.epochs" in table["differing"]
+    assert "name" not in table["differing"] and "work_dir" not in table["differing"]
+    assert cli.main(["runs", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "stopped" in out or "interrupted" in out
+
+
+def test_runs_on_a_folder_without_runs_says_so(tmp_path, capsys):
+    assert cli.main(["runs", str(tmp_path)]) == 0
+    assert "no runs" in capsys.readouterr().out
+
+
+def test_runs_reads_a_metrics_line_being_written(trained, tmp_path, capsys):
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    with open(copy / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "val_loss": 0.5, "to')  # a writer caught mid-line
+    assert cli.main(["runs", str(copy), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["runs"]
+    assert row["last_top1"] == [r for r in timeless_records(trained) if "top1" in r][-1]["top1"]

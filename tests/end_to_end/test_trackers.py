@@ -1,0 +1,115 @@
+"""End to end: TensorBoard and MLflow get every point once across a resume, the report's images
+and artifacts, and a tracker that fails is one line while the run goes on."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from support import EXACT, die_after_state, signal_at_step, small_run_args, timeless_records
+
+from convnext_cifar import cli
+
+
+def scalars(work):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(work / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if tag != "train/img_per_s"}
+
+
+def test_mlflow_gets_params_metrics_and_artifacts_across_a_sigterm(cifar_root, tmp_path,
+                                                                   monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow keeps a SQLite store's artifacts in ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    work = tmp_path / "run"
+    args = small_run_args(cifar_root, work, "--sched.epochs", "2", "--sched.warmup-epochs", "0",
+                          "--data.limit-train", "100", "--data.limit-val", "60",
+                          "--log-interval", "1", "--log.mlflow", uri)
+    restore = signal_at_step(monkeypatch, 3)  # mid-epoch 2 of 2-step epochs: after a state
+    assert cli.main(args) == 143
+    restore()
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("convnext-cifar").experiment_id])
+    assert run.info.status == "KILLED"
+    assert cli.main(args + ["--resume", "auto"]) == 0
+    (run,) = client.search_runs([run.info.experiment_id])  # the same MLflow run, continued
+    assert run.info.status == "FINISHED" and run.info.run_name == "convnextv2-atto_cifar10-smoke"
+    assert run.data.params["optim.lr"] == "0.004" and run.data.params["data.batch_size"] == "50"
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    for name, key, kind in (("train/loss", "loss", "loss"), ("val/top1", "top1", "top1")):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                            name))
+        steps = [s for s, _ in history]
+        assert steps == sorted(set(steps)), f"{name}: a point twice"
+        expected = [r[key] for r in records if kind in r]
+        assert [v for _, v in history] == pytest.approx(expected), f"{name}: missing points"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"best.safetensors", "report.html", "report-confusion.png"} <= artifacts
+    assert (tmp_path / "mlruns").is_dir()  # where the artifacts went, not the repository
+
+
+def test_an_unreachable_tracking_server_is_one_line_and_the_run_goes_on(cifar_root, tmp_path,
+                                                                        capsys):
+    work = tmp_path / "run"
+    assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "1", "--data.limit-train",
+                                   "50", "--data.limit-val", "50", "--sched.warmup-epochs", "0",
+                                   "--log.mlflow", "http://127.0.0.1:9")) == 0
+    err = capsys.readouterr().err
+    assert err.count("MLflow") == 1 and "cannot be reached" in err
+    assert (work / "best.safetensors").exists()
+
+
+def test_tensorboard_gets_the_report_images_and_the_hparams(cifar_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work = tmp_path / "run"
+    assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "1", "--data.limit-train",
+                                   "50", "--data.limit-val", "50", "--sched.warmup-epochs", "0",
+                                   "--log.tensorboard")) == 0
+    acc = EventAccumulator(str(work / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert {"report/confusion", "report/augmentation"} <= set(acc.Tags()["images"])
+    (image,) = acc.Images("report/confusion")
+    png = (work / "report-confusion.png").read_bytes()
+    assert Image.open(io.BytesIO(image.encoded_image_string)).size == Image.open(
+        io.BytesIO(png)).size
+    hparams = EventAccumulator(str(work / "tb" / "hparams"))
+    hparams.Reload()
+    assert "hparam/best_top1" in hparams.Tags()["scalars"]
+    assert hparams.Scalars("hparam/best_top1")[0].value == pytest.approx(
+        max(json.loads(x).get("top1", 0) for x in (work / "metrics.jsonl").read_text()
+            .splitlines()))
+
+
+@pytest.mark.slow  # ~27 s: three runs with a report each (MLflow's resume test stays fast)
+def test_tensorboard_curves_continue_across_a_resume_without_gaps_or_repeats(
+        cifar_root, tmp_path, monkeypatch):
+    def run(work, *extra):
+        return cli.main(small_run_args(cifar_root, work, *EXACT, "--log.tensorboard", *extra))
+
+    assert run(tmp_path / "whole") == 0
+    whole = scalars(tmp_path / "whole")
+    assert {"train/loss", "train/lr", "train/grad_norm", "val/loss", "val/top1",
+            "val/top5"} <= set(whole)
+    steps = [r["step"] for r in timeless_records(tmp_path / "whole") if "step" in r]
+    assert [s for s, _ in whole["train/loss"]] == steps
+    restore = signal_at_step(monkeypatch, 6)
+    assert run(tmp_path / "cut") == 143
+    restore()
+    restore = die_after_state(monkeypatch)  # and a hard kill after the next state, mid-run
+    with pytest.raises(SystemExit):
+        run(tmp_path / "cut", "--resume", "auto")
+    restore()
+    assert run(tmp_path / "cut", "--resume", "auto") == 0
+    resumed = scalars(tmp_path / "cut")
+    assert resumed.keys() == whole.keys()
+    for tag in whole:
+        assert [s for s, _ in resumed[tag]] == [s for s, _ in whole[tag]], tag
+        np.testing.assert_allclose([v for _, v in resumed[tag]], [v for _, v in whole[tag]],
+                                   rtol=1e-6, err_msg=tag)

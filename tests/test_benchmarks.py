@@ -1,0 +1,93 @@
+"""benchmarks/: the scripts time what `train` builds, and run and report every figure (slow)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.throughput import _conv_backward_flop
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
+    out = tmp_path / "r.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--quick", "--model", "convnextv2_atto",
+         "--batch-size", "8", "--eval-batch-size", "16", "--steps", "2", "--windows", "1",
+         "--baseline-workers", "1", "--num-classes", "7", "--peak-sizes", "128", "256",
+         "--json", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert rows == [json.loads(line) for line in out.read_text().splitlines()]
+    project, base = rows
+    assert (project["kind"], base["kind"]) == ("project", "baseline")
+    # the CPU defaults for atto (compiling it is not worth it there: runtime.CPU_COMPILE_MODELS)
+    assert (project["precision"], project["compile"]) == ("fp32", False)
+    assert project["peak_matmul_n"] in (128, 256)
+    for key in ("data_img_per_s", "loop_img_per_s", "bare_img_per_s", "eval_img_per_s",
+                "loop_first_s", "peak_tflops", "achieved_tflops", "peak_rss_mb"):
+        assert project[key] > 0, key
+    assert project["loop_min"] <= project["loop_img_per_s"] <= project["loop_max"]
+    assert 2.5 < project["train_flops_per_image"] / project["forward_flops_per_image"] < 3.5
+    assert 0.02e9 < project["forward_flops_per_image"] < 0.025e9  # atto: 0.55 GMAC at 224 px
+    assert project["vs_baseline"] == project["loop_img_per_s"] / base["loop_img_per_s"]
+    assert project["torch"] == torch.__version__ and project["threads"] >= 1
+
+
+@pytest.mark.slow
+def test_the_decode_and_placement_benchmarks_run_and_report(tmp_path):
+    decode = subprocess.run([sys.executable, "-m", "benchmarks.decode", "--png", "300", "--jpeg",
+                             "20", "--json"], capture_output=True, text=True, timeout=600)
+    assert decode.returncode == 0, decode.stderr
+    result = json.loads(decode.stdout)
+    assert result["png_32"]["images"] == 310 and result["loop"]["folder"] > 0
+    placed = subprocess.run([sys.executable, "-m", "benchmarks.placement", "--sizes", "32",
+                             "--images", "400", "--batches", "2", "--json", "--out",
+                             str(tmp_path / "p.json")], capture_output=True, text=True,
+                            timeout=600)
+    assert placed.returncode == 0, placed.stderr
+    rows = {r["placement"]: r for r in json.loads(placed.stdout)["rows"]}
+    assert sorted(rows) == ["device", "disk", "host"]
+    assert all(r["feed_img_per_s"] > 0 and r["loader_img_per_s"] > 0 for r in rows.values())
+    assert rows["disk"]["feed_cold_img_per_s"] > 0 and "feed_cold_img_per_s" not in rows["host"]
+    assert rows["device"]["cache_mb"] == rows["disk"]["cache_mb"] == 400 * 3 * 32 * 32 / 2**20
+
+
+def test_depthwise_backward_flops_are_not_multiplied_by_groups():
+    conv = torch.nn.Conv2d(64, 64, 7, padding=3, groups=64)
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        y = conv(x)
+    forward = counter.get_total_flops()
+    assert forward == 2 * (2 * 64 * 8 * 8) * 49
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        y.sum().backward()
+    assert counter.get_total_flops() == 2 * forward  # grad input + grad weight
+    with FlopCounterMode(display=False) as counter:
+        conv(x).sum().backward()
+    assert counter.get_total_flops() > 3 * forward  # torch's own count is too high here
+
+
+def test_the_benchmark_times_what_train_builds():
+    """The benchmark's run comes from engine.build_run with the reference config: the same
+    model, optimizer groups, loss and loader `train` uses, for its class count."""
+    from benchmarks.throughput import Args, bench_config, synthetic_dataset
+    from convnext_cifar.presets import CIFAR10FineTune
+    from convnext_cifar.runtime import resolve_runtime
+    from convnext_cifar.training.build import build_run
+
+    args = Args(model="convnextv2_atto", batch_size=8, steps=2, num_classes=7)
+    device = torch.device("cpu")
+    cfg = bench_config(args, device, "fp32", True, False)
+    ref = CIFAR10FineTune()
+    assert (cfg.optim, cfg.sched, cfg.model.drop_path_rate, cfg.model.label_smoothing) == (
+        ref.optim, ref.sched, ref.model.drop_path_rate, ref.model.label_smoothing)
+    run = build_run(cfg, resolve_runtime(cfg), data=synthetic_dataset(args, device, 7))
+    assert run.model.head.fc.out_features == 7 and len(run.loader) == 2
+    x, y, n = next(run.loader.epoch(0))
+    assert x.shape == (8, 3, 32, 32) and int(y.max()) < 7

@@ -1,0 +1,90 @@
+"""runtime.py: what `auto` resolves to per device, when compiling is possible, TF32 and bf16
+defaults, and what CUDA graphs refuse."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from convnext_cifar import runtime
+from convnext_cifar.config import OptimConfig, TrainConfig
+from convnext_cifar.errors import UserError
+from convnext_cifar.runtime import resolve_runtime
+
+
+def test_runtime_defaults_per_device(monkeypatch):
+    from convnext_cifar.errors import UserError
+    from convnext_cifar.runtime import resolve_runtime
+
+    rt = resolve_runtime(TrainConfig(device="cpu"))
+    assert (rt.precision, rt.compile, rt.autocast_dtype) == ("fp32", True, None)  # Tiny
+    atto = TrainConfig(device="cpu", model=TrainConfig().model.__class__(name="convnextv2_atto"))
+    assert not resolve_runtime(atto).compile  # measured: not worth compiling on the CPU
+    assert not resolve_runtime(TrainConfig(device="cpu", compile="off")).compile
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_runtime(TrainConfig()).device.type == "cpu"
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_runtime(TrainConfig(device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    rt = resolve_runtime(TrainConfig(device="cuda"))
+    assert (rt.precision, rt.compile) == ("bf16", True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_runtime(TrainConfig(device="cuda")).precision == "fp16"
+
+
+def test_cpu_compile_needs_a_compiler(monkeypatch, capsys):
+    from convnext_cifar.errors import UserError
+
+    monkeypatch.setattr(runtime, "cpu_compiler_available", lambda: False)
+    assert not runtime.resolve_runtime(TrainConfig(device="cpu")).compile  # auto: falls back
+    assert "no C++ compiler found" in capsys.readouterr().err
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
+        runtime.resolve_runtime(TrainConfig(device="cpu", compile="on"))
+    monkeypatch.setattr(runtime, "cpu_compiler_available", lambda: True)
+    assert runtime.resolve_runtime(TrainConfig(device="cpu")).compile
+
+
+def test_cuda_graphs_refuse_gradient_accumulation(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    accumulating = TrainConfig(device="cuda", compile_mode="reduce-overhead",
+                               optim=OptimConfig(accum_steps=2))
+    with pytest.raises(UserError, match="reduce-overhead replays CUDA graphs, which cannot "
+                                        "accumulate gradients over --optim.accum-steps 2"):
+        resolve_runtime(accumulating)
+    assert resolve_runtime(TrainConfig(device="cuda", compile_mode="reduce-overhead")).cuda_graphs
+    assert not resolve_runtime(TrainConfig(device="cpu", compile_mode="reduce-overhead",
+                                           optim=OptimConfig(accum_steps=2))).cuda_graphs
+
+
+def test_tf32_is_set_through_the_api_inductor_reads():
+    code = ("import torch; from convnext_cifar.runtime import Runtime, configure_backends\n"
+            "configure_backends(Runtime(torch.device('cuda'), 'fp32', True, True))\n"
+            "print(torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,"
+            " torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())\n"
+            "configure_backends(Runtime(torch.device('cuda'), 'fp32', True, True, "
+            "deterministic=True))\n"
+            "print(torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, "
+            "torch.are_deterministic_algorithms_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["high", "tf32", "True", "False", "False", "True", "True"]
+
+
+def test_bf16_is_the_cpu_default_only_with_amx(tmp_path, monkeypatch):
+    from convnext_cifar import runtime
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    assert runtime.cpu_has_bf16_units(info)
+    info.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert not runtime.cpu_has_bf16_units(info)
+    monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: True)
+    assert resolve_runtime(TrainConfig(device="cpu")).precision == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: False)
+    assert resolve_runtime(TrainConfig(device="cpu")).precision == "fp32"
