@@ -19,10 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import save
 from support import (
     EXACT,
+    ROOT,
     assert_same_run,
     die_after_state,
     folder_args,
     quick_train,
+    read_weights,
     signal_at_step,
     small_run_args,
     timeless_records,
@@ -81,11 +83,28 @@ EPOCHS = "80"  # 2 steps each: room for 12 kills of a few epochs' progress each
 KILLS = 12
 
 
+def as_0_1_0(work):
+    """The work dir in the layout 0.1.0 (6e50893) wrote: the run's best value named best_top1
+    (whatever the metric), no best_metric, in every state and in status.json."""
+    def old_run(run):
+        run = {k: v for k, v in run.items() if k != "best_metric"}
+        return {("best_top1" if k == "best" else k): v for k, v in run.items()}
+
+    for path in find_states(work):
+        state = load_state(path)
+        state["components"]["run"] = old_run(state["components"]["run"])
+        torch.save(state, path)
+    status = json.loads((work / "status.json").read_text())
+    (work / "status.json").write_text(json.dumps(old_run(status)))
+
+
 def as_format_v1(state):
     """The layout states had before components (format v1): one key per piece of run state."""
     c = state["components"]
     (rng,) = c["rng"]["per_rank"]
-    return {"format": "convnext-cifar/state-v1", "config": state["config"], "run": c["run"],
+    run = {("best_top1" if k == "best" else k): v for k, v in c["run"].items()
+           if k != "best_metric"}
+    return {"format": "convnext-cifar/state-v1", "config": state["config"], "run": run,
             "model": c["model"], "optimizer": c["optimizer"], "scaler": c["scaler"] or None,
             "rng": {**rng, "data": c["loader"]["generator"]}, "window": c["window"],
             "metrics_bytes": c["log"]["bytes"]}
@@ -442,6 +461,28 @@ def test_a_state_of_the_previous_format_still_resumes_bit_exactly(cifar_root, tm
     assert_same_run(reference, tmp_path)
 
 
+def test_a_work_dir_of_0_1_0_resumes_bit_exactly_evaluates_and_shows_in_runs(
+        cifar_root, tmp_path, reference, monkeypatch, capsys):
+    restore = signal_at_step(monkeypatch, 6)
+    assert run(cifar_root, tmp_path) == 143
+    restore()
+    as_0_1_0(tmp_path)
+    assert "best_top1" in load_state(find_states(tmp_path)[-1])["components"]["run"]
+    capsys.readouterr()
+    assert cli.main(["runs", str(tmp_path), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["runs"]
+    assert row["status"] == "interrupted" and row["epochs_done"] == 1
+    assert run(cifar_root, tmp_path, "--resume", "auto") == 0
+    assert_same_run(reference, tmp_path)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "finished" and status["best_metric"] == "top1"
+    assert status["best"] == max(r["top1"] for r in timeless_records(tmp_path) if "top1" in r)
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "best.safetensors"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(result["recorded"]["top1"])
+
+
 def test_a_state_of_an_unknown_format_is_refused_naming_it(tmp_path, capsys):
     path = tmp_path / "state_00000004.pt"
     torch.save({"format": "convnext-cifar/state-v9", "config": "{}"}, path)
@@ -449,3 +490,43 @@ def test_a_state_of_an_unknown_format_is_refused_naming_it(tmp_path, capsys):
                      "--preset", "smoke", "--data.root", str(tmp_path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "format 'convnext-cifar/state-v9'" in err and "convnext-cifar/state-v2" in err
+
+
+RELEASED = "6e50893"  # the last commit of 0.1.0's flat layout (before issue 27's folders)
+
+
+@pytest.mark.slow
+def test_a_run_that_0_1_0_itself_wrote_resumes_bit_exactly_evaluates_and_shows_in_runs(
+        cifar_root, tmp_path, capsys):
+    """0.1.0's own code (this repository's history at RELEASED) trains 3 epochs; this version
+    rolls back to its epoch-2 state and trains epoch 3 again: the same weights and records."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", RELEASED, "convnext_cifar"],
+                             capture_output=True)
+    if archive.returncode:
+        pytest.skip(f"this checkout does not hold {RELEASED} (a shallow clone)")
+    old_code = tmp_path / "v0.1.0"
+    old_code.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(old_code)], input=archive.stdout, check=True)
+    old = tmp_path / "old"
+    env = {**os.environ, "PYTHONPATH": str(old_code)}
+    trained = subprocess.run([sys.executable, "-m", "convnext_cifar",
+                              *small_run_args(cifar_root, old, *EXACT)],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "best_top1" in json.loads((old / "status.json").read_text())  # 0.1.0's layout
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    (epoch_2,) = [p for p in find_states(new) if load_state(p)["components"]["run"]["epoch"] == 2]
+    assert "best_top1" in load_state(epoch_2)["components"]["run"]
+    assert cli.main(["train", "--resume", str(epoch_2)]) == 0  # its own config, rolled back
+    for name in ("epoch_3.safetensors", "best.safetensors"):
+        (a, meta_a, config_a), (b, meta_b, config_b) = (read_weights(w / name) for w in (old, new))
+        assert all(torch.equal(a[k], b[k]) for k in a) and meta_a == meta_b, name
+    assert timeless_records(old) == timeless_records(new)
+    capsys.readouterr()
+    assert cli.main(["runs", str(old), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["runs"]
+    assert row["status"] == "finished" and row["epochs_done"] == 3
+    assert cli.main(["eval", str(old / "best.safetensors"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(result["recorded"]["top1"])
