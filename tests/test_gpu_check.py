@@ -61,19 +61,25 @@ def test_the_budget_kills_a_step_keeps_what_was_measured_and_skips_the_rest(tmp_
     out = gpu_check(tmp_path / "out", tmp_path / "work", "--budget-s", "25", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert time.monotonic() - start < 25 + 30  # the budget, and the interpreter's start and end
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gpu_check.json", "gpu_check.md", "gpu_check_log.md"]
     steps = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["steps"]
     assert list(steps) == ORDER  # every step is in the report, run or not
     assert steps["environment"]["ok"]
     ran = [name for name in ORDER if "skipped" not in steps[name]]
     assert ORDER[:len(ran)] == ran  # in order, and none after the budget ran out
     killed = [name for name in ran if steps[name].get("killed")]
-    assert len(killed) == 1 and any("killed: the check's time was spent" in line
-                                     for line in steps[killed[0]]["tail"])
     assert all("s left of the budget" in steps[name]["skipped"] for name in ORDER[len(ran):])
     markdown = (tmp_path / "out" / "gpu_check.md").read_text()
-    assert f"| {killed[0]} | KILLED" in markdown and "| profile | skipped" in markdown
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "gpu_check.json", "gpu_check.md", "gpu_check_log.md"]
+    assert "| profile | skipped" in markdown
+    if not killed:  # a step ended less than a second before the budget: the next one never ran
+        assert steps[ORDER[len(ran)]]["skipped"] in ("0 s left of the budget",
+                                                     "1 s left of the budget")
+        return
+    assert len(killed) == 1 and any("killed: the check's time was spent" in line
+                                     for line in steps[killed[0]]["tail"])
+    assert f"| {killed[0]} | KILLED" in markdown
+
 
 
 def test_without_tyro_the_check_stops_in_one_line(tmp_path):

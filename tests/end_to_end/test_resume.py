@@ -518,7 +518,11 @@ def test_a_run_that_0_1_0_itself_wrote_resumes_bit_exactly_evaluates_and_shows_i
     shutil.copytree(old, new)
     (epoch_2,) = [p for p in find_states(new) if load_state(p)["components"]["run"]["epoch"] == 2]
     assert "best_top1" in load_state(epoch_2)["components"]["run"]
-    assert cli.main(["train", "--resume", str(epoch_2)]) == 0  # its own config, rolled back
+    # its own config, rolled back; in a fresh process as 0.1.0's run was (same torch threads)
+    resumed = subprocess.run([sys.executable, "-m", "convnext_cifar", "train", "--resume",
+                              str(epoch_2)], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     for name in ("epoch_3.safetensors", "best.safetensors"):
         (a, meta_a, config_a), (b, meta_b, config_b) = (read_weights(w / name) for w in (old, new))
         assert all(torch.equal(a[k], b[k]) for k in a) and meta_a == meta_b, name
