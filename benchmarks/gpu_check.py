@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_TEST_FILES = [str(ROOT / "tests" / name) for name in (  # the files with `cuda` tests
     "data/test_loader.py", "data/test_placement.py", "use/test_evaluate.py",
-    "training/test_loop.py")]
+    "training/test_loop.py", "model/test_optim.py")]
 TARGETS = {"train_b128": 40_000, "train_b1024": 80_000, "eval": 150_000, "reference_s": 180}
 OUTPUTS = ("gpu_check.json", "gpu_check.md", "gpu_check_log.md")
 LOG_LINES = 40  # of each step, in gpu_check_log.md

@@ -1,5 +1,6 @@
-"""AdamW with decay / no-decay groups and layer-wise LR scales, and the learning rate as a pure
-function of the step."""
+"""AdamW with decay / no-decay groups and layer-wise LR scales, whose loaded state fits how it runs
+(another kind of AdamW, another memory format), and the learning rate as a pure function of the
+step."""
 
 from __future__ import annotations
 
@@ -72,8 +73,38 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     return list(groups.values())
 
 
+RUN_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how an AdamW runs, per group
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, whose loaded state always fits how this optimizer runs.
+
+    A state written by another kind of AdamW (fused, foreach, `OnePassAdamW`) or under another
+    memory format (a resume that toggles --channels-last) gets this optimizer's run flags back
+    (torch's load takes the saved ones: a fused optimizer would then run foreach), `step` where
+    this kind keeps it (fused: on the parameter's device; else on the host), and every moment
+    its parameter's layout: torch's load casts only dtype and device, and the fused kernel walks
+    raw memory, so a moment in another layout would be applied to the wrong elements.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        own = [{k: g[k] for k in RUN_FLAGS if k in g} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, flags in zip(self.param_groups, own):
+            group.update(flags)
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                for key, value in state.items():
+                    if key == "step":
+                        state[key] = value.to(p.device if on_device else "cpu", torch.float32)
+                    elif torch.is_tensor(value) and value.shape == p.shape and (
+                            value.stride() != p.stride()):
+                        state[key] = torch.empty_like(p).copy_(value)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
-                    one_pass: bool | None = None) -> torch.optim.AdamW:
+                    one_pass: bool | None = None) -> AdamW:
     """AdamW over `param_groups`. On the CPU torch's fused kernel, one call per group (measured
     4x faster than foreach on a 2-core CPU for Tiny: 16 vs 72 ms). On a GPU with layer decay's
     many groups (38 for Tiny), `OnePassAdamW`: a few multi-tensor ops for all of them instead of
@@ -84,7 +115,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     if one_pass:
         return OnePassAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     fast = {"fused": True} if fused_supported(device.type) else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fast)
+    return AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fast)
 
 
 @functools.cache
@@ -100,7 +131,7 @@ def fused_supported(device_type: str) -> bool:
         return False
 
 
-class OnePassAdamW(torch.optim.AdamW):
+class OnePassAdamW(AdamW):
     """torch's AdamW update (amsgrad off) for every parameter of every group at once: each
     step is a handful of multi-tensor (foreach) ops with per-parameter learning rates and
     weight decays, however many groups there are. Its state has AdamW's layout, so a state

@@ -534,3 +534,29 @@ def test_a_run_that_0_1_0_itself_wrote_resumes_bit_exactly_evaluates_and_shows_i
     assert cli.main(["eval", str(old / "best.safetensors"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["top1"] == pytest.approx(result["recorded"]["top1"])
+
+
+def test_a_resume_that_turns_channels_last_off_continues_as_a_state_in_that_layout(
+        cifar_root, tmp_path, monkeypatch):
+    """The AdamW moments take the parameters' new layout: the run goes on exactly as it goes on
+    from the same state written in the contiguous layout (the fused kernel walks raw memory)."""
+    first = tmp_path / "as_saved"
+    restore = die_after_state(monkeypatch)
+    with pytest.raises(SystemExit):
+        run(cifar_root, first)
+    restore()
+    second = tmp_path / "contiguous"
+    shutil.copytree(first, second)
+    for path in find_states(second):
+        state = load_state(path)
+        for moments in state["components"]["optimizer"]["state"].values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                moments[key] = moments[key].contiguous()
+        torch.save(state, path)
+    for work in (first, second):
+        assert run(cifar_root, work, "--resume", "auto", "--no-channels-last") == 0
+    states = [load_state(find_states(w)[-1])["components"]["optimizer"]["state"]
+              for w in (first, second)]
+    assert all(m[k].is_contiguous() for m in states[0].values() for k in ("exp_avg",
+                                                                           "exp_avg_sq"))
+    assert_same_run(first, second)

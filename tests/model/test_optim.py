@@ -168,3 +168,113 @@ def test_one_pass_adamw_is_torchs_adamw_over_every_group():
     for p in twin.parameters():
         p.grad = torch.ones_like(p)
     theirs.step()
+
+
+def _conv_and_grads(memory_format):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4), torch.nn.Conv2d(8, 4, 1))
+    model = model.to(memory_format=memory_format)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=memory_format)
+    return model, x
+
+
+def _step(model, optimizer, x):
+    optimizer.zero_grad()
+    model(x).square().sum().backward()
+    optimizer.step()
+
+
+def test_a_state_saved_in_channels_last_loads_in_each_parameters_layout():
+    """A resume that toggles --channels-last: the moments follow the parameters' layout, so the
+    next (fused) step is the one a state of the matching layout gives."""
+    cfg, cpu = OptimConfig(lr=0.1, weight_decay=0.0), torch.device("cpu")
+    saved, x = _conv_and_grads(torch.channels_last)
+    optimizer = build_optimizer(saved, cfg, cpu)
+    _step(saved, optimizer, x)
+    state = optimizer.state_dict()
+    matching = copy.deepcopy(state)  # the same state, written in the contiguous layout
+    for moments in matching["state"].values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            moments[key] = moments[key].contiguous()
+    results = []
+    for loaded_state in (state, matching):
+        model, _ = _conv_and_grads(torch.contiguous_format)
+        model.load_state_dict(saved.state_dict())
+        resumed = build_optimizer(model, cfg, cpu)
+        resumed.load_state_dict(loaded_state)
+        for p in model.parameters():
+            assert all(resumed.state[p][k].stride() == p.stride() for k in ("exp_avg",
+                                                                             "exp_avg_sq"))
+        _step(model, resumed, x.contiguous())
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("saved_one_pass", [False, True])
+def test_a_state_of_the_other_kind_of_adamw_runs_as_this_optimizer_does(saved_one_pass):
+    """fused -> OnePass and OnePass -> fused: each keeps its own run flags and `step` where it
+    needs it (torch's load takes the saved flags), and continues as the writer would have."""
+    cfg, cpu = OptimConfig(lr=0.1), torch.device("cpu")
+    writer_model, x = _conv_and_grads(torch.contiguous_format)
+    writer = build_optimizer(writer_model, cfg, cpu, one_pass=saved_one_pass)
+    _step(writer_model, writer, x)
+    model = copy.deepcopy(writer_model)
+    reader = build_optimizer(model, cfg, cpu, one_pass=not saved_one_pass)
+    reader.load_state_dict(copy.deepcopy(writer.state_dict()))  # as read from a file
+    for group in reader.param_groups:
+        assert bool(group.get("fused")) is saved_one_pass  # the reader's own kind
+        assert bool(group.get("foreach")) is not saved_one_pass
+        for p in group["params"]:
+            step = reader.state[p]["step"]
+            assert step.dtype == torch.float32 and step.device == p.device and step.item() == 1
+    _step(writer_model, writer, x)
+    _step(model, reader, x)
+    for a, b in zip(writer_model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_step_lives_where_each_kind_of_adamw_keeps_it_across_a_load():
+    """On a GPU the fused kernel needs `step` on the device, OnePass reads it on the host."""
+    cfg, cuda = OptimConfig(lr=0.1), torch.device("cuda")
+    for saved_one_pass in (False, True):
+        writer_model, x = _conv_and_grads(torch.contiguous_format)
+        writer_model, x = writer_model.to(cuda), x.to(cuda)
+        writer = build_optimizer(writer_model, cfg, cuda, one_pass=saved_one_pass)
+        _step(writer_model, writer, x)
+        model = copy.deepcopy(writer_model)
+        reader = build_optimizer(model, cfg, cuda, one_pass=not saved_one_pass)
+        reader.load_state_dict(copy.deepcopy(writer.state_dict()))
+        want = cuda if saved_one_pass else torch.device("cpu")  # the reader is fused or OnePass
+        assert all(s["step"].device.type == want.type for s in reader.state.values())
+        _step(writer_model, writer, x)
+        _step(model, reader, x)
+        for a, b in zip(writer_model.parameters(), model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_one_pass_adamw_is_foreach_adamw_after_a_compiled_step():
+    cuda = torch.device("cuda")
+    results = []
+    for one_pass in (True, False):
+        torch.manual_seed(0)
+        model = timm.create_model("convnextv2_atto", num_classes=10).to(cuda)
+        optimizer = (build_optimizer(model, OptimConfig(lr=1e-3, layer_decay=0.9), cuda,
+                                     one_pass=True) if one_pass else torch.optim.AdamW(
+            param_groups(model, 0.05, 0.9), lr=1e-3, foreach=True))
+        forward = torch.compile(model)
+        x = torch.randn(8, 3, 32, 32, device=cuda)
+        for _ in range(3):
+            set_lr(optimizer, 1e-3)
+            optimizer.zero_grad()
+            forward(x).square().mean().backward()
+            optimizer.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
