@@ -103,7 +103,7 @@ def resolve_runtime(cfg: TrainConfig, dist: Dist | None = None) -> Runtime:
     precision = cfg.precision
     if precision == "auto":
         if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            precision = "bf16" if cuda_has_bf16_units() else "fp16"
         else:  # bf16 autocast runs ~100x slower on CPUs without bf16 matrix units
             precision = "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "fp32"
     rt = Runtime(device, precision, _compile_on(cfg, device), cfg.channels_last,
@@ -113,6 +113,12 @@ def resolve_runtime(cfg: TrainConfig, dist: Dist | None = None) -> Runtime:
                         f"accumulate gradients over --optim.accum-steps {cfg.optim.accum_steps}; "
                         "use --compile-mode default, or --optim.accum-steps 1")
     return rt
+
+
+def cuda_has_bf16_units() -> bool:
+    """Whether the GPU computes bf16 natively (Ampere and later). torch's default answer
+    counts emulation, which a T4 or V100 has: they run fp16 with a GradScaler instead."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_has_bf16_units(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
@@ -128,12 +134,14 @@ def cpu_has_bf16_units(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
 def configure_backends(rt: Runtime) -> None:
     """torch's process-wide flags for `rt`: on a GPU cuDNN autotunes its kernels for the fixed
     shapes and matmuls/convolutions may use TF32 (set through the one API Inductor reads too);
-    `deterministic` picks deterministic kernels where torch has them instead of autotuning."""
+    the run's GPU is made the current device once, here; `deterministic` picks deterministic
+    kernels where torch has them instead of autotuning."""
     torch.use_deterministic_algorithms(rt.deterministic, warn_only=True)
     if rt.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
     if rt.device.type != "cuda":
         return
+    torch.cuda.set_device(rt.device)  # cuda:N is the current device of every stream and event
     torch.backends.cudnn.benchmark = not rt.deterministic
     torch.backends.cudnn.deterministic = rt.deterministic
     torch.set_float32_matmul_precision("high")  # the legacy API: Inductor reads it

@@ -10,7 +10,7 @@ import torch
 from convnext_cifar import runtime
 from convnext_cifar.config import OptimConfig, TrainConfig
 from convnext_cifar.errors import UserError
-from convnext_cifar.runtime import resolve_runtime
+from convnext_cifar.runtime import Runtime, resolve_runtime
 
 
 def test_runtime_defaults_per_device(monkeypatch):
@@ -28,11 +28,19 @@ def test_runtime_defaults_per_device(monkeypatch):
         resolve_runtime(TrainConfig(device="cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    asked = []
+
+    def bf16(including_emulation=True):
+        asked.append(including_emulation)
+        return not including_emulation and native  # a T4/V100 emulates it: only that says yes
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16)
+    native = True
     rt = resolve_runtime(TrainConfig(device="cuda"))
     assert (rt.precision, rt.compile) == ("bf16", True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    native = False  # emulated bf16 only: fp16 with a GradScaler
     assert resolve_runtime(TrainConfig(device="cuda")).precision == "fp16"
+    assert asked == [False, False]
 
 
 def test_cpu_compile_needs_a_compiler(monkeypatch, capsys):
@@ -50,7 +58,7 @@ def test_cpu_compile_needs_a_compiler(monkeypatch, capsys):
 def test_cuda_graphs_refuse_gradient_accumulation(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     accumulating = TrainConfig(device="cuda", compile_mode="reduce-overhead",
                                optim=OptimConfig(accum_steps=2))
     with pytest.raises(UserError, match="reduce-overhead replays CUDA graphs, which cannot "
@@ -63,6 +71,7 @@ def test_cuda_graphs_refuse_gradient_accumulation(monkeypatch):
 
 def test_tf32_is_set_through_the_api_inductor_reads():
     code = ("import torch; from convnext_cifar.runtime import Runtime, configure_backends\n"
+            "torch.cuda.set_device = lambda device: None  # no GPU here\n"
             "configure_backends(Runtime(torch.device('cuda'), 'fp32', True, True))\n"
             "print(torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,"
             " torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())\n"
@@ -88,3 +97,12 @@ def test_bf16_is_the_cpu_default_only_with_amx(tmp_path, monkeypatch):
     assert resolve_runtime(TrainConfig(device="cpu")).precision == "bf16"
     monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: False)
     assert resolve_runtime(TrainConfig(device="cpu")).precision == "fp32"
+
+
+def test_the_runs_gpu_is_made_the_current_device_once(monkeypatch):
+    """Streams and events of cuda:N (Staging's) are then cuda:N's, not cuda:0's."""
+    made = []
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    runtime.configure_backends(Runtime(torch.device("cuda", 1), "bf16", False, True))
+    runtime.configure_backends(Runtime(torch.device("cpu"), "fp32", False, True))
+    assert made == [torch.device("cuda", 1)]

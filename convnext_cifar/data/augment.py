@@ -274,7 +274,13 @@ def _smooth(img: torch.Tensor) -> torch.Tensor:
     kernel = torch.ones(3, 3, device=img.device)
     kernel[1, 1] = 5.0
     kernel = (kernel / 13.0).expand(img.shape[1], 1, 3, 3)
-    inner = F.conv2d(img, kernel, groups=img.shape[1]).round()
+    # the images that drew the op vary in number every batch: cuDNN's autotuning would benchmark
+    # each new count again (a few ms each), for a 3x3 blur whose algorithm does not matter
+    autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        inner = F.conv2d(img, kernel, groups=img.shape[1]).round()
+    finally:
+        torch.backends.cudnn.benchmark = autotune
     out = img.clone()
     out[..., 1:-1, 1:-1] = inner
     return out

@@ -238,8 +238,10 @@ class Staging:
 
     The reader fills one buffer while the step uses the other. On a GPU the buffers are pinned
     and a buffer is filled again only once its last copy to the device has finished (an event
-    recorded after the copy); on the CPU the batch is the buffer itself. The process holds the
-    two buffers, never the dataset: resident memory is bounded by them.
+    recorded on the device's stream after the copy; blocking, so the waiting reader sleeps
+    instead of spinning a core); another device (MPS) gets each batch copied before it is used;
+    on the CPU the batch is the buffer itself. The process holds the two buffers, never the
+    dataset: resident memory is bounded by them.
     """
 
     def __init__(self, images: torch.Tensor | DiskImages, labels: torch.Tensor,
@@ -250,7 +252,7 @@ class Staging:
         self.buffers = [(torch.empty(shape, dtype=torch.uint8, pin_memory=pin),
                          torch.empty(rows, dtype=torch.int64, pin_memory=pin)) for _ in range(2)]
         # on a GPU, an event per buffer, recorded after each copy from it (made once, reused)
-        self.copied = [torch.cuda.Event(), torch.cuda.Event()] if pin else None
+        self.copied = [torch.cuda.Event(blocking=True) for _ in range(2)] if pin else None
 
     def read(self, take: torch.Tensor, k: int, pool: ThreadPoolExecutor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,10 +286,12 @@ class Staging:
                 following = next(takes, None)
                 pending = (None if following is None
                            else reader.submit(self.read, following, 1 - k, pool))
-                if self.copied is not None:
-                    images = images.to(self.device, non_blocking=True)
-                    labels = labels.to(self.device, non_blocking=True)
-                    self.copied[k].record()
+                if self.device.type != "cpu":  # a GPU without blocking; MPS copies as it goes
+                    pinned = self.copied is not None
+                    images = images.to(self.device, non_blocking=pinned)
+                    labels = labels.to(self.device, non_blocking=pinned)
+                if self.copied is not None:  # on cuda:N's own stream, not the current device's
+                    self.copied[k].record(torch.cuda.current_stream(self.device))
                 yield images, labels
                 k = 1 - k
 

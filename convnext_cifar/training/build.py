@@ -57,10 +57,11 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
     if dist.enabled:
         # Same initial weights on every rank (seeded above), but each rank its own drop-path noise.
         torch.manual_seed(cfg.seed + 1_000_003 * (dist.rank + 1))
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(  # gradients are views of the buckets:
+            model, device_ids=[rt.device] if rt.device.type == "cuda" else None,  # no copies
+            gradient_as_bucket_view=True)
         train_forward = compiled(ddp, rt)
-    optimizer = build_optimizer(model, cfg.optim, rt.device)
+    optimizer = build_optimizer(model, cfg.optim, rt.device, scaled=rt.precision == "fp16")
     weights = None
     if cfg.loss.class_weights != "none":  # the class counts are read once, here
         counts = torch.bincount(data.train.labels, minlength=data.num_classes).tolist()

@@ -278,3 +278,11 @@ def test_cuda_one_pass_adamw_is_foreach_adamw_after_a_compiled_step():
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_one_pass_only_on_a_gpu_with_layer_groups_and_never_under_fp16_scaling():
+    from convnext_cifar.model.optim import use_one_pass
+
+    assert use_one_pass("cuda", 38, scaled=False)
+    assert not use_one_pass("cuda", 38, scaled=True)  # fused skips an inf step on the device
+    assert not use_one_pass("cuda", 2, scaled=False) and not use_one_pass("cpu", 38, False)

@@ -47,3 +47,18 @@ def test_same_config_same_initial_weights_and_no_ema_when_off():
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
                                                  b.model.state_dict().values()))
     assert a.ema is None
+
+
+def test_under_a_process_group_gradients_are_views_of_the_ddp_buckets(tmp_path):
+    import torch.distributed as tdist
+
+    from convnext_cifar.distributed import Dist
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                             world_size=1)
+    try:
+        cfg = dataclasses.replace(CIFAR10Smoke(), data=DataConfig(batch_size=8))
+        run = build_run(cfg, CPU, Dist(torchrun=True), data=dataset())
+        assert run.step_fn.ddp is not None and run.step_fn.ddp.gradient_as_bucket_view
+    finally:
+        tdist.destroy_process_group()

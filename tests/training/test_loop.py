@@ -2,6 +2,8 @@
 there is one)."""
 
 
+import dataclasses
+
 import pytest
 import torch
 from support import CPU, needs_cuda, tiny_run
@@ -89,5 +91,36 @@ def test_cuda_recipe_epoch_has_no_host_sync():
         for step, (x, y, n) in enumerate(run.loader.epoch(0), start=1):
             run.step_fn(x, y, n)
             ema.update(run.model, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_fp16_with_layer_decay_steps_without_host_sync():
+    """fp16's GradScaler with layer decay's many groups: fused AdamW (it skips an overflowed
+    step on the device), not OnePass, whose step would make the scaler read every step."""
+    from convnext_cifar.config import OptimConfig
+    from convnext_cifar.data.cifar import CIFAR10
+    from convnext_cifar.data.dataset import Dataset, Split
+    from convnext_cifar.model.optim import OnePassAdamW
+    from convnext_cifar.presets import CIFAR10Smoke
+    from convnext_cifar.training.build import build_run
+
+    rt = Runtime(torch.device("cuda"), "fp16", compile=False, channels_last=True)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    labels = torch.randint(0, 10, (40,), device="cuda")
+    data = Dataset(Split(images, labels), [str(i) for i in range(10)], CIFAR10.mean,
+                   CIFAR10.std, {}, train=Split(images, labels))
+    cfg = dataclasses.replace(CIFAR10Smoke(), data=DataConfig(batch_size=8),
+                              optim=OptimConfig(layer_decay=0.9))
+    run = build_run(cfg, rt, data=data)
+    assert not isinstance(run.step_fn.optimizer, OnePassAdamW) and run.step_fn.scaler.is_enabled()
+    run.step_fn(*next(run.loader.epoch(1)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y, n in run.loader.epoch(0):
+            run.step_fn(x, y, n)
     finally:
         torch.cuda.set_sync_debug_mode("default")
