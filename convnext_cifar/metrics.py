@@ -2,7 +2,8 @@
 and option takes them from.
 
 A validation record (metrics.jsonl) holds `val_loss` and each accuracy metric below, in percent,
-and with an EMA of the weights the same again as `ema_<name>` (ema_val_loss, ema_top1, ...).
+and with an EMA of the weights the same again as `ema_<name>` (ema_val_loss, ema_top1, ...); and
+what the epoch took (TIMINGS).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ BEST_METRICS = ("top1", "balanced_accuracy", "macro_f1")
 
 TUNE_METRICS = ("top1", "ema_top1")
 """The metrics a tuning study may maximise (--tune.metric); the first is the default."""
+
+
+TIMINGS = ("img_per_s", "train_s", "validate_s", "state_s")
+"""Wall-clock measurements in records (they differ between identical runs): a log window's
+img/s; a validation record's seconds of the epoch's training, of the validation itself (best
+checkpoint included), and of the loop held by the state writes since the previous validation."""
 
 
 def ema(name: str) -> str:

@@ -193,8 +193,15 @@ def read_weights(path):
 
 
 def timeless_records(work):
-    return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
+    """metrics.jsonl's records without the wall-clock measurements (metrics.TIMINGS)."""
+    return [without_timings(json.loads(line))
             for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(record: dict) -> dict:
+    from convnext_cifar.metrics import TIMINGS
+
+    return {k: v for k, v in record.items() if k not in TIMINGS}
 
 
 def assert_same_run(a, b):

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from convnext_cifar.config import TrainConfig, flatten, to_dict
 from convnext_cifar.errors import UserError
 from convnext_cifar.files import first_line
+from convnext_cifar.metrics import TIMINGS
 from convnext_cifar.network import reachable
 from convnext_cifar.outputs.metrics_log import Sink
 from convnext_cifar.outputs.runs import summarize
@@ -34,14 +35,19 @@ def trackers_for(cfg: TrainConfig) -> list[Sink]:
 
 def tracker_metrics(record: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl record as tracker metrics: train/loss, train/lr, ... for a log window;
-    val/loss, val/top1, val/ema_top1, ... for a validation (epoch and step are the axes)."""
+    val/loss, val/top1, val/ema_top1, ... and time/train_s, ... for a validation (epoch and step
+    are the axes)."""
     train = "loss" in record
     out = {}
     for key, value in record.items():
         if key in ("epoch", "step") or isinstance(value, bool) or not isinstance(value,
                                                                                  (int, float)):
             continue
-        # val_loss -> val/loss, ema_val_loss -> val/ema_loss, top1 -> val/top1
+        # val_loss -> val/loss, ema_val_loss -> val/ema_loss, top1 -> val/top1, and what a
+        # validation record says the epoch took: train_s -> time/train_s
+        if not train and key in TIMINGS:
+            out[f"time/{key}"] = float(value)
+            continue
         out[f"train/{key}" if train else "val/" + key.replace("val_", "")] = float(value)
     return out
 

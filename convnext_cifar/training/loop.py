@@ -127,8 +127,10 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     _start_or_resume(state, found, log, progress)
     with RunStatus(run, position, log) as status, StopSignals() as stop:
         while position.epoch < cfg.sched.epochs:
+            started = time.perf_counter()
             if not train_one_epoch(run, position, log, progress, window, guard, stop):
                 raise stop.interrupted(_save(state, log), position, cfg)
+            state.timings["train_s"] += time.perf_counter() - started  # synced at its end
             epoch, last = position.epoch, position.epoch == cfg.sched.epochs
             metrics: dict[str, float] = {}
             if epoch % cfg.val_interval == 0 or last:
@@ -174,7 +176,7 @@ def _validate_timed(run: Run, state: TrainingState, log: MetricsLog, progress: P
     """`validate`, timed for the run's projection; stops the run as pruned when the caller's
     `on_validation` says so (after writing a state)."""
     position, started = state.position, time.perf_counter()
-    metrics, record = validate(run, position, log)
+    metrics, record = validate(run, position, log, state.timings)
     position.tick()
     progress.validated(time.perf_counter() - started, position.step, position.epoch,
                        position.elapsed_s)
@@ -246,11 +248,13 @@ class RunStatus:
         self.log.close(outcome)
 
 
-def validate(run: Run, position: Position, log: MetricsLog) -> tuple[dict[str, float],
-                                                                      dict[str, Any]]:
+def validate(run: Run, position: Position, log: MetricsLog,
+             timings: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate the weights (and their EMA) after epoch `position.epoch`, keep the best of the
     two as best.safetensors, then log the record (the console shows it beside the best so
-    far); returns the raw weights' metrics and the record."""
+    far) with the `timings` since the previous validation (emptied: metrics.TIMINGS); returns
+    the raw weights' metrics and the record."""
+    started = time.perf_counter()
     candidates = {"raw": (run.model, _validation_metrics(run, run.forward, run.model))}
     record = {"epoch": position.epoch, **candidates["raw"][1]}
     if run.ema is not None:
@@ -263,6 +267,10 @@ def validate(run: Run, position: Position, log: MetricsLog) -> tuple[dict[str, f
     if metrics[key] > position.best:
         position.best, position.best_epoch = metrics[key], position.epoch
         save_weights_of(run, BEST_FILE, position.epoch, metrics, module, weights)
+    if timings is not None:
+        timings["validate_s"] = time.perf_counter() - started
+        record.update({k: round(timings[k], 3) for k in ("train_s", "validate_s", "state_s")})
+        timings.update(train_s=0.0, state_s=0.0)
     log.write(record, step=position.step)
     return candidates["raw"][1], record
 

@@ -123,6 +123,9 @@ class TrainingState:
         self.cfg, self.dist, self.steps_per_epoch = cfg, dist, steps_per_epoch
         self.components, self.optional = components, optional
         self.position: Position = components["run"]  # type: ignore[assignment]
+        # seconds since the last validation record: the epoch's training (the loop adds it),
+        # and the loop held by state writes (`save` adds it)
+        self.timings = {"train_s": 0.0, "state_s": 0.0}
 
     def due(self) -> bool:
         """Whether the epoch just ended is one to write a state after: every --state-interval
@@ -133,12 +136,14 @@ class TrainingState:
     def save(self) -> Path:
         """Write state_<step>.pt (rank 0; every rank must call it) and prune older states: the
         newest --keep-last stay, and the state of the best epoch."""
+        started = time.perf_counter()
         path = state_path(self.cfg.run_dir, self.position.step)
         states = {name: c.state_dict() for name, c in self.components.items()}
         if self.dist.is_main:
             save_state(path, {"config": config_json(self.cfg), "components": states})
             best_step = self.position.best_epoch * self.steps_per_epoch
             prune_states(self.cfg.run_dir, self.cfg.keep_last, keep_step=best_step or None)
+        self.timings["state_s"] += time.perf_counter() - started
         return path
 
     def restore(self, state: dict[str, Any], path: Path) -> None:

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
-from support import quick_train, small_run_args
+from support import quick_train, small_run_args, without_timings
 
 from convnext_cifar import cli
 from convnext_cifar.config import (
@@ -42,7 +42,11 @@ def test_run_writes_config_metrics_and_checkpoints(trained):
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "top1" in r]
     assert set(train[0]) == {"epoch", "step", "loss", "lr", "grad_norm", "img_per_s"}
-    assert set(val[0]) == {"epoch", "val_loss", "top1", "top5", "balanced_accuracy", "macro_f1"}
+    assert set(val[0]) == {"epoch", "val_loss", "top1", "top5", "balanced_accuracy", "macro_f1",
+                           "train_s", "validate_s", "state_s"}
+    assert all(r["train_s"] > 0 and r["validate_s"] > 0 for r in val)
+    # the state written after epoch 1 held the loop before epoch 2's validation, none before 1
+    assert val[0]["state_s"] == 0 and all(r["state_s"] > 0 for r in val[1:])
     # 1000 images / batch 50 = 20 steps an epoch, logged every 5 steps
     assert [r["step"] for r in train if r["epoch"] == 1] == [5, 10, 15, 20]
     assert train[-1]["step"] == 60 and train[-1]["lr"] < 1e-4
@@ -79,7 +83,7 @@ def test_same_seed_same_run(cifar_root, tmp_path):
         with safe_open(str(tmp_path / name / "best.safetensors"), "pt") as f:
             runs.append({k: f.get_tensor(k) for k in f.keys()})
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    strip = [[{k: v for k, v in r.items() if k != "img_per_s"}
+    strip = [[without_timings(r)
               for r in read_jsonl(tmp_path / n / "metrics.jsonl")] for n in ("a", "b")]
     assert strip[0] == strip[1]
 
