@@ -72,10 +72,12 @@ def die_after_state(monkeypatch, count: int = 1):
 
     real, saved = TrainingState.save, []
 
-    def save_then_die(*args, **kwargs):
-        path = real(*args, **kwargs)
+    def save_then_die(state, *args, **kwargs):
+        path = real(state, *args, **kwargs)
         saved.append(path)
         if len(saved) == count:
+            if state.writer.pending:  # the background write finishes; nothing after it runs
+                state.writer.pending[0].result()
             raise SystemExit("killed")
         return path
 

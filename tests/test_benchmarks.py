@@ -91,3 +91,15 @@ def test_the_benchmark_times_what_train_builds():
     assert run.model.head.fc.out_features == 7 and len(run.loader) == 2
     x, y, n = next(run.loader.epoch(0))
     assert x.shape == (8, 3, 32, 32) and int(y.max()) < 7
+
+
+def test_the_state_write_benchmark_measures_what_the_loop_waits_for(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.state_write", "--model",
+                           "convnextv2_atto", "--states", "2", "--json", "--work",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["states"] == 2 and 30 < result["state_mb"] < 50  # atto + AdamW moments
+    assert len(result["blocked_s"]) == len(result["on_disk_s"]) == 2
+    assert all(0 < b <= d for b, d in zip(result["blocked_s"], result["on_disk_s"]))
+    assert list(tmp_path.iterdir()) == []  # its temporary work dir is gone

@@ -35,8 +35,12 @@ class Sink:
     def add(self, record: dict[str, Any], step: int) -> None:
         """A record; `step` is the optimizer step it belongs to (its x axis)."""
 
+    def seal(self) -> None:
+        """A training state was taken: what the sink holds back until now goes out once that
+        state is on disk (`commit`), not what comes after."""
+
     def commit(self) -> None:
-        """A training state is on disk: what the sink held back until then may go out."""
+        """The state taken at the last `seal` is on disk: what was sealed may go out."""
 
     def publish(self, report: Path | None) -> None:
         """After the last epoch: the report page (None: it could not be made)."""
@@ -74,6 +78,10 @@ class MetricsLog:
         its x axis."""
         for sink in self.sinks:
             sink.add(record, record.get("step", step))
+
+    def seal(self) -> None:
+        for sink in self.sinks:
+            sink.seal()
 
     def commit(self) -> None:
         for sink in self.sinks:

@@ -113,7 +113,8 @@ class MlflowSink(Sink):
         self.client_class = MlflowClient
         self.client: Any = None
         self.run_id = ""  # restored from a state, or set by `open`
-        self.pending: list[tuple[dict[str, Any], int]] = []
+        self.pending: list[tuple[dict[str, Any], int]] = []  # since the last state was taken
+        self.sealed: list[tuple[dict[str, Any], int]] = []  # seen by a state not yet on disk
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id}
@@ -175,19 +176,23 @@ class MlflowSink(Sink):
         if self.client is not None:
             self.pending.append((record, int(step or 0)))
 
+    def seal(self) -> None:
+        self.sealed += self.pending
+        self.pending = []
+
     def commit(self) -> None:
-        """Send the records since the last state (called once a state is on disk)."""
-        if self.client is None or not self.pending:
-            self.pending.clear()
+        """Send the records the state now on disk has seen."""
+        if self.client is None or not self.sealed:
+            self.sealed.clear()
             return
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name, value, now, step) for record, step in self.pending
+        metrics = [Metric(name, value, now, step) for record, step in self.sealed
                    for name, value in tracker_metrics(record).items()]
-        self.pending.clear()
+        self.sealed.clear()
         self._guard(lambda: [self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
                              for i in range(0, len(metrics), 900)])
 
@@ -206,6 +211,7 @@ class MlflowSink(Sink):
         """End the MLflow run: FINISHED, KILLED (interrupted: it may resume) or FAILED."""
         if self.client is None:
             return
+        self.seal()  # the run ended: everything it logged goes out
         self.commit()
         state = {"finished": "FINISHED", "interrupted": "KILLED"}.get(outcome, "FAILED")
         self._guard(lambda: self.client.set_terminated(self.run_id, status=state))

@@ -125,11 +125,11 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
         "dataset": DatasetRecord(run.data.identity),
         **({"ema": run.ema} if run.ema is not None else {})}, optional=("dataset", "tracking"))
     _start_or_resume(state, found, log, progress)
-    with RunStatus(run, position, log) as status, StopSignals() as stop:
+    with RunStatus(run, position, log) as status, StopSignals() as stop, state.writing():
         while position.epoch < cfg.sched.epochs:
             started = time.perf_counter()
             if not train_one_epoch(run, position, log, progress, window, guard, stop):
-                raise stop.interrupted(_save(state, log), position, cfg)
+                raise stop.interrupted(_save(state, log, wait=True), position, cfg)
             state.timings["train_s"] += time.perf_counter() - started  # synced at its end
             epoch, last = position.epoch, position.epoch == cfg.sched.epochs
             metrics: dict[str, float] = {}
@@ -139,7 +139,7 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
                 save_weights_of(run, f"epoch_{epoch}.safetensors", epoch, metrics)
             stopping = dist.any(stop.requested, rt.device)
             if state.due() or stopping:
-                path = _save(state, log)
+                path = _save(state, log, wait=stopping and not last)
                 if stopping and not last:
                     raise stop.interrupted(path, position, cfg)
             status.write("running")
@@ -181,15 +181,19 @@ def _validate_timed(run: Run, state: TrainingState, log: MetricsLog, progress: P
     progress.validated(time.perf_counter() - started, position.step, position.epoch,
                        position.elapsed_s)
     if on_validation is not None and on_validation(position.epoch, record):
-        _save(state, log)
+        _save(state, log, wait=True)
         raise Pruned(f"pruned after epoch {position.epoch}")
     return metrics
 
 
-def _save(state: TrainingState, log: MetricsLog) -> Path:
-    """Write a training state; then the trackers may have what it has seen."""
-    path = state.save()
-    log.commit()  # (a process that writes no files has no sinks)
+def _save(state: TrainingState, log: MetricsLog, wait: bool = False) -> Path:
+    """Take a training state, written in the background (with `wait`, on disk on return); the
+    trackers get what it has seen once it is on disk, never before."""
+    state.written()  # the previous state is on disk: its records go out (log.commit)
+    log.seal()  # the records this state has seen
+    path = state.save(on_disk=log.commit)
+    if wait:
+        state.written()
     return path
 
 

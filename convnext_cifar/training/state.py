@@ -10,12 +10,15 @@ changed options.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -126,6 +129,7 @@ class TrainingState:
         # seconds since the last validation record: the epoch's training (the loop adds it),
         # and the loop held by state writes (`save` adds it)
         self.timings = {"train_s": 0.0, "state_s": 0.0}
+        self.writer = BackgroundWriter()
 
     def due(self) -> bool:
         """Whether the epoch just ended is one to write a state after: every --state-interval
@@ -133,18 +137,43 @@ class TrainingState:
         epoch = self.position.epoch
         return epoch % self.cfg.state_interval == 0 or epoch == self.cfg.sched.epochs
 
-    def save(self) -> Path:
-        """Write state_<step>.pt (rank 0; every rank must call it) and prune older states: the
-        newest --keep-last stay, and the state of the best epoch."""
+    def save(self, on_disk: Callable[[], None] | None = None) -> Path:
+        """Take state_<step>.pt (every rank must call it: the RNG streams are gathered) and
+        write it on rank 0 in the background, then prune older states: the newest --keep-last
+        stay, and the state of the best epoch. The loop is held only while the state is copied
+        off the live tensors (and while a previous write still runs); `on_disk` is called on
+        this thread once the file is complete (at the next `save` or `written`)."""
         started = time.perf_counter()
         path = state_path(self.cfg.run_dir, self.position.step)
         states = {name: c.state_dict() for name, c in self.components.items()}
         if self.dist.is_main:
-            save_state(path, {"config": config_json(self.cfg), "components": states})
-            best_step = self.position.best_epoch * self.steps_per_epoch
-            prune_states(self.cfg.run_dir, self.cfg.keep_last, keep_step=best_step or None)
+            self.writer.wait()
+            snapshot = {"config": config_json(self.cfg), "components": detached(states)}
+            best_step = self.position.best_epoch * self.steps_per_epoch or None
+            cfg = self.cfg
+
+            def write() -> None:
+                save_state(path, snapshot)
+                prune_states(cfg.run_dir, cfg.keep_last, keep_step=best_step)
+
+            self.writer.submit(write, on_disk)
         self.timings["state_s"] += time.perf_counter() - started
         return path
+
+    def written(self) -> None:
+        """Wait until the states taken are on disk; a write that failed raises its error."""
+        self.writer.wait()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[TrainingState]:
+        """The run's span of state writes: on leaving it every state taken is on disk (the
+        error of a failed write is raised, unless the run already ends with another one)."""
+        try:
+            yield self
+        except BaseException:
+            self.writer.wait(raising=False)
+            raise
+        self.writer.wait()
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
         """Load every component from `state` (as `find_resume_state` returned it)."""
@@ -204,6 +233,62 @@ def prune_states(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
         if keep_step is None or state_step(path) != keep_step:
             path.unlink(missing_ok=True)
 
+
+
+def detached(obj: Any) -> Any:
+    """`obj` (a state's nested dicts, lists and tensors) with every tensor copied to host
+    memory, so that training on can change nothing in it: GPU tensors into pinned buffers
+    without blocking, then one wait for all of them."""
+    cuda = []
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cuda":
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                cuda.append(host.copy_(value.detach(), non_blocking=True))
+                return host
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v) for v in value)
+        return value
+
+    out = copy(obj)
+    if cuda:
+        torch.cuda.synchronize()
+    return out
+
+
+class BackgroundWriter:
+    """One write at a time in a thread of its own: `submit` waits for the previous one first,
+    so at most one state is held in memory beside the live tensors. The thread is never a
+    daemon: a process that ends normally finishes its write; one killed mid-write leaves a
+    temporary file (removed by the next run) and its earlier states intact."""
+
+    def __init__(self):
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: tuple[Future, Callable[[], None] | None] | None = None
+
+    def submit(self, write: Callable[[], None], on_disk: Callable[[], None] | None) -> None:
+        self.wait()
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="state-writer")
+        self.pending = self.pool.submit(write), on_disk
+
+    def wait(self, raising: bool = True) -> None:
+        """Until the pending write is done; then its `on_disk` (here), or its error."""
+        if self.pending is None:
+            return
+        (future, on_disk), self.pending = self.pending, None
+        try:
+            future.result()
+        except BaseException:
+            if raising:
+                raise
+            return
+        if on_disk is not None:
+            on_disk()
 
 def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
     """A state of an older format in the current layout (format v1: one key per piece)."""

@@ -1,5 +1,8 @@
-"""training/state.py: a training state saves and restores every component by its name."""
+"""training/state.py: a training state saves and restores every component by its name, and is
+written in the background while training goes on."""
 
+
+import threading
 
 import pytest
 import torch
@@ -27,6 +30,7 @@ def test_training_state_saves_and_restores_every_component_by_name(tmp_path):
     model, position = torch.nn.Linear(2, 2), Position(step=3)
     saved = TrainingState(cfg, Dist(), 1, {"run": position, "model": model, "extra": Counter(7)})
     path = saved.save()
+    saved.written()  # written in the background: on disk from here
     state = load_state(path)
     assert path.name == "state_00000003.pt"
     assert set(state["components"]) == {"run", "model", "extra"}
@@ -44,4 +48,57 @@ def test_training_state_saves_and_restores_every_component_by_name(tmp_path):
     assert newer.value == 5
     position.step = 5
     saved.save()
+    saved.written()
     assert [p.name for p in find_states(tmp_path)] == ["state_00000005.pt"]  # keep_last 1
+
+
+def _state(tmp_path, model, **cfg):
+    from convnext_cifar.config import TrainConfig
+    from convnext_cifar.distributed import Dist
+
+    return TrainingState(TrainConfig(work_dir=tmp_path, **cfg), Dist(), 1,
+                         {"run": Position(step=1), "model": model})
+
+
+def test_a_state_holds_the_tensors_as_they_were_when_it_was_taken(tmp_path, monkeypatch):
+    """Training goes on while the state is written: the file has the values of the moment
+    `save` returned, and `on_disk` runs on the caller's thread once the file is complete."""
+    from convnext_cifar.training import state as state_module
+
+    model = torch.nn.Linear(2, 2)
+    taken = model.weight.detach().clone()
+    release, real = threading.Event(), state_module.save_state
+
+    def slow_save(path, snapshot):
+        release.wait(5)
+        real(path, snapshot)
+
+    monkeypatch.setattr(state_module, "save_state", slow_save)
+    state, calls = _state(tmp_path, model), []
+    path = state.save(on_disk=lambda: calls.append(path.exists()))
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the next steps change the live tensors at once
+    assert not path.exists() and calls == []  # still being written, nobody told yet
+    release.set()
+    state.written()
+    assert calls == [True]
+    assert torch.equal(load_state(path)["components"]["model"]["weight"], taken)
+
+
+def test_a_failed_write_is_raised_at_the_next_save_or_when_the_run_ends(tmp_path, monkeypatch):
+    from convnext_cifar.training import state as state_module
+
+    def full_disk(path, snapshot):
+        raise errors.UserError(f"could not write training state {path}: No space left")
+
+    monkeypatch.setattr(state_module, "save_state", full_disk)
+    state = _state(tmp_path, torch.nn.Linear(2, 2))
+    state.save()
+    with pytest.raises(errors.UserError, match="No space left"):
+        state.save()
+    state.save()
+    with pytest.raises(errors.UserError, match="No space left"), state.writing():
+        pass
+    state.save()
+    with pytest.raises(RuntimeError, match="the run's own error"), state.writing():
+        raise RuntimeError("the run's own error")  # not hidden by the write's
