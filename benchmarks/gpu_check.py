@@ -3,29 +3,36 @@
     python benchmarks/gpu_check.py OUT_DIR [--work DIR] [--budget-s 300]
     python benchmarks/gpu_check.py OUT_DIR --dry        # the same steps at tiny sizes on the CPU
 
-Correctness first, then speed; every step in a process of its own, killed when the time left is
-spent (what it measured so far, and its last lines, are kept):
+Every step runs in a process of its own, its output drained as it runs, stopped (SIGTERM to its
+process group, SIGKILL after a grace) when its cap or the check's time is spent; what it
+measured so far, and its last lines, are kept. The order makes a cold machine return figures
+first: the first training step compiles the graphs the later ones reuse.
 
-  environment        torch, CUDA, cuDNN, NCCL, Triton, the GPU; tyro importable (else: stop)
+  environment        torch, CUDA, cuDNN, NCCL, Triton, the GPU, nvidia-smi once; tyro importable
+                     (else: stop)
   cuda_tests         the tests marked `cuda`: ok only if they ran and passed, not skipped
+  throughput_b128    benchmarks/throughput.py at batch 128, default compile, and the baseline
+                     (its own cap: a cold compile must not take the check's whole budget)
   train_resume_eval  `train` on generated CIFAR-layout data: SIGTERM in epoch 2, --resume auto,
-                     `eval` of best.safetensors reproduces the recorded top-1; a projection of
-                     the 100-epoch reference from the measured epoch (labelled as one)
+                     `eval` of best.safetensors reproduces the recorded top-1; the 100-epoch
+                     reference projected from the last full epoch's recorded seconds (training,
+                     validation, state writes), start-up and compile given apart (a projection)
+  throughput_b128_reduce_overhead   the same at batch 128 with CUDA graphs
+  train_reduce_overhead  a real `train --compile-mode reduce-overhead` with EMA and flip TTA,
+                     SIGTERM and resume: recompiles and skipped CUDA graphs counted
+  eval, throughput_b1024, profile   eval alone; batch 1024; torch.profiler's kernels of a step
   host_memory        one epoch with the images forced into pinned host memory
   torchrun           one process under torchrun (NCCL on a GPU, gloo with --dry)
-  throughput_*       benchmarks/throughput.py, one configuration a process: batch 128 with the
-                     default compile (and the baseline), reduce-overhead (CUDA graphs), batch
-                     1024, eval alone, the official-recipe preset
-  profile            torch.profiler over a few steps of the recipe: the kernels of one step
-  placement          benchmarks/placement.py: device, host and disk placement on generated
-                     folders at 32 and 128 px (cold and warm cache, peak memory), and the Tiny
-                     loop fed from device vs disk: does the disk tier keep the step fed
+  resume_exact       `--deterministic`: a run stopped by SIGTERM and resumed against one that
+                     was not, compared weight for weight (the largest difference is reported)
+  recipe, placement  the official-recipe preset; benchmarks/placement.py (device, host, disk)
 
-OUT_DIR receives only gpu_check.json, gpu_check.md and gpu_check_log.md (each step's command,
-exit code and last lines), rewritten after every step: they are small enough to come back from a
-machine that returns a few files. Data, runs and training states go to --work (default: a
-temporary folder). Only the standard library is needed here (argparse, not tyro); the steps
-need the project's packages, tyro included.
+Every process runs with TORCH_LOGS=recompiles: a step that recompiled or skipped CUDA graphs
+says how often. OUT_DIR receives only gpu_check.json, gpu_check.md and gpu_check_log.md (each
+step's command, exit code and last lines), rewritten after every step: they are small enough to
+come back from a machine that returns a few files. Data, runs and training states go to --work
+(default: a temporary folder). Only the standard library is needed here (argparse, not tyro);
+the steps need the project's packages, tyro included.
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ import json
 import os
 import pickle
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +58,8 @@ CUDA_TEST_FILES = [str(ROOT / "tests" / name) for name in (  # the files with `c
 TARGETS = {"train_b128": 40_000, "train_b1024": 80_000, "eval": 150_000, "reference_s": 180}
 OUTPUTS = ("gpu_check.json", "gpu_check.md", "gpu_check_log.md")
 LOG_LINES = 40  # of each step, in gpu_check_log.md
+GRACE_S = 10  # between the SIGTERM that stops a step's processes and the SIGKILL
+FIRST_TRAINING_CAP_S = 200  # the first step that trains compiles cold: its own deadline
 
 
 def sizes(dry: bool) -> dict:
@@ -58,7 +69,7 @@ def sizes(dry: bool) -> dict:
                 "train_batch": 20, "eval_batch": 16, "big_batch": 40, "steps": 2, "windows": 1,
                 "extra": ["--model.name", "convnextv2_atto"], "baseline_workers": 1}
     return {"model": "convnextv2_tiny", "train_images": 10_000, "test_images": 10_000,
-            "train_batch": 128, "eval_batch": 1024, "big_batch": 1024, "steps": 16,
+            "train_batch": 128, "eval_batch": 1024, "big_batch": 1024, "steps": 100,
             "windows": 3, "extra": [], "baseline_workers": 4}
 
 
@@ -86,11 +97,22 @@ def environment(check: Check) -> dict:
     except (IndexError, json.JSONDecodeError):
         return {"ok": False, "error": "could not read the environment", **check.tail(out)}
     env["cpu_count"], env["host"] = os.cpu_count(), platform.node()
+    env["nvidia_smi"] = nvidia_smi(check)
     if not env.get("tyro"):
         check.stop = ("tyro is not importable: the train, eval and throughput steps need it; "
                       "install its wheels as ../shared/GPU.md says and run the check again")
         return {**env, "ok": False, "error": check.stop}
     return {**env, "ok": True}
+
+
+def nvidia_smi(check: Check) -> list[str] | str:
+    """The driver's view of the GPUs, once: name, driver, memory, clocks, power, temperature."""
+    if not shutil.which("nvidia-smi"):
+        return "not found"
+    out = check.run("nvidia-smi", ["nvidia-smi", "--format=csv,noheader", "--query-gpu=name,"
+                                   "driver_version,memory.total,memory.used,utilization.gpu,"
+                                   "clocks.max.sm,power.limit,temperature.gpu"], cap=20)
+    return out.stdout.strip().splitlines() or f"exit {out.returncode}"
 
 
 def cuda_tests(check: Check) -> dict:
@@ -106,28 +128,38 @@ def cuda_tests(check: Check) -> dict:
             **({} if ok else check.tail(out))}
 
 
-def train_resume_eval(check: Check) -> dict:
-    check.ensure_data()
-    work = check.work / "run"
-    args = check.train_args(work, epochs=3)
+def stopped_in_epoch_2(check: Check, title: str, work: Path, args: list[str]) -> dict:
+    """`train args`, SIGTERM once epoch 2 has logged a step, then `--resume auto` from its own
+    config: the exits, the first process's wall time and what its status said then."""
     start = time.monotonic()
-    proc, logged = check.start(args), work / "metrics.jsonl"
-    while proc.poll() is None and check.left() > 0:
+    running, logged = check.start(args), work / "metrics.jsonl"
+    while running.poll() is None and check.left() > GRACE_S:
         if any(r.get("epoch") == 2 and "step" in r for r in _records(logged)):
-            proc.send_signal(signal.SIGTERM)
+            running.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
-    first = check.finish("train (SIGTERM in epoch 2)", proc)
-    result = {"signal_exit": first.returncode, "first_run_s": round(time.monotonic() - start, 1)}
+    first = check.finish(f"{title} (SIGTERM in epoch 2)", running)
+    result = {"signal_exit": first.returncode, "first_run_s": round(time.monotonic() - start, 1),
+              "first_status": _read_json(work / "status.json") or {}}
     if first.returncode != 143:
         return {**result, "ok": False, "error": "the run did not stop on SIGTERM in epoch 2",
                 **check.tail(first)}
-    resumed = check.run("train --resume auto", [
+    resumed = check.run(f"{title} --resume auto", [
         sys.executable, "-m", "convnext_cifar", "train", "--config", str(work / "config.json"),
         "--resume", "auto"], cap=600)
+    return {**result, "resume_exit": resumed.returncode, "ok": resumed.returncode == 0,
+            **({} if resumed.returncode == 0 else check.tail(resumed))}
+
+
+def train_resume_eval(check: Check) -> dict:
+    check.ensure_data()
+    work = check.work / "run"
+    result = stopped_in_epoch_2(check, "train", work, check.train_args(work, epochs=3))
+    if not result["ok"]:
+        return result
     evaluated = check.run("eval", [sys.executable, "-m", "convnext_cifar", "eval",
                                    str(work / "best.safetensors"), "--json"], cap=300)
-    records = _records(logged)
+    records = _records(work / "metrics.jsonl")
     val = [r for r in records if "top1" in r]
     steps = [r["step"] for r in records if "img_per_s" in r]
     best = max(val, key=lambda r: r["top1"]) if val else None
@@ -135,32 +167,82 @@ def train_resume_eval(check: Check) -> dict:
         top1 = json.loads(evaluated.stdout.strip().splitlines()[-1])["top1"]
     except (IndexError, json.JSONDecodeError, KeyError):
         top1 = None
-    result.update(resume_exit=resumed.returncode, eval_top1=top1,
-                  recorded_top1=best["top1"] if best else None,
+    result.update(eval_top1=top1, recorded_top1=best["top1"] if best else None,
                   eval_reproduces=top1 is not None and best is not None and top1 == best["top1"],
-                  steps_logged_once=steps == sorted(set(steps)), **projection(check, work))
-    result["ok"] = resumed.returncode == 0 and result["eval_reproduces"] and result[
-        "steps_logged_once"]
-    return result if result["ok"] else {**result, **check.tail(resumed), **check.tail(evaluated)}
+                  steps_logged_once=steps == sorted(set(steps)),
+                  **projection(check, val, result))
+    result["ok"] = result["eval_reproduces"] and result["steps_logged_once"]
+    return result if result["ok"] else {**result, **check.tail(evaluated)}
 
 
-def projection(check: Check, work: Path) -> dict:
-    """The 100-epoch reference from this run: the measured training speed over 50,000 images,
-    plus what each epoch spent besides (validation of the held-out images, checkpoint and
-    state writes), plus the startup; a projection, not a run."""
-    status, records = _read_json(work / "status.json") or {}, _records(work / "metrics.jsonl")
-    rates = [r["img_per_s"] for r in records if "img_per_s" in r and r["epoch"] > 1]
-    epochs = status.get("epoch") or 0
-    if not rates or not epochs or check.dry:
-        return {}
-    train_rate = sorted(rates)[len(rates) // 2]
-    per_epoch = status["elapsed_s"] / epochs  # training, validation and writes, as run
-    besides = max(per_epoch - check.size["train_images"] / train_rate, 0.0)
-    return {"train_img_per_s": round(train_rate), "epoch_s_measured": round(per_epoch, 1),
-            "validation_and_writes_s_per_epoch": round(besides, 1),
-            "projected_reference_100_epochs_s": round(100 * (50_000 / train_rate + besides)),
-            "projection": "100 x (50,000 images / measured img/s + measured validation and "
-                          "writes per epoch); startup and compile not included; not a run"}
+def projection(check: Check, val: list[dict], run: dict) -> dict:
+    """The 100-epoch reference (50,000 training and 10,000 test images) from this run's records:
+    the last full epoch's recorded seconds of training, validation and state writes, scaled to
+    the reference's image counts; the compile (epoch 1's training beyond it) and the start-up
+    (the first process's wall time beyond its own training) apart. A projection, not a run."""
+    timed = [r for r in val if "train_s" in r]
+    first_status = run.get("first_status") or {}
+    if len(timed) < 2 or "elapsed_s" not in first_status:
+        return {"projection": "not enough epochs recorded"}
+    last, first = timed[-1], timed[0]
+    s = check.size
+    per_epoch = {"train_s": last["train_s"] * 50_000 / s["train_images"],
+                 "validate_s": last["validate_s"] * 10_000 / s["test_images"],
+                 "state_s": last["state_s"]}
+    compile_s = max(first["train_s"] - last["train_s"], 0.0)
+    startup_s = max(run["first_run_s"] - first_status["elapsed_s"], 0.0)
+    total = startup_s + compile_s + 100 * sum(per_epoch.values())
+    return {"epoch_s_measured": {k: last[k] for k in ("train_s", "validate_s", "state_s")},
+            "reference_epoch_s": {k: round(v, 2) for k, v in per_epoch.items()},
+            "compile_s": round(compile_s, 1), "startup_s": round(startup_s, 1),
+            "projected_reference_100_epochs_s": round(total),
+            "projection": "start-up + compile + 100 x the last full epoch's training, "
+                          "validation and state-write seconds scaled to 50,000 / 10,000 "
+                          "images; not a run"}
+
+
+def train_reduce_overhead(check: Check) -> dict:
+    """A real `train --compile-mode reduce-overhead` (CUDA graphs; compiled off on the dry
+    CPU), EMA and flip TTA on, stopped and resumed: how often it recompiled, and whether torch
+    skipped CUDA graphs anywhere."""
+    check.ensure_data()
+    work = check.work / "reduce_overhead"
+    args = [*check.train_args(work, epochs=2), "--compile-mode", "reduce-overhead",
+            "--ema.decay", "auto", "--eval.tta", "flip", "--data.limit-train",
+            str(min(4000, check.size["train_images"]))]
+    result = stopped_in_epoch_2(check, "train reduce-overhead", work, args)
+    result.pop("first_status", None)
+    skips = check.facts.get("cudagraph_skips", 0)
+    return {**result, "ok": result["ok"] and not skips,
+            **({"error": "torch skipped CUDA graphs"} if skips else {})}
+
+
+def resume_exact(check: Check) -> dict:
+    """Under --deterministic, a run stopped by SIGTERM and resumed against one that was not:
+    the largest weight difference (0 on the CPU; on a GPU Inductor's per-process choices are
+    outside cuDNN's flag, so the figure is the finding)."""
+    check.ensure_data()
+    runs = {name: check.work / f"exact_{name}" for name in ("whole", "resumed")}
+    whole = check.run("train --deterministic", [
+        sys.executable, "-m", "convnext_cifar",
+        *check.train_args(runs["whole"], epochs=2), "--deterministic"], cap=400)
+    result = stopped_in_epoch_2(check, "train --deterministic", runs["resumed"], [
+        *check.train_args(runs["resumed"], epochs=2), "--deterministic"])
+    result.pop("first_status", None)
+    if whole.returncode or not result["ok"]:
+        return {**result, "ok": False, "error": "a run did not finish", **check.tail(whole)}
+    code = ("import sys; from safetensors.torch import load_file\n"
+            "a, b = (load_file(p) for p in sys.argv[1:])\n"
+            "print(max((a[k].double() - b[k].double()).abs().max().item() for k in a))")
+    out = check.run("compare weights", [sys.executable, "-c", code, *(
+        str(w / "epoch_2.safetensors") for w in runs.values())], cap=60)
+    try:
+        diff = float(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {**result, "ok": False, "error": "could not compare the weights",
+                **check.tail(out)}
+    return {**result, "max_abs_weight_diff": diff, "bit_exact": diff == 0.0,
+            "ok": diff == 0.0 or not check.dry}
 
 
 def host_memory(check: Check) -> dict:
@@ -191,8 +273,9 @@ def torchrun(check: Check) -> dict:
             **({} if ok else check.tail(out))}
 
 
-def throughput(name: str, *extra: str, baseline: bool = False):
-    """A step: benchmarks/throughput.py for one configuration, in its own process."""
+def throughput(name: str, *extra: str, baseline: bool = False, cap: float = 240):
+    """A step: benchmarks/throughput.py for one configuration, in its own process, at most
+    `cap` seconds."""
 
     def step(check: Check) -> dict:
         s = check.size
@@ -202,7 +285,7 @@ def throughput(name: str, *extra: str, baseline: bool = False):
                 str(s["baseline_workers"]), *([] if baseline else ["--no-baseline"]), *extra]
         if check.dry:
             args += ["--peak-sizes", "128"]
-        out = check.run(name, args, cap=240)
+        out = check.run(name, args, cap=cap)
         rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
         return {"ok": out.returncode == 0 and bool(rows), "rows": rows,
                 **({} if out.returncode == 0 else check.tail(out))}
@@ -241,23 +324,62 @@ def placement(check: Check) -> dict:
 STEPS = [  # (name, step, seconds it needs at the least to be worth starting)
     ("environment", environment, 5),
     ("cuda_tests", cuda_tests, 20),
+    ("throughput_b128", throughput("throughput_b128", "--batch-size", "128", baseline=True,
+                                   cap=FIRST_TRAINING_CAP_S), 30),
     ("train_resume_eval", train_resume_eval, 40),
-    ("host_memory", host_memory, 20),
-    ("torchrun", torchrun, 20),
-    ("throughput_b128", throughput("throughput_b128", "--batch-size", "128", baseline=True), 30),
     ("throughput_b128_reduce_overhead", throughput(
         "throughput_b128_reduce_overhead", "--batch-size", "128", "--compile-mode",
         "reduce-overhead"), 30),
-    ("throughput_b1024", throughput("throughput_b1024", "--batch-size", "BIG"), 30),
+    ("train_reduce_overhead", train_reduce_overhead, 40),
     ("eval", throughput("eval", "--eval-only", "--batch-size", "128"), 20),
+    ("throughput_b1024", throughput("throughput_b1024", "--batch-size", "BIG"), 30),
+    ("profile", profile, 20),
+    ("host_memory", host_memory, 20),
+    ("torchrun", torchrun, 20),
+    ("resume_exact", resume_exact, 40),
     ("recipe", throughput("recipe", "--batch-size", "128", "--preset",
                           "cifar10-official-recipe"), 30),
-    ("profile", profile, 20),
     ("placement", placement, 40),
 ]
 
 
 # ---- running, timing, reporting ------------------------------------------------------------------
+
+class Running:
+    """A step's process, whose stdout and stderr two threads read as it runs (a child that
+    fills a pipe nobody reads stops, and a polled run would never end)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.parts: tuple[list[str], list[str]] = ([], [])
+        self.readers = [threading.Thread(target=_drain, args=(stream, into), daemon=True)
+                        for stream, into in zip((proc.stdout, proc.stderr), self.parts)]
+        for reader in self.readers:
+            reader.start()
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def output(self) -> tuple[str, str]:
+        for reader in self.readers:
+            reader.join(timeout=5)
+        return "".join(self.parts[0]), "".join(self.parts[1])
+
+
+def _drain(stream, into: list[str]) -> None:
+    for line in stream:
+        into.append(line)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass
+
 
 class Check:
     """The check's budget, folders and results; each step's process is started here."""
@@ -272,32 +394,48 @@ class Check:
         self.log: list[str] = []
         self.stop = ""
         self.deadline = float("inf")
+        self.facts: dict = {}  # the running step's recompiles and skipped CUDA graphs
 
     def left(self) -> float:
         return min(self.budget - (time.monotonic() - self.start_time),
                    self.deadline - time.monotonic())
 
     def env(self) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_LOGS": "recompiles"}
         if self.dry:
             env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, also on a machine with a GPU
         return env
 
-    def start(self, args: list[str]) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "convnext_cifar", *args]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=ROOT, env=self.env(), start_new_session=True)
+    def start(self, args: list[str]) -> Running:
+        return self.launch([sys.executable, "-m", "convnext_cifar", *args])
 
-    def finish(self, title: str, proc: subprocess.Popen) -> subprocess.CompletedProcess:
-        """Wait for `proc` within the time left; killed (its whole group) past it."""
+    def launch(self, cmd: list[str]) -> Running:
+        """`cmd` in a process group of its own, its output drained as it runs."""
+        return Running(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, cwd=ROOT, env=self.env(),
+                                        start_new_session=True))
+
+    def finish(self, title: str, running: Running) -> subprocess.CompletedProcess:
+        """Wait for the process within the time left; past it, SIGTERM to its whole group (a
+        torchrun launcher then stops its workers, which run in sessions of their own), and
+        SIGKILL to the group what is left after GRACE_S."""
+        proc, killed = running.proc, False
         try:
-            out, err = proc.communicate(timeout=max(self.left(), 1))
-            done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            proc.wait(timeout=max(self.left() - GRACE_S, 1))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            done = subprocess.CompletedProcess(proc.args, -9, out or "", (err or "") + (
-                f"\nkilled: the check's time was spent ({self.budget:.0f} s budget)"))
+            killed = True
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        out, err = running.output()
+        if killed:
+            err += f"\nkilled: the check's time was spent ({self.budget:.0f} s budget)"
+        done = subprocess.CompletedProcess(proc.args, -9 if killed else proc.returncode, out,
+                                           err)
+        self._note_compiles(out + err)
         self._log(title, done)
         return done
 
@@ -306,16 +444,25 @@ class Check:
         cmd = [str(self.size["big_batch"]) if c == "BIG" else c for c in cmd]
         self.deadline = time.monotonic() + cap
         try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, cwd=ROOT, env=self.env(), start_new_session=True)
+            running = self.launch(cmd)
         except OSError as e:
             done = subprocess.CompletedProcess(cmd, 127, "", str(e))
             self._log(title, done)
             return done
         try:
-            return self.finish(title, proc)
+            return self.finish(title, running)
         finally:
             self.deadline = float("inf")
+
+    def _note_compiles(self, text: str) -> None:
+        """Recompiles (TORCH_LOGS=recompiles) and CUDA graphs torch skipped, for this step."""
+        lines = text.splitlines()
+        recompiles = [x for x in lines if "Recompiling function" in x]
+        skipped = [x for x in lines if "skipping cudagraphs" in x.lower()]
+        for key, found in (("recompiles", recompiles), ("cudagraph_skips", skipped)):
+            if found:
+                self.facts[key] = self.facts.get(key, 0) + len(found)
+                self.facts.setdefault(f"{key}_first", found[0].strip()[:300])
 
     def tail(self, done: subprocess.CompletedProcess, lines: int = 12) -> dict:
         text = ((done.stdout or "") + (done.stderr or "")).strip().splitlines()
@@ -436,6 +583,12 @@ def summary(results: dict) -> str:
                   f" at batch 128, >= {TARGETS['train_b1024']:,} at 1024, >= "
                   f"{TARGETS['eval']:,} eval img/s; the reference run under "
                   f"{TARGETS['reference_s']} s."]
+    run = steps.get("train_resume_eval", {})
+    if run.get("projected_reference_100_epochs_s"):
+        lines += ["", f"Projected 100-epoch reference: {run['projected_reference_100_epochs_s']} s"
+                  f" = start-up {run['startup_s']} s + compile {run['compile_s']} s + 100 x "
+                  f"{json.dumps(run['reference_epoch_s'])} (from the last full epoch's "
+                  f"{json.dumps(run['epoch_s_measured'])}; a projection, not a run)."]
     placed = steps.get("placement", {}).get("placement")
     if placed:
         keys = ("size", "placement", "images", "feed_cold_img_per_s", "feed_img_per_s",
@@ -469,12 +622,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                        "the budget"}
         else:
             print(f"[gpu_check] {name} ({check.left():.0f} s left) ...", flush=True)
-            t0 = time.monotonic()
+            t0, check.facts = time.monotonic(), {}
             try:
                 value = step(check)
             except Exception as e:  # a failing step is a finding; the others still run
                 value = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            value["seconds"] = round(time.monotonic() - t0, 1)
+            value.update(check.facts, seconds=round(time.monotonic() - t0, 1))
             if not value.get("ok") and any("killed:" in line for line in value.get("tail", [])):
                 value["killed"] = True
             check.results["steps"][name] = value

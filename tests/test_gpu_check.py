@@ -9,12 +9,9 @@ import time
 import pytest
 from support import ROOT
 
-ROOT = ROOT
-
-
-ORDER = ["environment", "cuda_tests", "train_resume_eval", "host_memory", "torchrun",
-         "throughput_b128", "throughput_b128_reduce_overhead", "throughput_b1024", "eval",
-         "recipe", "profile", "placement"]
+ORDER = ["environment", "cuda_tests", "throughput_b128", "train_resume_eval",
+         "throughput_b128_reduce_overhead", "train_reduce_overhead", "eval", "throughput_b1024",
+         "profile", "host_memory", "torchrun", "resume_exact", "recipe", "placement"]
 
 
 def gpu_check(out, work, *args, timeout=900):
@@ -39,6 +36,14 @@ def test_gpu_check_dry_runs_every_step_and_writes_only_its_reports(tmp_path):
     assert not steps["cuda_tests"]["ok"] and steps["cuda_tests"]["tests_skipped"] >= 1
     run = steps["train_resume_eval"]
     assert run["signal_exit"] == 143 and run["eval_reproduces"] and run["steps_logged_once"]
+    # the projection from the last full epoch's recorded seconds, start-up and compile apart
+    assert set(run["epoch_s_measured"]) == {"train_s", "validate_s", "state_s"}
+    assert run["projected_reference_100_epochs_s"] > 100 * run["reference_epoch_s"]["train_s"]
+    assert run["startup_s"] > 0 and run["compile_s"] >= 0
+    assert "Projected 100-epoch reference" in (tmp_path / "out" / "gpu_check.md").read_text()
+    assert steps["resume_exact"]["bit_exact"] and steps["resume_exact"]["max_abs_weight_diff"] == 0
+    assert steps["train_reduce_overhead"]["resume_exit"] == 0
+    assert steps["environment"]["nvidia_smi"]  # "not found" here, its lines on a GPU machine
     rows = {name: steps[name]["rows"] for name in ORDER if "throughput" in name or name in (
         "eval", "recipe")}
     assert sum(r["kind"] == "baseline" for r in rows["throughput_b128"]) == 1
@@ -107,3 +112,42 @@ def test_the_check_runs_every_file_that_holds_cuda_tests():
     marked = {str(p) for p in sorted((ROOT / "tests").rglob("test_*.py"))
               if "\n@pytest.mark.cuda\n" in p.read_text()}
     assert set(CUDA_TEST_FILES) == marked
+
+
+def _check(tmp_path, budget=60):
+    import argparse
+
+    from benchmarks import gpu_check
+
+    return gpu_check.Check(argparse.Namespace(out=tmp_path / "out", dry=True, budget_s=budget,
+                                              work=tmp_path / "work"))
+
+
+def test_a_polled_step_is_drained_so_a_chatty_child_never_stalls(tmp_path):
+    check = _check(tmp_path)
+    chatty = ("import sys\nfor i in range(20000):\n    print('x' * 60)\n"
+              "print('Recompiling function f', file=sys.stderr)")
+    running = check.launch([sys.executable, "-c", chatty])
+    deadline = time.monotonic() + 60
+    while running.poll() is None and time.monotonic() < deadline:  # as the SIGTERM step polls
+        time.sleep(0.05)
+    done = check.finish("chatty", running)  # 1.2 MB: far more than a pipe holds
+    assert done.returncode == 0 and done.stdout.count("\n") == 20000
+    assert check.facts["recompiles"] == 1 and "Recompiling" in check.facts["recompiles_first"]
+
+
+def test_past_its_time_a_step_gets_sigterm_then_sigkill(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "GRACE_S", 1)
+    check = _check(tmp_path)
+    polite = ("import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(143))"
+              "\nprint('up', flush=True)\ntime.sleep(60)")
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"
+    started = time.monotonic()
+    done = check.run("polite", [sys.executable, "-c", polite], cap=2)
+    assert done.returncode == -9 and "killed: the check's time was spent" in done.stderr
+    assert "up" in done.stdout and time.monotonic() - started < 10  # ended by the SIGTERM
+    started = time.monotonic()
+    done = check.run("stubborn", [sys.executable, "-c", stubborn], cap=2)
+    assert done.returncode == -9 and 2 <= time.monotonic() - started < 10  # SIGKILL after grace
