@@ -161,7 +161,9 @@ def decode_chunks(paths: list[Path], size: int, mode: str, workers: int = 0, chu
     jobs = [([str(p) for p in paths[i:i + chunk]], size, mode) for i in starts]
     if workers == 1 or len(jobs) <= 1:
         for start, job in zip(starts, jobs):
+            threads = torch.get_num_threads()
             block, bad = _read_chunk(job)
+            torch.set_num_threads(threads)  # a worker's one thread, not this process's for good
             yield start, block, [(paths[start + i], reason) for i, reason in bad]
         return
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")

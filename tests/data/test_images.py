@@ -91,3 +91,18 @@ def test_pillows_own_pixel_limit_stays_on(tmp_path):
     read_image(tmp_path / "x.png", 32, "squash")
     assert PILImage.MAX_IMAGE_PIXELS == before is not None
 
+
+def test_decoding_in_this_process_leaves_torch_its_threads(tmp_path):
+    """One worker (or one chunk) decodes here: the run that follows must not train on the one
+    thread a decoding worker process uses."""
+    from convnext_cifar.data.images import decode_chunks
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        list(decode_chunks([path], 8, "squash", workers=1))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
