@@ -58,7 +58,8 @@ CUDA_TEST_FILES = [str(ROOT / "tests" / name) for name in (  # the files with `c
 TARGETS = {"train_b128": 40_000, "train_b1024": 80_000, "eval": 150_000, "reference_s": 180}
 OUTPUTS = ("gpu_check.json", "gpu_check.md", "gpu_check_log.md")
 LOG_LINES = 40  # of each step, in gpu_check_log.md
-GRACE_S = 10  # between the SIGTERM that stops a step's processes and the SIGKILL
+GRACE_S = 10  # between the SIGTERM that stops a step's processes and the SIGKILL (beyond the
+# budget: GPU.md's `--budget-s 440` inside `timeout 500` leaves room for it)
 FIRST_TRAINING_CAP_S = 200  # the first step that trains compiles cold: its own deadline
 
 
@@ -133,7 +134,7 @@ def stopped_in_epoch_2(check: Check, title: str, work: Path, args: list[str]) ->
     config: the exits, the first process's wall time and what its status said then."""
     start = time.monotonic()
     running, logged = check.start(args), work / "metrics.jsonl"
-    while running.poll() is None and check.left() > GRACE_S:
+    while running.poll() is None and check.left() > 0:
         if any(r.get("epoch") == 2 and "step" in r for r in _records(logged)):
             running.send_signal(signal.SIGTERM)
             break
@@ -418,10 +419,11 @@ class Check:
     def finish(self, title: str, running: Running) -> subprocess.CompletedProcess:
         """Wait for the process within the time left; past it, SIGTERM to its whole group (a
         torchrun launcher then stops its workers, which run in sessions of their own), and
-        SIGKILL to the group what is left after GRACE_S."""
+        SIGKILL to the group what is left after GRACE_S (the grace may pass the budget: leave
+        that much beside it)."""
         proc, killed = running.proc, False
         try:
-            proc.wait(timeout=max(self.left() - GRACE_S, 1))
+            proc.wait(timeout=max(self.left(), 1))
         except subprocess.TimeoutExpired:
             killed = True
             _signal_group(proc, signal.SIGTERM)
