@@ -1,31 +1,28 @@
 """data/augment.py: crop/flip, RandAugment, erasing and MixUp/CutMix against timm, batched,
 and the same on every rank."""
 
+
+import numpy as np
+import pytest
+import torch
 from PIL import Image
-from cifar_files import dump_py3, learnable_images, write_cifar10
-from convnext_cifar.config import AugConfig, parse_randaugment
-from convnext_cifar.config import DataConfig
-from convnext_cifar.data import augment as data_augment
-from convnext_cifar.data.augment import RAND_OPS, RAND_OPS_INCREASING, BatchAugment, Mixup, RandAugment, apply_ops, random_erasing
-from convnext_cifar.data.augment import crop_flip
-from convnext_cifar.data.cifar import CIFAR10
-from convnext_cifar.data.kinds import load_dataset
-from convnext_cifar.data.loader import DeviceLoader, Normalize, eval_batches
-from convnext_cifar.data.loader import Generators
-from convnext_cifar.distributed import Dist
-from convnext_cifar.errors import UserError
 from timm.data import auto_augment as timm_aa
 from timm.data import mixup as timm_mixup
-import dataclasses
-import hashlib
-import io
-import numpy as np
-import os
-import pytest
-import tarfile
-import torch
-import urllib.request
 
+from convnext_cifar.config import AugConfig, DataConfig, parse_randaugment
+from convnext_cifar.data import augment as data_augment
+from convnext_cifar.data.augment import (
+    RAND_OPS,
+    RAND_OPS_INCREASING,
+    BatchAugment,
+    Mixup,
+    RandAugment,
+    apply_ops,
+    crop_flip,
+    random_erasing,
+)
+from convnext_cifar.data.loader import DeviceLoader, Generators, Normalize
+from convnext_cifar.distributed import Dist
 
 FILL = (125, 123, 114)
 
@@ -285,9 +282,6 @@ def test_each_op_runs_once_on_just_the_images_that_drew_it(monkeypatch):
 ])
 def test_ranks_augment_their_slice_as_one_process_augments_the_batch(aug):
     from convnext_cifar.data.augment import build_batch_transform
-    from convnext_cifar.config import DataConfig
-    from convnext_cifar.data.loader import DeviceLoader, Normalize
-    from convnext_cifar.distributed import Dist
 
     imgs, labels = images(48, seed=4), torch.arange(48) % 10
     cfg = DataConfig(batch_size=24)

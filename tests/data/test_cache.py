@@ -1,48 +1,24 @@
 """data/cache.py: the decode cache hits and misses as files change, is read back exactly (any
 rows, any order, several threads), and survives killed writers and other runs."""
 
-from PIL import Image
-from cifar_files import dump_py3, learnable_images, write_cifar100, write_image_folder
-from cifar_files import write_image_folder
-from convnext_cifar import cli
-from convnext_cifar.config import AugConfig, DataConfig
-from convnext_cifar.config import DataConfig
-from convnext_cifar.data import cache as data_cache
-from convnext_cifar.data.augment import build_batch_transform
-from convnext_cifar.data.cache import DiskImages
-from convnext_cifar.data.cifar import CIFAR100
-from convnext_cifar.data.folders import channel_stats, stats_of
-from convnext_cifar.data.images import read_image
-from convnext_cifar.data.kinds import load_dataset
-from convnext_cifar.data.loader import DeviceLoader, Normalize, Staging
-from convnext_cifar.data.placement import choose as placement
-from convnext_cifar.distributed import Dist
-from convnext_cifar.errors import UserError
-from convnext_cifar.outputs.workdir import find_states
-from convnext_cifar.training.state import load_state
-from pathlib import Path
-from safetensors import safe_open
-from safetensors.torch import load_file
-from safetensors.torch import save
-import dataclasses
-import hashlib
-import io
-import json
-import numpy as np
 import os
-import pytest
 import shutil
 import socket
-import struct
-import subprocess
-import sys
-import tarfile
-import threading
 import time
+
+import numpy as np
+import pytest
 import torch
-import urllib.request
-import zlib
+from cifar_files import write_image_folder
+from PIL import Image
 from support import folder_cfg, folder_data
+
+from convnext_cifar.config import DataConfig
+from convnext_cifar.data import cache as data_cache
+from convnext_cifar.data.cache import DiskImages
+from convnext_cifar.data.folders import channel_stats, stats_of
+from convnext_cifar.data.kinds import load_dataset
+from convnext_cifar.errors import UserError
 
 
 def test_the_cache_hits_and_misses_when_a_file_changes(tmp_path, monkeypatch):
@@ -52,7 +28,8 @@ def test_the_cache_hits_and_misses_when_a_file_changes(tmp_path, monkeypatch):
     assert [n.split("-")[0] for n in cache] == ["train", "val"]
     calls = []
     real = data_cache.decode_chunks
-    monkeypatch.setattr(data_cache, "decode_chunks", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(data_cache, "decode_chunks",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
     second = load_dataset(folder_cfg(tmp_path))
     assert calls == [] and torch.equal(first.train.images, second.train.images)  # a hit
     changed = tmp_path / "train" / "b" / "0002.png"
@@ -66,7 +43,6 @@ def test_the_cache_hits_and_misses_when_a_file_changes(tmp_path, monkeypatch):
 
 
 def test_a_replaced_file_is_a_cache_miss_even_with_its_size_and_mtime(tmp_path):
-    from convnext_cifar.config import DataConfig
     from convnext_cifar.data.kinds import load_dataset
 
     data = write_image_folder(tmp_path / "d", {"train": {"a": 3, "b": 3}, "val": {"a": 1,
@@ -93,7 +69,6 @@ def test_a_replaced_file_is_a_cache_miss_even_with_its_size_and_mtime(tmp_path):
 
 
 def test_a_killed_cache_write_is_cleaned_up_and_a_running_one_is_not(tmp_path):
-    from convnext_cifar.config import DataConfig
     from convnext_cifar.data.kinds import load_dataset
 
     data = write_image_folder(tmp_path / "d", {"train": {"a": 3}, "val": {"a": 1}})
@@ -143,7 +118,6 @@ def test_large_batches_are_read_by_several_threads_into_the_same_places(tmp_path
 
 
 def test_a_cache_cut_short_while_read_is_one_line_saying_what_to_do(tmp_path):
-    from convnext_cifar.errors import UserError
 
     path = tmp_path / "rows.bin"
     path.write_bytes(bytes(10 * 3 * 32 * 32))

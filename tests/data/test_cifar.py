@@ -1,33 +1,23 @@
 """data/cifar.py: CIFAR-10 and CIFAR-100 read exactly from their Python 2 pickles, checked
 downloads, damaged and foreign files refused in one line."""
 
-from PIL import Image
-from cifar_files import dump_py3, learnable_images, write_cifar10
-from cifar_files import dump_py3, learnable_images, write_cifar100, write_image_folder
-from convnext_cifar.config import DataConfig
-from convnext_cifar.data import kinds as data_kinds
-from convnext_cifar.data.augment import crop_flip
-from convnext_cifar.data.cache import DiskImages
-from convnext_cifar.data.cifar import CIFAR10
-from convnext_cifar.data.cifar import CIFAR100
-from convnext_cifar.data.images import read_image
-from convnext_cifar.data.kinds import load_dataset
-from convnext_cifar.data.loader import DeviceLoader, Normalize, eval_batches
-from convnext_cifar.data.placement import choose as placement
-from convnext_cifar.distributed import Dist
-from convnext_cifar.errors import UserError
 import dataclasses
 import hashlib
 import io
-import json
-import numpy as np
 import os
-import pytest
 import tarfile
-import time
-import torch
 import urllib.request
-import zlib
+
+import numpy as np
+import pytest
+import torch
+from cifar_files import dump_py3, learnable_images, write_cifar10, write_cifar100
+
+from convnext_cifar.config import DataConfig
+from convnext_cifar.data import kinds as data_kinds
+from convnext_cifar.data.cifar import CIFAR10, CIFAR100
+from convnext_cifar.data.kinds import load_dataset
+from convnext_cifar.errors import UserError
 
 
 def data_cfg(root, **kw):

@@ -1,28 +1,16 @@
 """data/folders.py: class folders read with their labels, any image size, the held-out split by
 a stable hash, bad folders and unreadable images."""
 
-from PIL import Image
-from cifar_files import dump_py3, learnable_images, write_cifar100, write_image_folder
-from convnext_cifar.config import DataConfig
-from convnext_cifar.data.cache import DiskImages
-from convnext_cifar.data.cifar import CIFAR100
-from convnext_cifar.data.images import read_image
-from convnext_cifar.data.kinds import load_dataset
-from convnext_cifar.data.placement import choose as placement
-from convnext_cifar.errors import UserError
-import dataclasses
-import hashlib
-import io
-import json
+
 import numpy as np
-import os
 import pytest
-import tarfile
-import time
 import torch
-import urllib.request
-import zlib
+from cifar_files import write_image_folder
+from PIL import Image
 from support import folder_cfg, png_claiming
+
+from convnext_cifar.data.kinds import load_dataset
+from convnext_cifar.errors import UserError
 
 
 def test_folder_reads_classes_labels_and_measures_mean_std(folder_root):

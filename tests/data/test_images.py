@@ -64,7 +64,8 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.io, "decode_image",
                         lambda *a, **k: pytest.fail("decoded a bomb"))
-    with pytest.raises(data_images.BadImage, match="100000 x 100000 pixels.*refused before decoding"):
+    with pytest.raises(data_images.BadImage,
+                       match="100000 x 100000 pixels.*refused before decoding"):
         data_images.decode_rgb(bomb)
 
 

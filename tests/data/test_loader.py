@@ -1,61 +1,22 @@
 """data/loader.py: normalisation, the seeded per-epoch order, sharded and resumed loaders, the
 balanced sampler, and staging from host memory or disk."""
 
-from PIL import Image
-from cifar_files import dump_py3, learnable_images, write_cifar10
-from cifar_files import write_image_folder
-from convnext_cifar import cli
-from convnext_cifar import cli, runtime
-from convnext_cifar.config import AugConfig, DataConfig
-from convnext_cifar.config import DataConfig
-from convnext_cifar.config import DataConfig, OptimConfig, SchedConfig, TrainConfig
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+import torch
+from support import folder_data, needs_cuda, tiny_run
+
+from convnext_cifar.config import AugConfig, DataConfig, TrainConfig
 from convnext_cifar.data.augment import build_batch_transform
-from convnext_cifar.data.augment import crop_flip
 from convnext_cifar.data.cache import DiskImages
 from convnext_cifar.data.cifar import CIFAR10
-from convnext_cifar.data.dataset import Dataset, Split
-from convnext_cifar.data.folders import channel_stats, stats_of
-from convnext_cifar.data.images import decode_rgb
 from convnext_cifar.data.kinds import load_dataset
-from convnext_cifar.data.loader import DeviceLoader, Normalize
-from convnext_cifar.data.loader import DeviceLoader, Normalize, Staging
-from convnext_cifar.data.loader import DeviceLoader, Normalize, eval_batches
-from convnext_cifar.data.placement import choose, host_peak, pinned_bytes
+from convnext_cifar.data.loader import DeviceLoader, Normalize, Staging, eval_batches
 from convnext_cifar.distributed import Dist
-from convnext_cifar.errors import UserError
-from convnext_cifar.model.checkpoints import load_weights
-from convnext_cifar.model.optim import build_optimizer
-from convnext_cifar.outputs.console import Progress
-from convnext_cifar.outputs.metrics_log import JsonlSink, MetricsLog
-from convnext_cifar.outputs.workdir import find_states
-from convnext_cifar.runtime import Runtime, prepare_model
-from convnext_cifar.runtime import Runtime, prepare_model, resolve_runtime
-from convnext_cifar.training.build import Run
-from convnext_cifar.training.loop import train_one_epoch
-from convnext_cifar.training.state import Position
-from convnext_cifar.training.step import Guard, TrainStep, Window, cross_entropy_sum
-from convnext_cifar.training.step import TrainStep, Window, cross_entropy_sum
-from convnext_cifar.use.evaluate import EvalResult
-from convnext_cifar.use.evaluate import evaluate, predict_logits
-from pathlib import Path
-from safetensors import safe_open
-from safetensors.torch import load_file
-import copy
-import dataclasses
-import hashlib
-import io
-import json
-import numpy as np
-import os
-import pytest
-import subprocess
-import sys
-import tarfile
-import threading
-import timm
-import torch
-import urllib.request
-from support import CPU, folder_data, needs_cuda, tiny_run
+from convnext_cifar.runtime import Runtime
 
 
 def plain(size=32, channels_last=True, mean=(0, 0, 0), std=(1, 1, 1)):
@@ -215,10 +176,10 @@ def test_cuda_batches_are_the_same_from_device_pinned_host_and_disk(tmp_path):
     from a cache file through the reader thread and copied without blocking: equal batches."""
     import numpy as np
 
-    from convnext_cifar.data.augment import build_batch_transform
     from convnext_cifar.config import AugConfig
-    from convnext_cifar.data.loader import DeviceLoader, Normalize
+    from convnext_cifar.data.augment import build_batch_transform
     from convnext_cifar.data.cache import DiskImages
+    from convnext_cifar.data.loader import DeviceLoader, Normalize
 
     cuda = torch.device("cuda")
     images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)

@@ -1,49 +1,20 @@
 """data/placement.py: the images go where they fit (device, host, disk), pinned one split at a
 time."""
 
-from PIL import Image
-from cifar_files import dump_py3, learnable_images, write_cifar100, write_image_folder
-from cifar_files import write_image_folder
-from convnext_cifar import cli
-from convnext_cifar.config import AugConfig, DataConfig
-from convnext_cifar.config import DataConfig
-from convnext_cifar.config import DataConfig, OptimConfig, SchedConfig, TrainConfig
+import dataclasses
+
+import pytest
+import torch
+from support import data_cfg, folder_cfg, folder_data, needs_cuda, random_images
+
 from convnext_cifar.data import cache as data_cache
 from convnext_cifar.data import folders as data_folders
 from convnext_cifar.data import placement as data_placement
-from convnext_cifar.data.augment import build_batch_transform
 from convnext_cifar.data.cache import DiskImages
-from convnext_cifar.data.cifar import CIFAR100
-from convnext_cifar.data.folders import channel_stats, stats_of
-from convnext_cifar.data.images import read_image
 from convnext_cifar.data.kinds import load_dataset
-from convnext_cifar.data.loader import DeviceLoader, Normalize, Staging
-from convnext_cifar.data.placement import choose as placement
 from convnext_cifar.data.placement import choose, host_peak, pinned_bytes
-from convnext_cifar.distributed import Dist
+from convnext_cifar.data.placement import choose as placement
 from convnext_cifar.errors import UserError
-from convnext_cifar.model.optim import build_optimizer
-from convnext_cifar.outputs.workdir import find_states
-from convnext_cifar.runtime import Runtime, prepare_model, resolve_runtime
-from convnext_cifar.training.step import TrainStep, Window, cross_entropy_sum
-from convnext_cifar.use.evaluate import evaluate, predict_logits
-from safetensors.torch import load_file
-import dataclasses
-import hashlib
-import io
-import json
-import numpy as np
-import os
-import pytest
-import subprocess
-import sys
-import tarfile
-import threading
-import time
-import torch
-import urllib.request
-import zlib
-from support import data_cfg, folder_cfg, folder_data, needs_cuda, random_images
 
 
 def _read_only(path):
