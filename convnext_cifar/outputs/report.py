@@ -55,6 +55,8 @@ def pyplot():
         import matplotlib
 
         matplotlib.use("Agg")
+        # class names and run names are plain text: `price_$5_$10` is no formula
+        matplotlib.rcParams["text.parse_math"] = False
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError(f"the report draws its figures with matplotlib: {EXTRA}") from None

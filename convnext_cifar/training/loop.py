@@ -26,6 +26,7 @@ from convnext_cifar import distributed
 from convnext_cifar.config import TrainConfig
 from convnext_cifar.data.kinds import load_dataset, prepare_dataset
 from convnext_cifar.errors import Interrupted, Pruned, TrainingDiverged, UserError
+from convnext_cifar.files import first_line
 from convnext_cifar.metrics import ema
 from convnext_cifar.model.checkpoints import load_weights, save_weights
 from convnext_cifar.model.ema import ema_lag_warning
@@ -125,7 +126,24 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
         "dataset": DatasetRecord(run.data.identity),
         **({"ema": run.ema} if run.ema is not None else {})}, optional=("dataset", "tracking"))
     _start_or_resume(state, found, log, progress)
-    with RunStatus(run, position, log) as status, StopSignals() as stop, state.writing():
+    try:
+        _epochs(run, state, log, progress, window, guard, on_validation)
+    except BaseException as e:
+        log.close(outcome_of(type(e)))
+        raise
+    _after_training(run, log)
+    progress.message(f"done: best {position.best_metric} {position.best:.2f} at epoch "
+                     f"{position.best_epoch}: {cfg.run_dir / BEST_FILE}")
+    return {"best": position.best, "best_metric": position.best_metric,
+            "best_epoch": position.best_epoch, "work_dir": str(cfg.run_dir)}
+
+
+def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress, window: Window,
+            guard: Guard, on_validation: Callable[[int, dict[str, Any]], bool] | None) -> None:
+    """The epochs left, each trained, validated, checkpointed and its state taken as the
+    config says; status.json says how they ended, once every state is on disk."""
+    cfg, rt, dist, position = run.cfg, run.rt, run.dist, state.position
+    with RunStatus(run, position) as status, StopSignals() as stop, state.writing():
         while position.epoch < cfg.sched.epochs:
             started = time.perf_counter()
             if not train_one_epoch(run, position, log, progress, window, guard, stop):
@@ -143,11 +161,6 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
                 if stopping and not last:
                     raise stop.interrupted(path, position, cfg)
             status.write("running")
-        _publish(run, log)
-    progress.message(f"done: best {position.best_metric} {position.best:.2f} at epoch "
-                     f"{position.best_epoch}: {cfg.run_dir / BEST_FILE}")
-    return {"best": position.best, "best_metric": position.best_metric,
-            "best_epoch": position.best_epoch, "work_dir": str(cfg.run_dir)}
 
 
 def sinks(cfg: TrainConfig, progress: Progress, position: Position, steps: int) -> list[Sink]:
@@ -157,17 +170,23 @@ def sinks(cfg: TrainConfig, progress: Progress, position: Position, steps: int) 
             ConsoleSink(progress, position, steps)]
 
 
-def _publish(run: Run, log: MetricsLog) -> None:
-    """After the last epoch: the HTML report, for the trackers that take it (TensorBoard its
-    figures, MLflow the page); a report that cannot be made is one line."""
-    if not log.takes_report:
-        return
+def _after_training(run: Run, log: MetricsLog) -> None:
+    """The steps after the last epoch, once status.json says finished: the HTML report for the
+    trackers that take it (TensorBoard its figures, MLflow the page), then the trackers closed.
+    Nothing here can fail the run: a step that fails is one line, and the run stays finished."""
+    page = None
+    if log.takes_report:
+        try:
+            page = write_report([run.cfg.run_dir], device=str(run.rt.device))
+        except Exception as e:  # noqa: BLE001 - the run is done: say why, lose nothing
+            warn(f"no report for the trackers: {first_line(e)}")
     try:
-        page = write_report([run.cfg.run_dir], device=str(run.rt.device))
-    except UserError as e:
-        warn(f"no report for the trackers: {e}")
-        page = None
-    log.publish(page)
+        if log.takes_report:
+            log.publish(page)
+        log.close("finished")
+    except Exception as e:  # noqa: BLE001 - a tracker's failure after the run is its own
+        warn(f"after training, a tracker failed ({type(e).__name__}: {first_line(e)}); the run "
+             "is finished and its files are complete")
 
 
 def _validate_timed(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
@@ -226,10 +245,10 @@ def outcome_of(kind: type[BaseException] | None) -> str:
 class RunStatus:
     """status.json of a run (rank 0): "running" while the run lives, then "finished",
     "interrupted" (a signal; a kill leaves "running" without the lock), "diverged" or "pruned".
-    As a context manager it writes the outcome, then closes the run's sinks."""
+    As a context manager it writes the outcome."""
 
-    def __init__(self, run: Run, position: Position, log: MetricsLog):
-        self.run, self.position, self.log = run, position, log
+    def __init__(self, run: Run, position: Position):
+        self.run, self.position = run, position
 
     def write(self, status: str) -> None:
         if self.run.dist.is_main:
@@ -249,7 +268,6 @@ class RunStatus:
         outcome = outcome_of(kind)
         if outcome != "failed":  # a failure leaves "running": `runs` sees the lock is free
             self.write(outcome)
-        self.log.close(outcome)
 
 
 def validate(run: Run, position: Position, log: MetricsLog,

@@ -6,8 +6,16 @@ import json
 
 import numpy as np
 import pytest
+from cifar_files import write_image_folder
 from PIL import Image
-from support import EXACT, die_after_state, signal_at_step, small_run_args, timeless_records
+from support import (
+    EXACT,
+    die_after_state,
+    folder_args,
+    signal_at_step,
+    small_run_args,
+    timeless_records,
+)
 
 from convnext_cifar import cli
 
@@ -113,3 +121,45 @@ def test_tensorboard_curves_continue_across_a_resume_without_gaps_or_repeats(
         assert [s for s, _ in resumed[tag]] == [s for s, _ in whole[tag]], tag
         np.testing.assert_allclose([v for _, v in resumed[tag]], [v for _, v in whole[tag]],
                                    rtol=1e-6, err_msg=tag)
+
+
+def _dollar_classes(tmp_path):
+    return write_image_folder(tmp_path / "data", {
+        "train": {"price_$5_$10": 6, "$\\foo$": 6}, "val": {"price_$5_$10": 2, "$\\foo$": 2}})
+
+
+def test_class_names_that_look_like_formulas_are_plain_text_and_the_run_finishes(tmp_path,
+                                                                                capsys):
+    """matplotlib read `$...$` as math: the report raised, and a tracked run ended with exit 1
+    and status.json still `running` after training every epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data, work = _dollar_classes(tmp_path), tmp_path / "run"
+    assert cli.main(folder_args(data, work, "--sched.epochs", "1", "--data.batch-size", "4",
+                                "--log.tensorboard")) == 0
+    assert json.loads((work / "status.json").read_text())["status"] == "finished"
+    acc = EventAccumulator(str(work / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert "report/confusion" in acc.Tags()["images"]
+    assert cli.main(["report", str(work), "--out", str(tmp_path / "again.html")]) == 0
+
+
+def test_a_post_run_step_that_fails_is_one_line_and_the_run_stays_finished(
+        cifar_root, tmp_path, monkeypatch, capsys):
+    from convnext_cifar.outputs import trackers
+    from convnext_cifar.training import loop
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the report broke\nwith a long story")
+
+    monkeypatch.setattr(loop, "write_report", broken)
+    monkeypatch.setattr(trackers.TensorBoardSink, "publish", broken)
+    work = tmp_path / "run"
+    assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "1", "--data.limit-train",
+                                   "50", "--data.limit-val", "50", "--sched.warmup-epochs", "0",
+                                   "--log.tensorboard")) == 0
+    err = capsys.readouterr().err
+    assert "warning: no report for the trackers: the report broke\n" in err
+    assert ("warning: after training, a tracker failed (RuntimeError: the report broke); the run "
+            "is finished and its files are complete") in err
+    assert json.loads((work / "status.json").read_text())["status"] == "finished"
