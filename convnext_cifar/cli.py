@@ -368,6 +368,9 @@ def commands(default: TrainConfig) -> dict[str, Callable]:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name in bytes that are not UTF-8 (a
+        if hasattr(stream, "reconfigure"):  # Windows zip) is shown escaped, never a crash
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = _run(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush

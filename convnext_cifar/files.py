@@ -7,7 +7,8 @@
 - `load_pth`: `torch.load(weights_only=True)`, with the objects other toolboxes pickle beside their
   weights read as inert placeholders; any other global refuses the file, running nothing.
 - `load_array_pickle`: the python pickles datasets ship (CIFAR), numpy arrays and containers only.
-- `first_line`: the useful first line (or sentence) of a library's long error message.
+- `first_line`: the useful first line (or sentence) of a library's long error message;
+  `readable`: a file-system name as text any output can hold.
 """
 
 from __future__ import annotations
@@ -132,6 +133,12 @@ def require_file(path: Path, what: str) -> Path:
     if path.stat().st_size == 0:
         raise UserError(f"{what} {path} is empty")
     return path
+
+
+def readable(text: str) -> str:
+    """`text` as every output can hold it: a name the file system gave as bytes that are not
+    UTF-8 (a folder from a Windows zip, `caf\\xe9`) shows those bytes as \\xNN."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def first_line(e: BaseException, sentence: bool = True) -> str:

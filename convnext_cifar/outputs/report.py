@@ -27,7 +27,7 @@ from convnext_cifar.data.dataset import Dataset
 from convnext_cifar.data.loader import training_loader
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import write_file
+from convnext_cifar.files import readable, write_file
 from convnext_cifar.metrics import METRICS, ema
 from convnext_cifar.outputs.console import run_best, wall_clock
 from convnext_cifar.outputs.metrics_log import read_records
@@ -391,5 +391,5 @@ def write_report(run_dirs: list[Path], out: Path | None = None, device: str = "c
     out.parent.mkdir(parents=True, exist_ok=True)
     for fig in figures:
         write_file(out.with_name(f"{out.stem}-{fig.name}.png"), fig.png, "report figure")
-    write_file(out, page.encode(), "report")
+    write_file(out, readable(page).encode(), "report")
     return out

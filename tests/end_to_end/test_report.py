@@ -3,6 +3,7 @@ opened in a real headless Chromium (slow)."""
 
 import base64
 import io
+import os
 import re
 import sys
 
@@ -112,3 +113,14 @@ def test_the_report_opens_in_a_real_headless_chromium(run_dir, tmp_path):
         assert errors == []
     finally:
         browser.quit()
+
+
+def test_a_data_root_named_in_bytes_that_are_not_utf8_gets_its_report(tmp_path, capsys):
+    """A folder unpacked from a Windows zip (`caf\\xe9`): the page shows the byte, not a crash."""
+    root = tmp_path / os.fsdecode(b"caf\xe9")
+    write_image_folder(root, {"train": {"a": 6, "b": 6}, "val": {"a": 2, "b": 2}})
+    work = tmp_path / "run"
+    assert cli.main(small_run_args(root, work, "--data.dataset", "folder", "--sched.epochs", "1",
+                                   "--sched.warmup-epochs", "0", "--data.batch-size", "4")) == 0
+    assert cli.main(["report", str(work)]) == 0
+    assert "caf\\xe9" in (work / "report.html").read_text(encoding="utf-8")
