@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import types
 import typing
@@ -26,6 +27,7 @@ import tyro
 from convnext_cifar.data.kinds import DATASETS
 from convnext_cifar.errors import UserError
 from convnext_cifar.metrics import BEST_METRICS, TUNE_METRICS
+from convnext_cifar.network import credentials
 
 CONVNEXTV2_MODELS = (
     "convnextv2_atto",
@@ -367,6 +369,15 @@ class LogConfig:
     """Also write every metrics.jsonl record as TensorBoard scalars under WORK_DIR/tb/."""
     mlflow: str = ""
     """MLflow tracking URI (e.g. sqlite:///mlflow.db or http://host:5000); empty: off."""
+
+    def __post_init__(self) -> None:
+        # a user and password in the URI go to MLflow's own variables for this process and
+        # into no file, log line, param or report: the config holds the URI without them
+        uri, user, password = credentials(self.mlflow)
+        if user or password:
+            os.environ.update({k: v for k, v in (("MLFLOW_TRACKING_USERNAME", user),
+                                                 ("MLFLOW_TRACKING_PASSWORD", password)) if v})
+            object.__setattr__(self, "mlflow", uri)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from convnext_cifar.config import (
 )
 from convnext_cifar.errors import Pruned, TrainingDiverged, UserError
 from convnext_cifar.files import first_line, write_file
+from convnext_cifar.network import masked
 from convnext_cifar.outputs.metrics_log import read_records
 from convnext_cifar.outputs.workdir import CONFIG_FILE, METRICS_FILE, FileLock, WorkDirLock
 from convnext_cifar.training.loop import fit
@@ -175,7 +176,7 @@ def open_study(tune: TuneConfig, work_dir: Path, name: str, seed: int):
                                    direction="maximize", sampler=sampler, pruner=pruner,
                                    load_if_exists=True), storage
     except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server
-        raise UserError(f"--tune.storage {storage}: cannot open the study "
+        raise UserError(f"--tune.storage {masked(storage)}: cannot open the study "
                         f"({first_line(e, sentence=False)})") from None
 
 
@@ -211,8 +212,8 @@ def tune(base: TrainConfig, tcfg: TuneConfig) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     with _asking(work_dir):  # two processes creating one new SQLite study at once would race
         study, storage = open_study(tcfg, work_dir, base.run_name, base.seed)
-    print(f"study {study.study_name} in {storage}: {counted(study)} of {tcfg.trials} trials "
-          f"so far; trials in {work_dir}/trial-<n>/", flush=True)
+    print(f"study {study.study_name} in {masked(storage)}: {counted(study)} of {tcfg.trials} "
+          f"trials so far; trials in {work_dir}/trial-<n>/", flush=True)
     while True:
         taken = _take_over(study, work_dir)
         resume = None

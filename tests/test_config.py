@@ -3,6 +3,7 @@ round trip of config.json, and older config files."""
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,15 @@ def test_an_old_config_with_workers_still_loads(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"data": {"workers": 3}}))
     assert load_config_file(path).data.decode_processes == 3
+
+
+def test_a_password_in_the_mlflow_uri_goes_to_mlflows_variables_not_the_config(monkeypatch):
+    from convnext_cifar.config import LogConfig, config_json
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    log = LogConfig(mlflow="https://alice:S3CRET@mlflow.example.com/")
+    assert log.mlflow == "https://mlflow.example.com/"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "S3CRET"
+    assert "S3CRET" not in config_json(TrainConfig(log=log))

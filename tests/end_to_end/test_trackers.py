@@ -3,6 +3,7 @@ and artifacts, and a tracker that fails is one line while the run goes on."""
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -163,3 +164,45 @@ def test_a_post_run_step_that_fails_is_one_line_and_the_run_stays_finished(
     assert ("warning: after training, a tracker failed (RuntimeError: the report broke); the run "
             "is finished and its files are complete") in err
     assert json.loads((work / "status.json").read_text())["status"] == "finished"
+
+
+def _holding(folder, secret: bytes) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+def test_a_password_in_a_tracking_uri_is_never_recorded_nor_shown(cifar_root, tmp_path,
+                                                                  monkeypatch, capsys):
+    """Not in config.json, checkpoints, states, status, metrics, the report, TensorBoard, the
+    console, `runs --json`, MLflow's params or store: MLflow gets it through its own variables."""
+    from mlflow import MlflowClient
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow keeps a SQLite store's artifacts in ./mlruns
+    store = tmp_path / "mlflow.db"
+    work = tmp_path / "run"
+    assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "1", "--data.limit-train",
+                                   "50", "--data.limit-val", "50", "--sched.warmup-epochs", "0",
+                                   "--log.tensorboard", "--log.mlflow",
+                                   f"sqlite://alice:S3CRET@/{store}")) == 0
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "S3CRET"  # for MLflow, in this process
+    assert cli.main(["runs", str(work), "--json"]) == 0
+    assert cli.main(["train", "--preset", "smoke", "--log.mlflow",
+                     "http://alice:S3CRET@127.0.0.1:9/", "--print-config"]) == 0
+    out = capsys.readouterr()
+    assert "S3CRET" not in out.out + out.err and (work / "report.html").exists()
+    assert json.loads((work / "config.json").read_text())["log"]["mlflow"] == f"sqlite:///{store}"
+    assert _holding(work, b"S3CRET") == [] and _holding(tmp_path / "mlruns", b"S3CRET") == []
+    assert b"S3CRET" not in store.read_bytes()
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("convnext-cifar").experiment_id])
+    assert run.data.params["log.mlflow"] == f"sqlite:///{store}"
+    assert not any("S3CRET" in v for v in run.data.params.values())
+
+
+def test_a_password_in_a_study_storage_url_is_shown_masked(tmp_path, capsys):
+    assert cli.main(["tune", "--preset", "smoke", "--tune.trials", "0", "--work-dir",
+                     str(tmp_path / "t"), "--tune.storage",
+                     "postgresql://bob:S3CRET@127.0.0.1:9/study"]) == 2
+    err = capsys.readouterr().err
+    assert "postgresql://bob:***@127.0.0.1:9/study" in err and "S3CRET" not in err
