@@ -28,7 +28,13 @@ import tyro
 
 from convnext_cifar import __version__
 from convnext_cifar.cli_errors import parse
-from convnext_cifar.config import TrainConfig, TuneConfig, config_json, load_config_file
+from convnext_cifar.config import (
+    DataConfig,
+    TrainConfig,
+    TuneConfig,
+    config_json,
+    load_config_file,
+)
 from convnext_cifar.errors import Interrupted, UserError
 from convnext_cifar.presets import PRESETS
 
@@ -115,6 +121,12 @@ Compile = Literal["auto", "on", "off"]
 COMPILE = {"auto": None, "on": True, "off": False}  # None: as the run recorded
 
 
+def _check_batch(batch_size: int | None) -> None:
+    """--data.eval-batch-size of eval, predict and report, checked as train checks its own."""
+    if batch_size is not None:
+        DataConfig(eval_batch_size=batch_size)
+
+
 def _print_config(cfg: TrainConfig, resume: str | None) -> int:
     """The config `train` would run with: run name and work dir filled in (the work dir is
     chosen as `train` would, nothing created); a mean/std left None is the dataset's standard
@@ -173,8 +185,7 @@ def eval_command(
         compile: torch.compile the model: auto (as the run did), on or off.
         json_output: Print one JSON object instead of tables.
     """
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"invalid --data.eval-batch-size {batch_size}: must be >= 1")
+    _check_batch(batch_size)
 
     def run() -> int:
         from convnext_cifar.outputs.console import print_eval
@@ -218,8 +229,7 @@ def predict_command(
         compile: torch.compile the model: off, on or auto (as the run did); pays only for a
             very large pass.
     """
-    if batch_size < 1:
-        raise UserError(f"invalid --data.eval-batch-size {batch_size}: must be >= 1")
+    _check_batch(batch_size)
 
     def run() -> int:
         from convnext_cifar.outputs.console import print_predictions
@@ -318,6 +328,8 @@ def report_command(
         data_root: The dataset's root, when it moved (default: as the run recorded it).
         batch_size: Evaluation batch size (default: as recorded).
     """
+
+    _check_batch(batch_size)
 
     def run() -> int:
         from convnext_cifar.outputs.report import write_report

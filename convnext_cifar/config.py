@@ -50,6 +50,14 @@ def _check(ok: bool, option: str, value: Any, must: str) -> None:
         raise UserError(f"invalid {flag} {value!r}: {must}")
 
 
+def _at_most(config: Any, section: str, limits: dict[str, int]) -> None:
+    """Every count and size has a ceiling far above any real run: an absurd value (epochs
+    1e21) is refused here instead of hanging a loop that no signal interrupts."""
+    for name, ceiling in limits.items():
+        value = getattr(config, name)
+        _check(value <= ceiling, section + name, value, f"must be at most {ceiling:,}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which network to build and how to initialise it."""
@@ -154,6 +162,11 @@ class DataConfig:
                "must be in (0, 1]")
         _check(self.decode_processes >= 0, "data.decode_processes", self.decode_processes,
                "must be >= 0")
+        _at_most(self, "data.", {"batch_size": 2**20, "eval_batch_size": 2**20,
+                                 "padding": 1024, "image_size": 4096, "limit_train": 2**40,
+                                 "limit_val": 2**40, "decode_processes": 1024,
+                                 "split_seed": 2**32 - 1})
+        _check(self.split_seed >= 0, "data.split_seed", self.split_seed, "must be >= 0")
         DATASETS[self.dataset].check(self)
 
 
@@ -191,6 +204,7 @@ class OptimConfig:
         _check(self.accum_steps >= 1, "optim.accum_steps", self.accum_steps, "must be >= 1")
         _check(self.base_batch_size >= 0, "optim.base_batch_size", self.base_batch_size,
                "must be >= 0")
+        _at_most(self, "optim.", {"accum_steps": 2**20, "base_batch_size": 2**20})
         _check(0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay,
                "must be in (0, 1] (1 turns it off)")
 
@@ -217,6 +231,7 @@ class SchedConfig:
         _check(0 < self.start_factor <= 1, "sched.start_factor", self.start_factor,
                "must be in (0, 1]")
         _check(self.min_lr >= 0, "sched.min_lr", self.min_lr, "must be >= 0")
+        _at_most(self, "sched.", {"epochs": 1_000_000})
 
 
 @dataclass(frozen=True)
@@ -319,6 +334,7 @@ class AugConfig:
             value = getattr(self, option)
             _check(0 <= value <= 1, "aug." + option, value, "must be in [0, 1]")
         _check(self.mix_off_epoch >= 0, "aug.mix_off_epoch", self.mix_off_epoch, "must be >= 0")
+        _at_most(self, "aug.", {"mix_off_epoch": 1_000_000})
         if self.randaugment:
             try:
                 parse_randaugment(self.randaugment)
@@ -349,6 +365,7 @@ class EmaConfig:
         _check(self.decay == "auto" or 0 <= self.decay < 1, "ema.decay", self.decay,
                "must be in [0, 1) (0 turns it off) or auto")
         _check(self.warmup_steps >= 0, "ema.warmup_steps", self.warmup_steps, "must be >= 0")
+        _at_most(self, "ema.", {"warmup_steps": 10**12})
 
 
 @dataclass(frozen=True)
@@ -401,6 +418,7 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         _check(self.trials >= 0, "tune.trials", self.trials, "must be >= 0")
+        _at_most(self, "tune.", {"trials": 1_000_000})
 
 
 @dataclass(frozen=True)
@@ -467,6 +485,10 @@ class TrainConfig:
         for option in ("val_interval", "ckpt_interval", "log_interval", "state_interval",
                        "keep_last"):
             _check(getattr(self, option) >= 1, option, getattr(self, option), "must be >= 1")
+        _at_most(self, "", {"val_interval": 1_000_000, "ckpt_interval": 1_000_000,
+                            "log_interval": 10**9, "state_interval": 1_000_000,
+                            "keep_last": 10_000, "seed": 2**32 - 1})
+        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _check(self.data.batch_size % self.optim.accum_steps == 0, "optim.accum_steps",
                self.optim.accum_steps, f"must divide --data.batch-size {self.data.batch_size}")
 

@@ -290,3 +290,23 @@ def test_bad_input_through_the_real_command(case, finished, cifar_root, tmp_path
     assert "Traceback" not in err and message in err, err
     assert digest(finished) == before
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["train", "--sched.epochs", str(10**21), "--print-config"],
+     f"invalid --sched.epochs {10**21}: must be at most 1,000,000"),  # hung, deaf to SIGTERM
+    (["train", "--data.batch-size", str(2**40), "--print-config"],
+     f"invalid --data.batch-size {2**40}: must be at most 1,048,576"),
+    (["train", "--seed", "-1", "--print-config"], "invalid --seed -1: must be >= 0"),
+    (["train", "--log-interval", str(10**12), "--print-config"],
+     f"invalid --log-interval {10**12}: must be at most 1,000,000,000"),
+    (["tune", "--tune.trials", str(10**9)], f"invalid --tune.trials {10**9}: must be at most"),
+    (["report", "nowhere", "--data.eval-batch-size", "-5"],
+     "invalid --data.eval-batch-size -5: must be >= 1"),  # a traceback
+    (["predict", "x.safetensors", "y.png", "--data.eval-batch-size", str(2**21)],
+     f"invalid --data.eval-batch-size {2**21}: must be at most 1,048,576"),
+])
+def test_absurd_counts_and_sizes_are_one_line_before_anything_runs(capsys, args, line):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"convnext-cifar: error: {line}") and err.count("\n") == 1
