@@ -212,6 +212,7 @@ def predict_command(
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
     csv: Path | None = None,
     compile: Compile = "off",
+    force: bool = False,
 ) -> int:
     """Classify image files (or every image in folders, recursively) with a checkpoint.
 
@@ -228,31 +229,44 @@ def predict_command(
         csv: Also write the predictions to this CSV file.
         compile: torch.compile the model: off, on or auto (as the run did); pays only for a
             very large pass.
+        force: Let --csv replace an existing file that is not a CSV file (a run's own files,
+            never).
     """
     _check_batch(batch_size)
 
     def run() -> int:
-        from convnext_cifar.outputs.console import print_predictions
-        from convnext_cifar.use.predict import CsvWriter, predict
+        from convnext_cifar.outputs.workdir import check_output
+        from convnext_cifar.use.predict import predict
 
-        failed = 0
+        if csv is not None:
+            check_output(csv, "--csv", (".csv",), force)
         k, chunks = predict(ckpt, paths, batch_size, top_k, tta, device,
                             COMPILE[compile])  # checks first
-        with CsvWriter(csv, k) if csv is not None else contextlib.nullcontext() as table:
-            for predictions, unreadable in chunks:  # printed as they come: any number of files
-                if table is not None:
-                    table.write(predictions)
-                if json_output:
-                    for p in predictions:
-                        print(json.dumps(p.as_dict()), flush=True)
-                elif csv is None and predictions:
-                    print_predictions(predictions, k)
-                for path, reason in unreadable:
-                    _say(f"convnext-cifar: cannot read {path}: {reason}")
-                failed += len(unreadable)
-        return 1 if failed else 0
+        return _show_predictions(chunks, k, json_output, csv)
 
     return run
+
+
+def _show_predictions(chunks, k: int, json_output: bool, csv: Path | None) -> int:
+    """Each batch's predictions as they come (any number of files): JSON lines, a table, or
+    only the CSV file; one line per unreadable file. 1 when some file could not be read."""
+    from convnext_cifar.outputs.console import print_predictions
+    from convnext_cifar.use.predict import CsvWriter
+
+    failed = 0
+    with CsvWriter(csv, k) if csv is not None else contextlib.nullcontext() as table:
+        for predictions, unreadable in chunks:
+            if table is not None:
+                table.write(predictions)
+            if json_output:
+                for p in predictions:
+                    print(json.dumps(p.as_dict()), flush=True)
+            elif csv is None and predictions:
+                print_predictions(predictions, k)
+            for path, reason in unreadable:
+                _say(f"convnext-cifar: cannot read {path}: {reason}")
+            failed += len(unreadable)
+    return 1 if failed else 0
 
 
 def export_command(
@@ -260,6 +274,7 @@ def export_command(
     out: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="OUT")],
     fmt: Annotated[Literal["onnx", "pt2"] | None, tyro.conf.arg(name="format")] = None,
     include_preprocessing: bool = False,
+    force: bool = False,
 ) -> int:
     """Export a checkpoint for other runtimes: ONNX (dynamo exporter) or a torch.export archive.
 
@@ -269,10 +284,15 @@ def export_command(
         fmt: onnx or pt2 (default: from OUT's suffix).
         include_preprocessing: Take uint8 NCHW images at the stored size and normalise (and
             resize) inside the graph, instead of normalised float input at the image size.
+        force: Replace an existing OUT that is not an .onnx or .pt2 file (a run's own files,
+            never).
     """
 
     def run() -> int:
+        from convnext_cifar.outputs.workdir import check_output
         from convnext_cifar.use.export import export_checkpoint
+
+        check_output(out, "OUT", (".onnx", ".pt2"), force)
 
         meta = export_checkpoint(ckpt, out, fmt, include_preprocessing)
         print(f"{ckpt} -> {out}: input {meta['input']}, output {meta['output']}, "
@@ -317,6 +337,7 @@ def report_command(
     device: str = "cpu",
     data_root: Annotated[Path | None, tyro.conf.arg(name="data.root")] = None,
     batch_size: EvalBatchSize[int | None] = None,
+    force: bool = False,
 ) -> int:
     """Write one self-contained HTML page showing a run (or comparing several), its figures as
     PNG files beside it.
@@ -327,12 +348,17 @@ def report_command(
         device: Torch device evaluating the best checkpoint (cpu, auto, cuda, ...).
         data_root: The dataset's root, when it moved (default: as the run recorded it).
         batch_size: Evaluation batch size (default: as recorded).
+        force: Let --out replace an existing file that is not an HTML page (a run's own
+            files, never).
     """
-
     _check_batch(batch_size)
 
     def run() -> int:
         from convnext_cifar.outputs.report import write_report
+        from convnext_cifar.outputs.workdir import check_output
+
+        if out is not None:
+            check_output(out, "--out", (".html", ".htm"), force)
 
         page = write_report(folders, out, device, batch_size, data_root)
         print(f"report: {page}")
@@ -363,6 +389,9 @@ def convert_command(
 
     def run() -> int:
         from convnext_cifar.model.build import convert_to_timm
+        from convnext_cifar.outputs.workdir import check_output
+
+        check_output(dst, "DST", (".safetensors",))
 
         name, report = convert_to_timm(str(src), dst, model_name, layout, prefix, weights)
         print(f"{src} -> {dst} ({name}): {report}")

@@ -60,6 +60,29 @@ def find_states(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).iterdir() if STATE_PATTERN.match(p.name))
 
 
+def is_run_file(path: Path) -> bool:
+    """Whether `path` is one of a run's own files in its work dir: weights, states, records."""
+    path = Path(path)
+    if not (path.parent / CONFIG_FILE).is_file():  # not a work dir
+        return False
+    return path.name in (CONFIG_FILE, METRICS_FILE, STATUS_FILE, VAL_FILES, BEST_FILE,
+                         LOCK_FILE) or bool(STATE_PATTERN.match(path.name)
+                                            or EPOCH_PATTERN.match(path.name))
+
+
+def check_output(path: Path, option: str, suffixes: tuple[str, ...], force: bool = False) -> None:
+    """Refuse an output path that would replace a run's weights, states or records (always),
+    or an existing file of another kind than `suffixes` (unless `force`)."""
+    path = Path(path)
+    if is_run_file(path):
+        raise UserError(f"{option} {path}: that is a file of the run in {path.parent}, which is "
+                        "never overwritten; give another path")
+    if path.exists() and path.suffix.lower() not in suffixes and not force:
+        kind = "/".join(suffixes)
+        raise UserError(f"{option} {path} exists and is no {kind} file; give another path, or "
+                        "--force to replace it")
+
+
 # ---- which work dir ------------------------------------------------------------------------------
 
 def choose_work_dir(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, str]:

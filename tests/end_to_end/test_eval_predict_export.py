@@ -238,3 +238,31 @@ def test_export_without_the_extra_names_it(trained, tmp_path, monkeypatch, capsy
     assert cli.main(["export", str(trained / "best.safetensors"), str(out)]) == 2
     assert "pip install 'convnext-cifar[export]'" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_output_options_never_replace_a_runs_files(trained, tmp_path, capsys):
+    """`report --out W/best.safetensors` and `predict --csv W/epoch_1.safetensors` replaced the
+    checkpoint and exited 0; any other existing file only with --force, or of the same kind."""
+    png = tmp_path / "cat.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(png)
+    best, first = trained / "best.safetensors", trained / "epoch_1.safetensors"
+    before = {p: p.read_bytes() for p in (best, first, trained / "metrics.jsonl")}
+    for args in (["report", str(trained), "--out", str(best)],
+                 ["predict", str(best), str(png), "--csv", str(first)],
+                 ["predict", str(best), str(png), "--csv", str(trained / "metrics.jsonl"),
+                  "--force"],
+                 ["export", str(best), str(first), "--format", "pt2", "--force"],
+                 ["convert", str(best), str(first)]):
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "is never overwritten; give another path" in err and err.count("\n") == 1
+    assert all(p.read_bytes() == data for p, data in before.items())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert cli.main(["predict", str(best), str(png), "--csv", str(notes)]) == 2
+    assert "exists and is no .csv file; give another path, or --force" in capsys.readouterr().err
+    assert cli.main(["predict", str(best), str(png), "--csv", str(notes), "--force"]) == 0
+    assert notes.read_text().startswith("path,class_1,prob_1")
+    old_csv = tmp_path / "old.csv"
+    old_csv.write_text("old")
+    assert cli.main(["predict", str(best), str(png), "--csv", str(old_csv)]) == 0  # its kind

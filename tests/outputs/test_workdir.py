@@ -126,3 +126,22 @@ def test_claiming_refuses_a_fresh_start_over_results_and_writes_the_config(tmp_p
             UserError, match="holds the results of an earlier run .*metrics.jsonl.*no training "
                              "state left to continue; start a new run with another --work-dir"):
         claim_work_dir(cfg, [], None, stack)
+
+
+def test_a_runs_files_are_never_an_output_and_other_files_only_by_kind_or_force(tmp_path):
+    from convnext_cifar.outputs.workdir import check_output, is_run_file
+
+    (tmp_path / "config.json").write_text("{}")
+    for name in ("best.safetensors", "epoch_3.safetensors", "state_00000012.pt", "metrics.jsonl",
+                 "status.json", "val_files.txt", "config.json"):
+        assert is_run_file(tmp_path / name), name
+        with pytest.raises(UserError, match="never overwritten"):
+            check_output(tmp_path / name, "--out", (".html",), force=True)
+    assert not is_run_file(tmp_path / "report.html")
+    elsewhere = tmp_path / "sub" / "best.safetensors"  # no config.json beside it: not a run's
+    assert not is_run_file(elsewhere)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="exists and is no .csv file"):
+        check_output(tmp_path / "notes.txt", "--csv", (".csv",))
+    check_output(tmp_path / "notes.txt", "--csv", (".csv",), force=True)
+    check_output(tmp_path / "new.txt", "--csv", (".csv",))  # nothing there: nothing to lose
