@@ -141,6 +141,14 @@ def readable(text: str) -> str:
     return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
+def one_line(text: str) -> str:
+    """`text` as one field of a line-per-record file (val_files.txt, tab-separated output):
+    backslash, tab, newline and carriage return written as \\\\, \\t, \\n, \\r, so any name reads
+    back unambiguously."""
+    return (text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            .replace("\r", "\\r"))
+
+
 def first_line(e: BaseException, sentence: bool = True) -> str:
     """The first line of an exception's message, cut at its first sentence unless `sentence` is
     False (torch's messages go on for a paragraph); at most 200 characters."""

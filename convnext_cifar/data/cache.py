@@ -26,7 +26,7 @@ import torch
 
 from convnext_cifar.data.images import decode_chunks, read_images
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import atomic_writer, remove_stale_temp_files
+from convnext_cifar.files import atomic_writer, readable, remove_stale_temp_files
 from convnext_cifar.terminal import is_terminal, progress_bar
 
 if TYPE_CHECKING:
@@ -56,10 +56,10 @@ def cache_path(root: Path, split: str, files: list[ImageFile], cfg: DataConfig) 
     h = hashlib.sha256(json.dumps([CACHE_FORMAT, cfg.image_size, cfg.resize,
                                    cfg.skip_bad_images]).encode())
     h.update("".join(f"{f.rel}\0{f.label}\0{f.size}\0{f.mtime_ns}\0{f.ino}\0{f.ctime_ns}\n"
-                     for f in files).encode())  # paths below the root: moving it keeps a hit
+                     for f in files).encode("utf-8", "surrogateescape"))  # moving keeps a hit
     if cfg.cache_dir is None:
         return root / FOLDER_CACHE / f"{split}-{h.hexdigest()[:24]}.safetensors"
-    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    tag = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:8]
     return Path(cfg.cache_dir) / f"{split}-{tag}-{h.hexdigest()[:24]}.safetensors"
 
 
@@ -198,8 +198,10 @@ class _DecodeProgress:
 
     def __enter__(self) -> _DecodeProgress:
         if is_terminal(sys.stderr):
+            from rich.markup import escape
+
             self.bar = progress_bar(stderr=True)
-            self.task = self.bar.add_task(self.title, total=self.total)
+            self.task = self.bar.add_task(escape(readable(self.title)), total=self.total)
         else:
             print(self.title + " ...", file=sys.stderr, flush=True)
         return self

@@ -8,6 +8,7 @@ No torch at import time: the command line reads the kinds through config.py.
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ def identity_of(classes: list[str], train: list[str] | None, val: list[str]) -> 
     training split was not listed (evaluation)."""
 
     def fingerprint(lines: list[str]) -> str:
-        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+        return hashlib.sha256(os.fsencode("\n".join(lines))).hexdigest()[:16]  # names as bytes
 
     return {"classes": list(classes), "train": None if train is None else fingerprint(train),
             "val": fingerprint(val)}

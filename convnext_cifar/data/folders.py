@@ -207,7 +207,7 @@ class _Walk:
 def held_out(rel: str, seed: int, fraction: float) -> bool:
     """Whether the file at `rel` (below the dataset's root) is held out: a hash of the path and
     the seed, so adding or removing images moves only those images."""
-    digest = hashlib.sha256(f"{seed}\0{rel}".encode()).digest()
+    digest = hashlib.sha256(os.fsencode(f"{seed}\0{rel}")).digest()  # the name's own bytes
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
@@ -223,7 +223,7 @@ def hash_split(files: list[ImageFile], fraction: float, seed: int
     for members in by_class.values():
         if len(members) < 2:
             continue
-        ranked = sorted(members, key=lambda f: hashlib.sha256(f"{seed}\0{f.rel}".encode())
+        ranked = sorted(members, key=lambda f: hashlib.sha256(os.fsencode(f"{seed}\0{f.rel}"))
                         .digest())
         if not any(f.path in held for f in members):
             held.add(ranked[0].path)

@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any, Protocol
 
+from convnext_cifar.files import one_line, readable
 from convnext_cifar.metrics import METRICS
 from convnext_cifar.outputs.metrics_log import Sink
 from convnext_cifar.terminal import is_terminal, progress_bar, warn
@@ -195,7 +196,7 @@ def print_eval(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
-    summary = Table(title=f"{result['checkpoint']} (epoch {result['epoch']})")
+    summary = Table(title=f"{shown(result['checkpoint'])} (epoch {result['epoch']})")
     for col in ("images", *(f"{SHORT.get(label, label)} %" for label in METRICS.values()),
                 "loss"):
         summary.add_column(col, justify="right")
@@ -207,23 +208,23 @@ def print_eval(result: dict[str, Any]) -> None:
     per_class.add_column("class")
     per_class.add_column("top-1 %", justify="right")
     for name, acc in result["per_class"].items():
-        per_class.add_row(name, f"{acc:.2f}")
+        per_class.add_row(shown(name), f"{acc:.2f}")
     console.print(per_class)
     confusion = Table(title="confusion matrix (rows: true class, columns: predicted)")
     confusion.add_column("true \\ predicted")
     for i in range(len(classes)):
         confusion.add_column(str(i), justify="right")
     for i, (name, row) in enumerate(zip(classes, result["confusion"])):
-        confusion.add_row(f"{i} {name}", *(str(v) for v in row))
+        confusion.add_row(f"{i} {shown(name)}", *(str(v) for v in row))
     console.print(confusion)
 
 
 def print_predictions(predictions: list, top_k: int) -> None:
     """A table on a terminal; tab-separated lines (path, then class:prob pairs) otherwise."""
-    if not is_terminal(sys.stdout):
+    if not is_terminal(sys.stdout):  # fields escaped: a name may hold a tab or a newline
         for p in predictions:
-            pairs = "\t".join(f"{c}:{q:.4f}" for c, q in zip(p.classes, p.probs))
-            print(f"{p.path}\t{pairs}")
+            pairs = "\t".join(f"{one_line(c)}:{q:.4f}" for c, q in zip(p.classes, p.probs))
+            print(f"{one_line(p.path)}\t{pairs}")
         return
     from rich.console import Console
     from rich.table import Table
@@ -235,8 +236,9 @@ def print_predictions(predictions: list, top_k: int) -> None:
     if top_k > 1:
         table.add_column(f"next {top_k - 1}")
     for p in predictions:
-        rest = ", ".join(f"{c} {q:.2f}" for c, q in zip(p.classes[1:], p.probs[1:]))
-        table.add_row(p.path, p.classes[0], f"{p.probs[0]:.4f}", *([rest] if top_k > 1 else []))
+        rest = ", ".join(f"{shown(c)} {q:.2f}" for c, q in zip(p.classes[1:], p.probs[1:]))
+        table.add_row(shown(p.path), shown(p.classes[0]), f"{p.probs[0]:.4f}",
+                      *([rest] if top_k > 1 else []))
     Console().print(table)
 
 
@@ -258,11 +260,20 @@ def print_runs(rows: list[dict[str, Any]], differing: list[str]) -> None:
     for r in rows:
         options = " ".join(f"{k}={json.dumps(r['config'].get(k))}" for k in differing)
         table.add_row(
-            r["name"], r["status"], run_best(r), f"{r['epochs_done']}/{r['epochs']}",
-            wall_clock(r["wall_s"]), str(r["model"]), str(r["dataset"]),
+            shown(r["name"]), shown(r["status"]), run_best(r),
+            f"{r['epochs_done']}/{r['epochs']}", wall_clock(r["wall_s"]), shown(str(r["model"])),
+            shown(str(r["dataset"])),
             _num(r["last_top1"], "{:.2f}"), _num(r["img_per_s"], "{:.0f}"),
-            *([options] if differing else []))
+            *([shown(options)] if differing else []))
     Console(width=max(Console().width, 100)).print(table)
+
+
+def shown(text: str) -> str:
+    """A user's string (a path, a class or run name) for a rich table: its markup escaped, so
+    `[draft]` shows and `x[/]y.png` cannot break the table; bytes that are not UTF-8 as \\xNN."""
+    from rich.markup import escape
+
+    return escape(readable(text))
 
 
 def _num(value: Any, fmt: str) -> str:

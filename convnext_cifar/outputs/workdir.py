@@ -30,7 +30,7 @@ from typing import Any
 
 from convnext_cifar.config import TrainConfig, config_json
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import remove_stale_temp_files, write_file
+from convnext_cifar.files import one_line, remove_stale_temp_files, write_file
 from convnext_cifar.model.checkpoints import RESUME_ADVICE, weights_epoch
 
 CONFIG_FILE = "config.json"
@@ -145,7 +145,8 @@ def claim_work_dir(cfg: TrainConfig, val_files: list[str], resumed: tuple[Path, 
     write_file(cfg.run_dir / CONFIG_FILE, config_json(cfg).encode(),
                advice="pick another work dir with --work-dir")
     if val_files:
-        write_file(cfg.run_dir / VAL_FILES, "".join(f + "\n" for f in val_files).encode())
+        write_file(cfg.run_dir / VAL_FILES,  # the names' own bytes, one a line, escaped
+                   os.fsencode("".join(one_line(f) + "\n" for f in val_files)))
 
 
 # ---- what a fresh start or a rollback finds in the work dir --------------------------------------

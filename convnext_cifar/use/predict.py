@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,13 +109,19 @@ class CsvWriter:
         return self
 
     def write(self, predictions: list[Prediction]) -> None:
-        self._rows([[p.path] + [v for c, q in zip(p.classes, p.probs) for v in (c, f"{q:.6f}")]
-                    for p in predictions])
+        self._rows([[_cell(p.path)] + [v for c, q in zip(p.classes, p.probs)
+                                        for v in (_cell(c), f"{q:.6f}")] for p in predictions])
 
     def _rows(self, rows: list[list[str]]) -> None:
         text = io.StringIO()
         csv.writer(text).writerows(rows)
-        self.file.write(text.getvalue().encode())
+        self.file.write(os.fsencode(text.getvalue()))  # file names as their own bytes
 
     def __exit__(self, *exc) -> bool:
         return self.stack.__exit__(*exc)
+
+
+def _cell(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: one starting with = + - @ (a formula to it), or a
+    tab or carriage return, gets a leading apostrophe."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

@@ -1,6 +1,7 @@
 """End to end: image folders as users have them: formats, links, EXIF, animated GIFs, the decode
 cache (streamed, shared, read-only data)."""
 
+import csv
 import json
 import os
 import struct
@@ -200,3 +201,58 @@ def test_a_read_only_dataset_caches_in_the_cache_dir(tmp_path, monkeypatch, caps
     assert cli.main(folder_args(data, tmp_path / "run2", "--sched.epochs", "1", "--resume",
                                 "auto", "--data.decode-processes", "2",
                                 "--data.memory-share", "0.5")) == 0
+
+
+LATIN = os.fsdecode(b"caf\xe9")  # a class folder from a Windows zip: its name is not UTF-8
+
+
+@pytest.fixture(scope="module")
+def odd_names(tmp_path_factory):
+    """Class folders and files named as other systems name them: markup, formula, Latin-1,
+    tab and newline in names."""
+    root = tmp_path_factory.mktemp("odd") / "data"
+    write_image_folder(root, {"train": {"[draft]": 6, "=dog": 6, LATIN: 6},
+                              "val": {"[draft]": 2, "=dog": 2, LATIN: 2}})
+    val = root / "val" / "[draft]"
+    (val / "0000.png").rename(val / "=1+1.png")
+    (val / "x[").mkdir()  # the path .../x[/]y.png holds rich's closing tag [/]
+    (val / "0001.png").rename(val / "x[" / "]y.png")
+    (root / "val" / "=dog" / "0000.png").rename(root / "val" / "=dog" / "tab\there.png")
+    (root / "val" / "=dog" / "0001.png").rename(root / "val" / "=dog" / "new\nline.png")
+    (root / "val" / LATIN / "0000.png").rename(root / "val" / LATIN / os.fsdecode(b"\xff.png"))
+    return root
+
+
+def test_names_from_other_systems_train_evaluate_and_predict_losslessly(odd_names, tmp_path,
+                                                                       capsys, monkeypatch):
+    """Latin-1 names stopped `train` with a UnicodeEncodeError; `[draft]` vanished from tables
+    and `x[/]y.png` crashed predict's; `=1+1.png` became a formula in the CSV; a tab or newline
+    in a name made the tab-separated output and val_files.txt ambiguous."""
+    work = tmp_path / "run"
+    assert cli.main(folder_args(odd_names, work, "--sched.epochs", "1",
+                                "--data.batch-size", "6")) == 0
+    lines = (work / "val_files.txt").read_bytes().split(b"\n")
+    assert b"val/=dog/tab\\there.png" in lines and b"val/=dog/new\\nline.png" in lines
+    assert b"val/caf\xe9/\xff.png" in lines  # the bytes as the file system has them
+    capsys.readouterr()
+    assert cli.main(["eval", str(work / "best.safetensors"), "--compile", "off"]) == 0
+    assert "[draft]" in capsys.readouterr().out  # shown, not read as rich markup
+    out_csv = tmp_path / "p.csv"
+    assert cli.main(["predict", str(work / "best.safetensors"), str(odd_names / "val"),
+                     "--csv", str(out_csv), "--top-k", "1"]) == 0
+    rows = list(csv.reader(out_csv.read_bytes().decode("utf-8", "surrogateescape").splitlines()))
+    paths = [r[0] for r in rows[1:]]
+    assert f"'{odd_names}/val/=dog/tab\there.png" not in paths  # "'" only where a cell starts so
+    assert any(p.endswith("/=1+1.png") for p in paths) and all(not c.startswith("=")
+                                                                for r in rows for c in r)
+    assert {r[1] for r in rows[1:]} <= {"[draft]", "'=dog", LATIN}
+    capsys.readouterr()
+    assert cli.main(["predict", str(work / "best.safetensors"), str(odd_names / "val")]) == 0
+    tsv = capsys.readouterr().out.splitlines()
+    assert len(tsv) == 6 and any(x.startswith(f"{odd_names}/val/=dog/tab\\there.png\t")
+                                 for x in tsv)
+    monkeypatch.setattr("convnext_cifar.outputs.console.is_terminal", lambda stream: True)
+    monkeypatch.setenv("COLUMNS", "400")  # no path wrapped in its cell
+    assert cli.main(["predict", str(work / "best.safetensors"), str(odd_names / "val")]) == 0
+    table = capsys.readouterr().out  # the path's [/] was read as a closing tag, and raised
+    assert "]y.png" in table and "[draft]" in table
