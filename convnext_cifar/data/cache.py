@@ -71,8 +71,9 @@ def read_cache(path: Path, count: int, size: int
     try:
         with open(path, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(length))
-        if header.get("__metadata__", {}).get("format") != CACHE_FORMAT:
+            header = json.loads(f.read(min(length, 1 << 20)))  # a header is a few hundred bytes
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict) or (
+                header["__metadata__"].get("format") != CACHE_FORMAT):
             return None
         base = 8 + length
         end = max(entry["data_offsets"][1] for name, entry in header.items()
@@ -88,8 +89,8 @@ def read_cache(path: Path, count: int, size: int
                 path, "<i8", 3 * 256, offset=base + header["histogram"]["data_offsets"][0]
             ).reshape(3, 256).copy())
         return base + header["images"]["data_offsets"][0], ok, hist
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None  # damaged: decoded again
 
 
 def write_cache(path: Path, root: Path, split: str, files: list[ImageFile], cfg: DataConfig

@@ -266,6 +266,9 @@ def print_runs(rows: list[dict[str, Any]], differing: list[str]) -> None:
             _num(r["last_top1"], "{:.2f}"), _num(r["img_per_s"], "{:.0f}"),
             *([shown(options)] if differing else []))
     Console(width=max(Console().width, 100)).print(table)
+    for r in rows:
+        for note in r.get("notes", []):
+            warn(note)
 
 
 def shown(text: str) -> str:

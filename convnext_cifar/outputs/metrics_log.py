@@ -10,6 +10,7 @@ tears a line); `read_records` reads its complete lines back.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -135,18 +136,43 @@ class JsonlSink(Sink):
         self.truncate(state["bytes"])
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's complete records (a line being appended right now is left out)."""
+def read_records(path: Path, skipped: list[int] | None = None) -> list[dict[str, Any]]:
+    """metrics.jsonl's complete, well-formed records (`well_formed`); a line being appended
+    right now is left out. The line numbers of the other lines go to `skipped`."""
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError):
         return []
     records = []
-    for line in text.split("\n"):
+    lines = text.split("\n")
+    for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # empty, or cut short by a writer or a kill
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            if line.strip() and number < len(lines) and skipped is not None:
+                skipped.append(number)  # not the last line: no writer is still at it
+            continue
+        if well_formed(record):
             records.append(record)
+        elif skipped is not None:
+            skipped.append(number)
     return records
+
+
+def well_formed(record: Any) -> bool:
+    """A record as a run writes it: an object whose values are finite numbers, its epoch (and
+    step, where it has one) a whole number >= 0."""
+    if not isinstance(record, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in record.values()):
+        return False
+    return all(isinstance(record.get(k, 0), int) and record.get(k, 0) >= 0
+               for k in ("epoch", "step")) and "epoch" in record
+
+
+def skipped_note(path: Path, skipped: list[int]) -> str:
+    """The one line saying which records were passed over ('' when none)."""
+    if not skipped:
+        return ""
+    return (f"{path}: passed over {len(skipped)} line(s) that are no well-formed record "
+            f"(first: line {skipped[0]})")

@@ -102,6 +102,8 @@ def read_run(run_dir: Path) -> RunData:
         raise UserError(f"{run_dir} is not a run's work dir (no config.json written by train); "
                         "give the folder `train` wrote, e.g. work_dirs/NAME")
     cfg = from_dict(TrainConfig, json.loads((run_dir / CONFIG_FILE).read_text()))
+    for note in summary["notes"]:  # records passed over: the page shows the others
+        warn(note)
     return RunData(run_dir, summary, cfg, read_records(run_dir / METRICS_FILE))
 
 

@@ -5,11 +5,12 @@ is still writing them."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from convnext_cifar.config import flatten
-from convnext_cifar.outputs.metrics_log import read_records
+from convnext_cifar.outputs.metrics_log import read_records, skipped_note
 from convnext_cifar.outputs.workdir import CONFIG_FILE, METRICS_FILE, read_status
 
 MAX_DEPTH = 4  # how far below a given folder work dirs are looked for
@@ -55,7 +56,8 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
     config = _read_json(run_dir / CONFIG_FILE)
     if not is_run_config(config):
         return None
-    records = read_records(run_dir / METRICS_FILE)
+    skipped: list[int] = []
+    records = read_records(run_dir / METRICS_FILE, skipped)
     val = [r for r in records if _number(r.get("top1"))]
     train = [r for r in records if _number(r.get("loss"))]
     status = read_status(run_dir)
@@ -73,11 +75,13 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         else None,
         "wall_s": status["elapsed_s"] if _number(status.get("elapsed_s")) else None,
         "status": status["status"],
+        "notes": [note] if (note := skipped_note(run_dir / METRICS_FILE, skipped)) else [],
         "config": flatten(config)}
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+        value)
 
 
 def _ema(record: dict[str, Any]) -> float:

@@ -256,3 +256,30 @@ def test_names_from_other_systems_train_evaluate_and_predict_losslessly(odd_name
     assert cli.main(["predict", str(work / "best.safetensors"), str(odd_names / "val")]) == 0
     table = capsys.readouterr().out  # the path's [/] was read as a closing tag, and raised
     assert "]y.png" in table and "[draft]" in table
+
+
+@pytest.mark.parametrize("header", [b"[1, 2]", b'{"__metadata__": 5}', b"\xff" * 40])
+def test_a_damaged_cache_header_is_decoded_again(tmp_path, capsys, header):
+    """A header that is JSON of another shape raised AttributeError instead of a cache miss."""
+    from convnext_cifar.data.cache import FOLDER_CACHE
+
+    data = write_image_folder(tmp_path / "d", {"train": {"a": 6, "b": 6}, "val": {"a": 2,
+                                                                                 "b": 2}})
+    args = ("--sched.epochs", "1", "--data.batch-size", "4")
+    assert cli.main(folder_args(data, tmp_path / "one", *args)) == 0
+    for entry in (data / FOLDER_CACHE).glob("*.safetensors"):
+        entry.write_bytes(len(header).to_bytes(8, "little") + header + entry.read_bytes()[8:])
+    capsys.readouterr()
+    assert cli.main(folder_args(data, tmp_path / "two", *args)) == 0
+    assert "decoding 12 images of" in capsys.readouterr().err  # a miss: decoded again
+
+
+def test_disk_placement_without_a_writable_cache_dir_is_one_line(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "d", {"train": {"a": 4, "b": 4}, "val": {"a": 2,
+                                                                                 "b": 2}})
+    (tmp_path / "afile").write_text("not a folder")
+    assert cli.main(folder_args(data, tmp_path / "run", "--data.placement", "disk",
+                                "--data.cache-dir", str(tmp_path / "afile" / "cache"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("convnext-cifar: error: invalid --data.placement 'disk': these images "
+                          "have no decode cache to read from")

@@ -130,3 +130,29 @@ def test_runs_reads_a_metrics_line_being_written(trained, tmp_path, capsys):
     assert cli.main(["runs", str(copy), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["runs"]
     assert row["last_top1"] == [r for r in timeless_records(trained) if "top1" in r][-1]["top1"]
+
+
+def test_odd_records_and_status_values_are_passed_over_with_a_note(trained, tmp_path, capsys):
+    """A string step, an infinite wall time, NaN and a truncated line crashed `runs` and
+    `report` (ValueError: cannot convert float NaN to integer)."""
+    work = tmp_path / "odd"
+    shutil.copytree(trained, work)
+    first_odd = len((work / "metrics.jsonl").read_text().splitlines()) + 1
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "step": "s", "loss": 1.0, "lr": 0.1}\n'
+                '{"epoch": 3, "top1": 1e999, "top5": -1}\n'
+                '{"epoch": 3, "top1": NaN}\n{"epoch": 4, "to\n'
+                '{"epoch": 2, "step": 99, "loss": 0.5, "lr": 0.1, "grad_norm": 1, '
+                '"img_per_s": 7}\n')
+    (work / "status.json").write_text('{"status": "finished", "epoch": 1.5, "elapsed_s": 1e999}')
+    capsys.readouterr()
+    assert cli.main(["runs", str(work), "--json"]) == 0
+    out = capsys.readouterr()
+    (row,) = json.loads(out.out)["runs"]
+    assert row["wall_s"] is None and row["epochs_done"] == 2 and row["img_per_s"] == 7
+    assert row["notes"] == [f"{work.resolve() / 'metrics.jsonl'}: passed over 4 line(s) that "
+                            f"are no well-formed record (first: line {first_odd})"]
+    assert cli.main(["runs", str(work)]) == 0
+    assert "passed over 4 line(s)" in capsys.readouterr().err
+    assert cli.main(["report", str(work)]) == 0
+    assert "passed over 4 line(s)" in capsys.readouterr().err
