@@ -472,6 +472,8 @@ class TrainConfig:
     """Write a resumable training state every N epochs (and at the end and on interruption)."""
     keep_last: int = 2
     """Keep the newest N training states (plus the one of the best epoch)."""
+    keep_set_aside: int = 3
+    """Keep the newest N lines rollbacks set aside in WORK_DIR/set-aside/ (older: removed)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", self.name,
@@ -487,7 +489,9 @@ class TrainConfig:
             _check(getattr(self, option) >= 1, option, getattr(self, option), "must be >= 1")
         _at_most(self, "", {"val_interval": 1_000_000, "ckpt_interval": 1_000_000,
                             "log_interval": 10**9, "state_interval": 1_000_000,
-                            "keep_last": 10_000, "seed": 2**32 - 1})
+                            "keep_last": 10_000, "keep_set_aside": 10_000,
+                            "seed": 2**32 - 1})
+        _check(self.keep_set_aside >= 0, "keep_set_aside", self.keep_set_aside, "must be >= 0")
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _check(self.data.batch_size % self.optim.accum_steps == 0, "optim.accum_steps",
                self.optim.accum_steps, f"must divide --data.batch-size {self.data.batch_size}")

@@ -255,6 +255,9 @@ def print_runs(rows: list[dict[str, Any]], differing: list[str]) -> None:
                          "left", min_width=len(col))
     for col in ("model", "dataset", "last top-1", "img/s"):
         table.add_column(col, justify="right" if col in ("last top-1", "img/s") else "left")
+    set_aside = any(r.get("set_aside_lines") for r in rows)
+    if set_aside:
+        table.add_column("set aside", justify="right", no_wrap=True, min_width=12)
     if differing:
         table.add_column("differing options", overflow="fold", ratio=1)
     for r in rows:
@@ -264,7 +267,7 @@ def print_runs(rows: list[dict[str, Any]], differing: list[str]) -> None:
             f"{r['epochs_done']}/{r['epochs']}", wall_clock(r["wall_s"]), shown(str(r["model"])),
             shown(str(r["dataset"])),
             _num(r["last_top1"], "{:.2f}"), _num(r["img_per_s"], "{:.0f}"),
-            *([shown(options)] if differing else []))
+            *([_set_aside(r)] if set_aside else []), *([shown(options)] if differing else []))
     Console(width=max(Console().width, 100)).print(table)
     for r in rows:
         for note in r.get("notes", []):
@@ -277,6 +280,12 @@ def shown(text: str) -> str:
     from rich.markup import escape
 
     return escape(readable(text))
+
+
+def _set_aside(r: dict[str, Any]) -> str:
+    """'2 (14.3 MB)': the lines rollbacks set aside in a run and what they hold on disk."""
+    lines = r.get("set_aside_lines") or 0
+    return f"{lines} ({r.get('set_aside_bytes', 0) / 1e6:.1f} MB)" if lines else "-"
 
 
 def _num(value: Any, fmt: str) -> str:

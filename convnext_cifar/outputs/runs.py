@@ -11,7 +11,13 @@ from typing import Any
 
 from convnext_cifar.config import flatten
 from convnext_cifar.outputs.metrics_log import read_records, skipped_note
-from convnext_cifar.outputs.workdir import CONFIG_FILE, METRICS_FILE, read_status
+from convnext_cifar.outputs.workdir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    read_status,
+    set_aside_bytes,
+    set_aside_lines,
+)
 
 MAX_DEPTH = 4  # how far below a given folder work dirs are looked for
 NOT_COMPARED = ("name", "work_dir")  # differ between runs by construction
@@ -75,6 +81,8 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         else None,
         "wall_s": status["elapsed_s"] if _number(status.get("elapsed_s")) else None,
         "status": status["status"],
+        "set_aside_lines": len(set_aside_lines(run_dir)),
+        "set_aside_bytes": set_aside_bytes(run_dir),
         "notes": [note] if (note := skipped_note(run_dir / METRICS_FILE, skipped)) else [],
         "config": flatten(config)}
 

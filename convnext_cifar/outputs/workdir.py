@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import json
 import os
 import re
+import shutil
 import struct
 import sys
 import time
@@ -140,7 +142,8 @@ def claim_work_dir(cfg: TrainConfig, val_files: list[str], resumed: tuple[Path, 
         raise UserError(f"work dir {cfg.run_dir} holds the results of an earlier run "
                         f"({', '.join(results[:4])}{', ...' if len(results) > 4 else ''}); "
                         f"{advice} start a new run with another --work-dir")
-    if resumed is not None and (note := set_aside_after(resumed, cfg.run_dir)):
+    if resumed is not None and (note := set_aside_after(resumed, cfg.run_dir,
+                                                        cfg.keep_set_aside)):
         print(note, file=sys.stderr, flush=True)
     write_file(cfg.run_dir / CONFIG_FILE, config_json(cfg).encode(),
                advice="pick another work dir with --work-dir")
@@ -165,12 +168,13 @@ def earlier_results(run_dir: Path) -> list[str]:
     return names
 
 
-def set_aside_after(found: tuple[Path, dict[str, Any]], run_dir: Path) -> str:
+def set_aside_after(found: tuple[Path, dict[str, Any]], run_dir: Path, keep: int = 3) -> str:
     """A rollback: when the work dir holds states newer than the one resumed, move them, the
     metrics records logged after it, later epoch_N weights and a best.safetensors of a later
     epoch to WORK_DIR/set-aside/, where nothing picks them up; the resumed line is the run from
-    then on. Returns the one line that says so ('' when it is no rollback: what a crash left
-    after the newest state is written again, identically, by the resumed run)."""
+    then on. Only the `keep` newest lines set aside stay. Returns the line that says so ('' when
+    it is no rollback: what a crash left after the newest state is written again, identically,
+    by the resumed run)."""
     path, state = found
     run, run_dir = state["components"]["run"], Path(run_dir)
     step, epoch = run["step"], run["epoch"]
@@ -184,7 +188,11 @@ def set_aside_after(found: tuple[Path, dict[str, Any]], run_dir: Path) -> str:
     if best.exists() and weights_epoch(best) > epoch:
         moving.append(best)
     dest = run_dir / SET_ASIDE / f"{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step}"
-    dest.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(2):  # two rollbacks within a second stay apart
+        if not dest.exists():
+            break
+        dest = dest.with_name(f"{dest.name.rsplit('~', 1)[0]}~{n}")
+    dest.mkdir(parents=True)
     metrics, logged = run_dir / METRICS_FILE, state["components"]["log"]["bytes"]
     records = 0
     if metrics.is_file() and metrics.stat().st_size > logged:
@@ -196,8 +204,36 @@ def set_aside_after(found: tuple[Path, dict[str, Any]], run_dir: Path) -> str:
     for p in moving:
         os.replace(p, dest / p.name)
     what = [p.name for p in moving] + ([f"{records} metrics records"] if records else [])
-    return (f"resuming from {path.name} (step {step}), not the newest state: set aside "
+    note = (f"resuming from {path.name} (step {step}), not the newest state: set aside "
             f"{', '.join(what)} in {dest}; the run goes on from step {step}")
+    if removed := prune_set_aside(run_dir, keep):
+        note += (f"; removed the oldest set-aside line(s) {', '.join(removed)} "
+                 f"(--keep-set-aside {keep})")
+    return note
+
+
+def set_aside_lines(run_dir: Path) -> list[Path]:
+    """The lines rollbacks set aside in WORK_DIR/set-aside/, oldest first."""
+    folder = Path(run_dir) / SET_ASIDE
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.is_dir()),
+                  key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def prune_set_aside(run_dir: Path, keep: int) -> list[str]:
+    """Remove all but the `keep` newest set-aside lines; their names."""
+    lines = set_aside_lines(run_dir)
+    old = lines[:-keep] if keep else lines
+    for line in old:
+        shutil.rmtree(line, ignore_errors=True)
+    return [p.name for p in old]
+
+
+def set_aside_bytes(run_dir: Path) -> int:
+    """What the set-aside lines hold on disk."""
+    return sum(f.stat().st_size for line in set_aside_lines(run_dir) for f in line.rglob("*")
+               if f.is_file())
 
 
 # ---- status.json ---------------------------------------------------------------------------------

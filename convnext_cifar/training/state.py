@@ -308,12 +308,11 @@ def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
 
 # Options that may differ between a run and its resumption: where and how fast, not what.
 RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "compile_mode",
-                     "deterministic",
-                     "channels_last", "log.tensorboard", "log.mlflow",
+                     "deterministic", "channels_last", "log.tensorboard", "log.mlflow",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
-                     "keep_last", "data.root", "data.download", "data.eval_batch_size",
-                     "data.workers", "data.decode_processes", "data.memory_share", "data.placement",
-                     "data.cache_dir",
+                     "keep_last", "keep_set_aside", "data.root", "data.download",
+                     "data.eval_batch_size", "data.workers", "data.decode_processes",
+                     "data.memory_share", "data.placement", "data.cache_dir",
                      "model.pretrained", "model.pretrained_format", "model.pretrained_prefix",
                      "model.pretrained_weights", "model.head_init_scale")  # (only the start)
 

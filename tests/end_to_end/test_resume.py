@@ -560,3 +560,33 @@ def test_a_resume_that_turns_channels_last_off_continues_as_a_state_in_that_layo
     assert all(m[k].is_contiguous() for m in states[0].values() for k in ("exp_avg",
                                                                            "exp_avg_sq"))
     assert_same_run(first, second)
+
+
+def test_only_the_newest_set_aside_lines_stay_and_runs_shows_their_size(cifar_root, tmp_path,
+                                                                          capsys):
+    args = small_run_args(cifar_root, tmp_path, *SHORT)
+    assert cli.main(args) == 0
+    notes = []
+    for _ in range(4):  # four rollbacks to epoch 3, each within seconds of the last
+        capsys.readouterr()
+        assert cli.main(args + ["--resume", str(tmp_path / "state_00000012.pt")]) == 0
+        notes.append(capsys.readouterr().err)
+    lines = sorted((tmp_path / "set-aside").iterdir())
+    assert len(lines) == 3  # the default --keep-set-aside
+    assert all("state_00000016.pt" in {p.name for p in line.iterdir()} for line in lines)
+    assert "removed the oldest" not in "".join(notes[:3])
+    assert "removed the oldest set-aside line(s)" in notes[3] and "--keep-set-aside 3" in notes[3]
+    removed = notes[3].split("removed the oldest set-aside line(s) ")[1].split(" ")[0]
+    assert not (tmp_path / "set-aside" / removed).exists()
+    assert removed not in {p.name for p in lines}
+    size = sum(f.stat().st_size for f in (tmp_path / "set-aside").rglob("*") if f.is_file())
+    assert cli.main(["runs", str(tmp_path), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["runs"]
+    assert row["set_aside_lines"] == 3 and row["set_aside_bytes"] == size > 0
+    assert cli.main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "set aside" in out and f"3 ({size / 1e6:.1f} MB)" in out
+    # a smaller --keep-set-aside on the next rollback keeps fewer
+    assert cli.main(args + ["--resume", str(tmp_path / "state_00000012.pt"),
+                            "--keep-set-aside", "1"]) == 0
+    assert len(list((tmp_path / "set-aside").iterdir())) == 1

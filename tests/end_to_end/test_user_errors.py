@@ -298,6 +298,8 @@ def test_bad_input_through_the_real_command(case, finished, cifar_root, tmp_path
     (["train", "--data.batch-size", str(2**40), "--print-config"],
      f"invalid --data.batch-size {2**40}: must be at most 1,048,576"),
     (["train", "--seed", "-1", "--print-config"], "invalid --seed -1: must be >= 0"),
+    (["train", "--keep-set-aside", "-1", "--print-config"],
+     "invalid --keep-set-aside -1: must be >= 0"),
     (["train", "--log-interval", str(10**12), "--print-config"],
      f"invalid --log-interval {10**12}: must be at most 1,000,000,000"),
     (["tune", "--tune.trials", str(10**9)], f"invalid --tune.trials {10**9}: must be at most"),

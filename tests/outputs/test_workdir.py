@@ -3,6 +3,7 @@ count-and-ask), status.json, and what a rollback sets aside."""
 
 import contextlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -21,8 +22,11 @@ from convnext_cifar.outputs.workdir import (
     earlier_results,
     find_states,
     lock_is_held,
+    prune_set_aside,
     read_status,
     set_aside_after,
+    set_aside_bytes,
+    set_aside_lines,
     state_path,
     state_step,
     write_status,
@@ -145,3 +149,29 @@ def test_a_runs_files_are_never_an_output_and_other_files_only_by_kind_or_force(
         check_output(tmp_path / "notes.txt", "--csv", (".csv",))
     check_output(tmp_path / "notes.txt", "--csv", (".csv",), force=True)
     check_output(tmp_path / "new.txt", "--csv", (".csv",))  # nothing there: nothing to lose
+
+
+def test_set_aside_lines_are_pruned_oldest_first_and_counted(tmp_path):
+    for i in range(4):
+        line = tmp_path / "set-aside" / f"20260101-000000-after-step-{i}"
+        line.mkdir(parents=True)
+        (line / "state.pt").write_bytes(b"x" * (i + 1))
+        os.utime(line, ns=(10**18 + i, 10**18 + i))
+    assert [p.name[-1] for p in set_aside_lines(tmp_path)] == ["0", "1", "2", "3"]
+    assert set_aside_bytes(tmp_path) == 1 + 2 + 3 + 4
+    assert prune_set_aside(tmp_path, 3) == ["20260101-000000-after-step-0"]
+    assert set_aside_bytes(tmp_path) == 2 + 3 + 4
+    assert prune_set_aside(tmp_path, 3) == []
+    assert len(prune_set_aside(tmp_path, 0)) == 3 and set_aside_lines(tmp_path) == []
+
+
+def test_two_rollbacks_in_one_second_get_two_lines(tmp_path):
+    for step in (10, 20):
+        state_path(tmp_path, step).write_bytes(b"state")
+    found = (state_path(tmp_path, 10), {"components": {"run": {"step": 10, "epoch": 1},
+                                                       "log": {"bytes": 0}}})
+    set_aside_after(found, tmp_path)
+    state_path(tmp_path, 20).write_bytes(b"again")
+    set_aside_after(found, tmp_path)
+    kept = {(line / "state_00000020.pt").read_bytes() for line in set_aside_lines(tmp_path)}
+    assert kept == {b"state", b"again"}  # the second did not land in (or replace) the first
