@@ -37,12 +37,14 @@ from convnext_cifar.config import (
 )
 from convnext_cifar.errors import Pruned, TrainingDiverged, UserError
 from convnext_cifar.files import first_line, write_file
+from convnext_cifar.model.build import check_pretrained
 from convnext_cifar.network import masked
 from convnext_cifar.outputs.metrics_log import read_records
 from convnext_cifar.outputs.workdir import CONFIG_FILE, METRICS_FILE, FileLock, WorkDirLock
-from convnext_cifar.training.loop import fit
+from convnext_cifar.training.loop import fit, preflight
 
 EXTRA = "pip install 'convnext-cifar[tune]'"
+TRIAL_LOCK = ".tune-lock"  # in each trial folder, held by the process running it
 SPEC = re.compile(r"^(log|uniform|int|choice)\((.*)\)$")
 
 
@@ -57,7 +59,8 @@ class Dimension:
 
 def parse_space(specs: tuple[str, ...], base: TrainConfig) -> list[Dimension]:
     """Every KEY=SPEC checked (key, type, range) before anything runs: one line naming the bad
-    part otherwise. The ends of each range must make a valid config too."""
+    part otherwise. Every choice and the ends of each range (each value of a short int range)
+    must make a config the run accepts, checked as the run checks it before reading data."""
     dims: list[Dimension] = []
     for spec in specs:
         key, sep, text = spec.partition("=")
@@ -77,10 +80,27 @@ def parse_space(specs: tuple[str, ...], base: TrainConfig) -> list[Dimension]:
                             "int(a,b) or choice(v1,v2,...)")
         kind, args = match[1], [a for a in match[2].split(",") if a != ""]
         dims.append(_dimension(spec, key, kind, args, tp))
-    for dim in dims:  # every end of every range must be a config this run accepts
-        for value in dim.values:
-            with_options(base, {dim.key: value}, f"--tune.space {dim.key}: {value!r}")
+    for dim in dims:  # every value it may draw that can be told apart must pass as the run would
+        for value in _checked_values(dim):
+            where = f"--tune.space {dim.key}: {value!r}"
+            cfg = with_options(base, {dim.key: value}, where)
+            try:
+                preflight(cfg)
+                check_pretrained(cfg.model)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
     return dims
+
+
+INT_VALUES_CHECKED = 256  # an int range this short has each value checked, a longer one its ends
+
+
+def _checked_values(dim: Dimension) -> tuple[Any, ...]:
+    """The choices; both ends of a float range; each value of a short int range (a divisor
+    such as --optim.accum-steps can fail between two ends that pass)."""
+    if dim.kind == "int" and dim.values[1] - dim.values[0] < INT_VALUES_CHECKED:
+        return tuple(range(dim.values[0], dim.values[1] + 1))
+    return dim.values
 
 
 def _dimension(spec: str, key: str, kind: str, args: list[str], tp: Any) -> Dimension:
@@ -247,7 +267,7 @@ def _claim(trial, work_dir: Path) -> contextlib.ExitStack:
     folder = work_dir / f"trial-{trial.number}"
     folder.mkdir(parents=True, exist_ok=True)
     held = contextlib.ExitStack()
-    held.enter_context(WorkDirLock(folder, ".tune-lock"))  # a fresh trial: nobody else has it
+    held.enter_context(WorkDirLock(folder, TRIAL_LOCK))  # a fresh trial: nobody else has it
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("work_dir", str(folder))
     return held
@@ -264,16 +284,30 @@ def _take_over(study, work_dir: Path):
         if frozen.user_attrs.get("host") != host:
             continue  # another machine's trial: its own host resumes it
         folder = work_dir / f"trial-{frozen.number}"
+        storage = study._storage  # noqa: SLF001 - optuna has no public lookup of a trial's id
+        trial = optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(
+            study._study_id, frozen.number))  # noqa: SLF001
+        if not folder.is_dir():  # deleted by hand: nothing to resume, and it must not stay RUNNING
+            _fail(study, trial, f"its folder {folder} is gone")
+            continue
         held = contextlib.ExitStack()
         try:
-            held.enter_context(WorkDirLock(folder, ".tune-lock"))
+            held.enter_context(WorkDirLock(folder, TRIAL_LOCK))
         except UserError:
-            continue  # a live process runs it
-        storage = study._storage  # noqa: SLF001 - optuna has no public lookup of a trial's id
-        trial_id = storage.get_trial_id_from_study_id_trial_number(
-            study._study_id, frozen.number)  # noqa: SLF001
-        return optuna.trial.Trial(study, trial_id), held
+            continue  # a live process runs it (or its folder went since the check: next time)
+        return trial, held
     return None
+
+
+def _fail(study, trial, why: str) -> None:
+    """Mark a trial failed with `why` as its note (unless another process finished it first),
+    and say so in one line."""
+    from optuna.trial import TrialState
+
+    with contextlib.suppress(RuntimeError):  # optuna refuses notes on a finished trial
+        trial.set_user_attr("error", why)
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    print(f"trial {trial.number}: failed ({why})", flush=True)
 
 
 def _run_trial(study, trial, base: TrainConfig, dims: list[Dimension], tcfg: TuneConfig,
@@ -297,20 +331,25 @@ def _run_trial(study, trial, base: TrainConfig, dims: list[Dimension], tcfg: Tun
     try:
         fit(cfg, resume=resume, on_validation=report)
     except Pruned:
-        study.tell(trial, state=TrialState.PRUNED)
+        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         print(f"trial {trial.number}: pruned", flush=True)
         return
     except TrainingDiverged as e:
-        trial.set_user_attr("error", str(e))
-        study.tell(trial, state=TrialState.FAIL)
-        print(f"trial {trial.number}: failed ({e})", flush=True)
+        _fail(study, trial, str(e))
         return
-    except UserError as e:
-        trial.set_user_attr("error", str(e))
-        study.tell(trial, state=TrialState.FAIL)
+    except (UserError, OSError) as e:
+        if not (folder / TRIAL_LOCK).is_file():  # its folder was deleted under it: go on
+            _fail(study, trial, f"its folder {folder} was removed while it ran")
+            return
+        with contextlib.suppress(RuntimeError):
+            trial.set_user_attr("error", str(e))
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     value = _best(folder, tcfg.metric)
-    study.tell(trial, value)
+    if math.isnan(value):  # no record of the metric (its metrics file was removed under it)
+        _fail(study, trial, f"no {tcfg.metric} in {folder / METRICS_FILE}")
+        return
+    study.tell(trial, value, skip_if_finished=True)
     print(f"trial {trial.number}: {tcfg.metric} {value:.2f}", flush=True)
 
 
@@ -341,7 +380,14 @@ def summarize(study, work_dir: Path, base: TrainConfig, tcfg: TuneConfig) -> Non
     if not done:
         return
     best = done[0]
-    config = json.loads((work_dir / f"trial-{best.number}" / CONFIG_FILE).read_text())
+    try:
+        config = json.loads((work_dir / f"trial-{best.number}" / CONFIG_FILE).read_text())
+    except (OSError, ValueError):  # its folder deleted or damaged: the study holds its values
+        params = {d.key: _from_plain(d, best.params[d.key]) for d in parse_space(tcfg.space, base)
+                  if d.key in best.params}
+        config = to_dict(with_options(base, params, "trial"))
+        print(f"note: trial {best.number}'s {CONFIG_FILE} is gone; best_config.json is built from "
+              "the study's values on this command's options", flush=True)
     config["work_dir"] = None  # a new run of the best values goes to its own work dir
     config["name"] = to_dict(base)["name"]
     write_file(work_dir / "best_config.json", (json.dumps(config, indent=2) + "\n").encode(),

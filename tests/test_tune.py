@@ -2,6 +2,7 @@
 checked before anything runs, and a trial's values become a config the run accepts."""
 
 import pytest
+import torch
 
 from convnext_cifar.config import TrainConfig
 from convnext_cifar.errors import UserError
@@ -30,6 +31,10 @@ def test_the_space_parses_into_checked_dimensions():
     ("sched.epochs=uniform(1,9)", "sched.epochs is a int, not a float"),
     ("eval.tta=choice(none,sideways)", "'sideways' is not a valid"),
     ("sched.warmup_epochs=int(0,200)", "warmup_epochs.*must be >= 0 and shorter than"),
+    # every value the study may draw is checked as the run would check it
+    ("optim.accum_steps=int(1,4)", "optim.accum_steps: 3: .*must divide --data.batch-size 128"),
+    ("model.pretrained=choice(none,nosuch)", "model.pretrained: 'nosuch': .*neither an existing"),
+    ("model.pretrained=choice(none,/no/such.pth)", "weights file /no/such.pth does not exist"),
 ])
 def test_a_bad_space_is_one_line_naming_the_bad_part(spec, message):
     with pytest.raises(UserError, match=message):
@@ -39,3 +44,15 @@ def test_a_bad_space_is_one_line_naming_the_bad_part(spec, message):
 def test_a_key_given_twice_is_refused():
     with pytest.raises(UserError, match="or is given twice"):
         parse_space(("optim.lr=log(1e-4,1e-2)", "optim.lr=log(1e-3,1e-2)"), TrainConfig())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: the choice is valid")
+def test_a_device_that_is_not_here_is_refused_in_the_space():
+    with pytest.raises(UserError, match="device: 'cuda': --device cuda: CUDA is not available"):
+        parse_space(("device=choice(cpu,cuda)",), TrainConfig())
+
+
+def test_an_int_range_is_checked_at_every_value_it_holds():
+    assert parse_space(("optim.accum_steps=int(1,2)",), TrainConfig())[0].values == (1, 2)
+    with pytest.raises(UserError, match="optim.accum_steps: 3: "):  # both ends divide 128
+        parse_space(("optim.accum_steps=int(2,4)",), TrainConfig())

@@ -19,7 +19,7 @@ import torch
 from convnext_cifar import __version__
 from convnext_cifar.config import ModelConfig
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import write_file
+from convnext_cifar.files import require_file, write_file
 from convnext_cifar.model.formats import SourceWeights, infer_variant, load_source
 from convnext_cifar.network import reachable
 
@@ -47,15 +47,41 @@ def build_model(cfg: ModelConfig, num_classes: int, is_main: bool = True) -> tor
     return model
 
 
-def read_pretrained(cfg: ModelConfig, model: torch.nn.Module) -> SourceWeights:
-    """Weights in timm's layout from a local file (any supported layout) or a timm tag."""
+def _is_file_spec(spec: str) -> bool:
+    return Path(spec).expanduser().exists() or spec.endswith(WEIGHT_SUFFIXES) or "/" in spec
+
+
+def check_pretrained(cfg: ModelConfig) -> None:
+    """What can be told about --model.pretrained without reading or fetching weights: a file
+    that is there, or a timm tag of this model (one UserError otherwise). `tune` checks every
+    value it may draw with it; reading the weights checks the rest."""
     spec = cfg.pretrained
-    if Path(spec).expanduser().exists() or spec.endswith(WEIGHT_SUFFIXES) or "/" in spec:
-        source = load_source(spec, cfg.pretrained_format, cfg.pretrained_prefix,
-                             cfg.pretrained_weights)
-    elif cfg.pretrained_weights == "ema":
+    if spec.lower() == "none":
+        return
+    if _is_file_spec(spec):
+        require_file(Path(spec).expanduser(), "weights file")
+        return
+    if cfg.pretrained_weights == "ema":
         raise UserError(f"--model.pretrained {spec} is a timm tag, which holds one set of "
                         "weights; --model.pretrained-weights ema needs a training checkpoint")
+    import timm
+
+    arch = spec.split(".")[0]
+    if spec not in timm.list_pretrained(arch + ".*"):
+        raise UserError(f"--model.pretrained {spec!r} is neither an existing file nor a timm "
+                        "pretrained tag (see timm.list_pretrained('convnextv2*')), nor 'none'")
+    if arch != cfg.name:
+        raise UserError(f"--model.pretrained {spec} is for {arch}, but --model.name is "
+                        f"{cfg.name}; make them match")
+
+
+def read_pretrained(cfg: ModelConfig, model: torch.nn.Module) -> SourceWeights:
+    """Weights in timm's layout from a local file (any supported layout) or a timm tag."""
+    check_pretrained(cfg)
+    spec = cfg.pretrained
+    if _is_file_spec(spec):
+        source = load_source(spec, cfg.pretrained_format, cfg.pretrained_prefix,
+                             cfg.pretrained_weights)
     else:
         source = SourceWeights(_timm_hub_state_dict(spec, model), "timm", spec)
     variant = infer_variant(source.state_dict)
@@ -66,19 +92,11 @@ def read_pretrained(cfg: ModelConfig, model: torch.nn.Module) -> SourceWeights:
 
 
 def _timm_hub_state_dict(tag: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Fetch a timm pretrained tag through timm's own resolution (HF hub, URL, cache)."""
-    import timm
+    """Fetch a timm pretrained tag (checked by check_pretrained) through timm's own resolution
+    (HF hub, URL, cache)."""
     from timm.models import get_pretrained_cfg, load_pretrained
     from timm.models.convnext import checkpoint_filter_fn
 
-    arch = tag.split(".")[0]
-    if tag not in timm.list_pretrained(arch + ".*"):
-        raise UserError(f"--model.pretrained {tag!r} is neither an existing file nor a timm "
-                        "pretrained tag (see timm.list_pretrained('convnextv2*')), nor 'none'")
-    expected = model.pretrained_cfg.get("architecture")
-    if arch != expected:
-        raise UserError(f"--model.pretrained {tag} is for {arch}, but --model.name is "
-                        f"{expected}; make them match")
     captured: dict[str, torch.Tensor] = {}
 
     def capture(state_dict, m):  # timm calls this with the downloaded weights

@@ -42,7 +42,7 @@ from convnext_cifar.outputs.workdir import (
     claim_work_dir,
     write_status,
 )
-from convnext_cifar.runtime import configure_backends, resolve_runtime
+from convnext_cifar.runtime import Runtime, configure_backends, resolve_runtime
 from convnext_cifar.terminal import warn
 from convnext_cifar.training.build import Run, build_run
 from convnext_cifar.training.signals import StopSignals
@@ -338,6 +338,20 @@ def _best_on_disk(run_dir: Path, metric: str) -> float:
 
 # ---- the train command -------------------------------------------------------------------------
 
+def preflight(cfg: TrainConfig, dist: distributed.Dist | None = None) -> Runtime:
+    """The checks of `cfg` against this machine and launch that need no data, weights or work
+    dir (the device is here, the compile and batch options fit it); its runtime. `fit` starts
+    with them, and `tune` runs them on every value it may draw before the first trial."""
+    world = dist.world if dist is not None else 1
+    rt = resolve_runtime(cfg, dist)
+    per_step = world * cfg.optim.accum_steps
+    if cfg.data.batch_size % per_step:
+        raise UserError(f"--data.batch-size {cfg.data.batch_size} is the global batch; it must "
+                        f"split evenly over {world} processes x {cfg.optim.accum_steps} "
+                        f"accumulation steps (a multiple of {per_step})")
+    return rt
+
+
 def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None = None,
         allow_changes: bool = False,
         on_validation: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
@@ -350,13 +364,8 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
     """
     dist = distributed.from_env()
     cfg = dataclasses.replace(cfg, name=cfg.run_name)
-    rt = resolve_runtime(cfg, dist)
+    rt = preflight(cfg, dist)
     configure_backends(rt)
-    per_step = dist.world * cfg.optim.accum_steps
-    if cfg.data.batch_size % per_step:
-        raise UserError(f"--data.batch-size {cfg.data.batch_size} is the global batch; it must "
-                        f"split evenly over {dist.world} processes x {cfg.optim.accum_steps} "
-                        f"accumulation steps (a multiple of {per_step})")
     distributed.start(dist, rt.device)
     try:
         cfg, note = distributed.from_main(dist, lambda: choose_work_dir(cfg, resume))

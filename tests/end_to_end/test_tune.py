@@ -4,6 +4,7 @@ processes and survives a kill -9 mid-trial."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,3 +142,77 @@ def test_kill_9_mid_trial_and_rerun_completes_the_study_with_n_trials(cifar_root
     trials = study_of(work).get_trials()
     assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
     assert list(trials[1].intermediate_values) == [1, 2, 3]  # every epoch reported once
+
+
+def _study_with(work, *trials):
+    """The study `tune_args` would open, made here with `trials`: (state, value, host); a
+    trial's folder is not made (as if deleted by hand)."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    work.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name="convnextv2-atto_cifar10-smoke", direction="maximize",
+                                storage=f"sqlite:///{work / 'study.db'}")
+    for state, value, host in trials:
+        trial = study.ask({"optim.lr": FloatDistribution(1e-4, 1e-2, log=True)})
+        trial.set_user_attr("host", host)
+        if state != TrialState.RUNNING:
+            study.tell(trial, value, state=state)
+    return study
+
+
+def test_a_running_trial_of_this_host_whose_folder_is_gone_is_marked_failed(cifar_root,
+                                                                             tmp_path, capsys):
+    import socket
+
+    from optuna.trial import TrialState
+
+    work = tmp_path / "study"
+    _study_with(work, (TrialState.RUNNING, None, socket.gethostname()),
+                (TrialState.RUNNING, None, "another-host"))
+    assert cli.main(tune_args(cifar_root, work, "--tune.trials", "2", "--tune.space",
+                              "optim.lr=log(1e-4,1e-2)")) == 0
+    out = capsys.readouterr().out
+    assert f"trial 0: failed (its folder {work / 'trial-0'} is gone)" in out
+    trials = study_of(work).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING"]  # the other host's: its own
+    assert "is gone" in trials[0].user_attrs["error"]
+    assert "2 trials: 0 complete, 0 pruned, 1 failed, 1 running" in out
+
+
+def test_a_best_trial_whose_folder_is_gone_still_gives_a_best_config(cifar_root, tmp_path,
+                                                                     capsys):
+    from optuna.trial import TrialState
+
+    work = tmp_path / "study"
+    study = _study_with(work, (TrialState.COMPLETE, 71.5, "h"), (TrialState.COMPLETE, 60.0, "h"))
+    lr = study.get_trials()[0].params["optim.lr"]
+    assert cli.main(tune_args(cifar_root, work, "--tune.trials", "2", "--tune.space",
+                              "optim.lr=log(1e-4,1e-2)")) == 0
+    out = capsys.readouterr().out
+    assert "trial 0's config.json is gone; best_config.json is built from the study's values" in out
+    assert "best: trial 0, top1 71.50" in out
+    saved = json.loads((work / "best_config.json").read_text())
+    assert saved["optim"]["lr"] == lr and saved["work_dir"] is None
+    assert saved["data"]["limit_train"] == 100  # this command's other options
+
+
+@pytest.mark.slow  # ~15 s: two short trainings
+def test_a_trial_folder_deleted_while_it_trains_fails_that_trial_and_the_study_goes_on(
+        cifar_root, tmp_path):
+    work = tmp_path / "study"
+    with open(tmp_path / "log", "w") as log:
+        proc = _tune_process(cifar_root, work, 2, log)
+        start = time.monotonic()
+        while not list(work.glob("trial-0/state_*.pt")) and time.monotonic() - start < 600:
+            time.sleep(0.05)
+        for _ in range(100):  # the trial writes into it meanwhile: remove until it is gone
+            shutil.rmtree(work / "trial-0", ignore_errors=True)
+            if not (work / "trial-0").exists():
+                break
+        assert proc.wait(timeout=900) == 0
+    out = (tmp_path / "log").read_text()
+    assert f"trial 0: failed (its folder {work / 'trial-0'} was removed while it ran)" in out
+    assert "Traceback" not in out
+    assert [t.state.name for t in study_of(work).get_trials()] == ["FAIL", "COMPLETE"]
+    assert json.loads((work / "best_config.json").read_text())["name"]

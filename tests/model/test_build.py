@@ -163,3 +163,22 @@ def test_head_init_scale_scales_only_a_fresh_head():
     scaled = build_model(ModelConfig(name="convnextv2_atto", head_init_scale=0.001), 10)
     torch.testing.assert_close(scaled.head.fc.weight, plain.head.fc.weight * 0.001)
     torch.testing.assert_close(scaled.stem[0].weight, plain.stem[0].weight)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"pretrained": "/no/such/weights.pth"}, "weights file /no/such/weights.pth does not exist"),
+    ({"pretrained": "nosuch"}, "neither an existing file nor a timm pretrained tag"),
+    ({"name": "convnextv2_atto", "pretrained": "convnextv2_tiny.fcmae_ft_in1k"},
+     "is for convnextv2_tiny, but --model.name is convnextv2_atto"),
+    ({"pretrained": "convnextv2_tiny.fcmae", "pretrained_weights": "ema"},
+     "--model.pretrained-weights ema needs a training checkpoint"),
+])
+def test_check_pretrained_refuses_what_can_be_told_without_weights(options, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        model_build.check_pretrained(ModelConfig(**options))
+
+
+def test_check_pretrained_accepts_a_file_a_tag_of_the_model_and_none(tmp_path):
+    (tmp_path / "w.pth").write_bytes(b"x")  # only its presence is checked here
+    for spec in ("none", str(tmp_path / "w.pth"), "convnextv2_tiny.fcmae"):
+        model_build.check_pretrained(ModelConfig(pretrained=spec))

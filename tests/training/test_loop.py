@@ -10,10 +10,12 @@ from support import CPU, needs_cuda, tiny_run
 
 from convnext_cifar.config import DataConfig, SchedConfig, TrainConfig
 from convnext_cifar.data.cifar import CIFAR10
+from convnext_cifar.distributed import Dist
+from convnext_cifar.errors import UserError
 from convnext_cifar.outputs.console import Progress
 from convnext_cifar.outputs.metrics_log import JsonlSink, MetricsLog
 from convnext_cifar.runtime import Runtime
-from convnext_cifar.training.loop import train_one_epoch
+from convnext_cifar.training.loop import preflight, train_one_epoch
 from convnext_cifar.training.state import Position
 from convnext_cifar.training.step import Guard, Window
 
@@ -124,3 +126,10 @@ def test_cuda_fp16_with_layer_decay_steps_without_host_sync():
             run.step_fn(x, y, n)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_preflight_checks_the_batch_against_the_processes_and_returns_the_runtime():
+    cfg = dataclasses.replace(TrainConfig(), device="cpu", compile="off")
+    assert preflight(cfg).device.type == "cpu"
+    with pytest.raises(UserError, match="must split evenly over 3 processes x 1 accumulation"):
+        preflight(cfg, Dist(rank=0, world=3, local_rank=0))
