@@ -9,6 +9,7 @@ fresh and what was ignored. `convert_to_timm` writes any of them as a timm safet
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from convnext_cifar import __version__
 from convnext_cifar.config import ModelConfig
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import require_file, write_file
+from convnext_cifar.files import readable, require_file, write_file
 from convnext_cifar.model.formats import SourceWeights, infer_variant, load_source
 from convnext_cifar.network import reachable
 
@@ -29,10 +30,13 @@ BACKBONE_PREFIXES = ("stem.", "stages.")
 HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub's host before treating it as offline
 
 
-def build_model(cfg: ModelConfig, num_classes: int, is_main: bool = True) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int, is_main: bool = True,
+                classes: list[str] | None = None) -> torch.nn.Module:
     """The timm model with a fresh `num_classes` head, initialised from `cfg.pretrained`.
 
-    `is_main`: this process prints the load report (one process of a multi-process run does).
+    `classes`: the run's class names; where the weights name theirs too, the head's rows follow
+    the names (`match_head`). `is_main`: this process prints the load report (one process of a
+    multi-process run does).
     """
     import timm
 
@@ -41,10 +45,60 @@ def build_model(cfg: ModelConfig, num_classes: int, is_main: bool = True) -> tor
                               head_init_scale=cfg.head_init_scale)  # scales the fresh head
     if cfg.pretrained.lower() != "none":
         source = read_pretrained(cfg, model)
-        report = load_backbone(model, source.state_dict, source.ignored)
+        state_dict, said = match_head(model, source.state_dict, source.classes, classes)
+        report = load_backbone(model, state_dict, source.ignored)
         if is_main:
             print(f"pretrained {cfg.pretrained} ({source.layout} layout): {report}", flush=True)
+            if said:
+                print(f"pretrained {cfg.pretrained}: {said}", flush=True)
     return model
+
+
+def match_head(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+               theirs: list[str] | None, ours: list[str] | None
+               ) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights with their classifier (head.fc) laid out for the run's classes, and one line
+    saying what changed ('' when nothing did).
+
+    Where both lists of names are known, each of the run's classes takes the row of the class of
+    the same name, and a class the weights do not have keeps the model's fresh row: the same
+    names in another order are re-ordered, other names are a fresh head. A head of the run's
+    class count whose weights name no classes is kept as it is, and said so.
+    """
+    weight, bias = state_dict.get("head.fc.weight"), state_dict.get("head.fc.bias")
+    own = model.state_dict()
+    if weight is None or bias is None or "head.fc.weight" not in own or ours is None:
+        return state_dict, ""
+    fresh_w, fresh_b = own["head.fc.weight"], own["head.fc.bias"]
+    if theirs is None:
+        if weight.shape == fresh_w.shape:
+            return state_dict, (f"its {len(ours)}-class head is kept: the weights name no "
+                                "classes, so they are taken to be this run's, in its order")
+        return state_dict, ""
+    if theirs == ours or weight.shape[1:] != fresh_w.shape[1:]:
+        return state_dict, ""
+    rows = [dict(zip(theirs, range(len(theirs)))).get(name) for name in ours]
+    kept = sum(r is not None for r in rows)
+    if not kept:
+        rest = {k: v for k, v in state_dict.items() if not k.startswith("head.fc.")}
+        return rest, (f"head.fc fresh: none of the weights' {len(theirs)} classes "
+                      f"({_listed(theirs)}) is one of this run's ({_listed(ours)})")
+    new_w, new_b = fresh_w.clone().to(weight.dtype), fresh_b.clone().to(bias.dtype)
+    for i, r in enumerate(rows):
+        if r is not None:
+            new_w[i], new_b[i] = weight[r], bias[r]
+    if kept == len(ours) == len(theirs):
+        said = "head.fc re-ordered: the weights hold the run's classes in another order"
+    else:
+        missing = [name for name, r in zip(ours, rows) if r is None]
+        said = (f"head.fc rows taken by class name for {kept} of the run's {len(ours)} classes;"
+                f" fresh for {_listed(missing)}")
+    return {**state_dict, "head.fc.weight": new_w, "head.fc.bias": new_b}, said
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(readable(n) for n in names[:5])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
 
 
 def _is_file_spec(spec: str) -> bool:
@@ -245,7 +299,8 @@ def convert_to_timm(src: str, dst: Path, name: str | None = None, layout: str = 
     metadata = {"format": "timm", "model": name, "num_classes": str(num_classes),
                 "source_layout": source.layout, "source_file": Path(src).name,
                 "source_weights": weights,
-                "converted_by": f"convnext-cifar {__version__}"}
+                "converted_by": f"convnext-cifar {__version__}",
+                **({"classes": json.dumps(source.classes)} if source.classes else {})}
     tensors = {k: v.contiguous() for k, v in report.tensors.items()}
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_file(dst, save(tensors, metadata=metadata), advice="nothing was written")

@@ -38,6 +38,7 @@ VARIANTS = {
 CONTAINER_KEYS = ("state_dict", "model", "module")
 # Where training checkpoints keep the EMA of the weights, beside the raw ones.
 EMA_KEYS = ("model_ema", "state_dict_ema")  # official ConvNeXt-V2 / timm train.py
+MAX_CLASSES = 100_000  # far more than any head trained here: a longer list is no class list
 FCMAE_ONLY = ("decoder", "mask_token", "proj.", "pred.")  # FCMAE pre-training parts, not encoder
 
 
@@ -49,6 +50,38 @@ class SourceWeights:
     layout: str
     origin: str
     ignored: list[str] = field(default_factory=list)
+    classes: list[str] | None = None  # the names of the head's outputs, where the file says
+
+
+def class_names(value: object) -> list[str] | None:
+    """`value` as a list of class names, when it is one (a list or tuple of strings, at most
+    MAX_CLASSES, none repeated); else None: names a file gives in another shape are not used."""
+    if (isinstance(value, (list, tuple)) and 0 < len(value) <= MAX_CLASSES
+            and all(isinstance(c, str) for c in value) and len(set(value)) == len(value)):
+        return list(value)
+    return None
+
+
+def _safetensors_classes(path: Path) -> list[str] | None:
+    """The class names in a safetensors file's metadata ("classes", a JSON list, as this
+    project's weights and timm files it converted write them)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get("classes")
+        return class_names(json.loads(text)) if text else None
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _pth_classes(obj: object) -> list[str] | None:
+    """MMEngine's `meta.dataset_meta.classes` (what MMPretrain's checkpoints record)."""
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    dataset_meta = meta.get("dataset_meta") if isinstance(meta, dict) else None
+    return class_names(dataset_meta.get("classes")) if isinstance(dataset_meta, dict) else None
 
 
 def read_file(path: Path, weights: str = "raw") -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -70,6 +103,16 @@ def read_file(path: Path, weights: str = "raw") -> tuple[dict[str, torch.Tensor]
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is not a readable safetensors file ({e})") from None
     return _unwrap(_select_weights(load_pth(path), weights, path), path)
+
+
+def _read_with_classes(path: Path, weights: str
+                       ) -> tuple[dict[str, torch.Tensor], list[str], list[str] | None]:
+    """`read_file`, plus the class names the file records (None where it names none)."""
+    path = require_file(path, "weights file")
+    if path.suffix == ".safetensors":
+        return (*read_file(path, weights), _safetensors_classes(path))
+    obj = load_pth(path)
+    return (*_unwrap(_select_weights(obj, weights, path), path), _pth_classes(obj))
 
 
 def _select_weights(obj: object, weights: str, path: Path) -> object:
@@ -258,6 +301,9 @@ def load_source(spec: str, layout: str = "auto", prefix: str = "",
                 weights: str = "raw") -> SourceWeights:
     """Read a local weights file of any supported layout into timm's layout."""
     path = Path(spec).expanduser()
-    raw, ignored = read_file(path, weights)
+    raw, ignored, classes = _read_with_classes(path, weights)
     state_dict, layout, dropped = to_timm(raw, layout, prefix)
-    return SourceWeights(state_dict, layout, str(path), ignored + dropped)
+    head = state_dict.get("head.fc.weight")
+    if head is None or classes is None or len(classes) != head.shape[0]:
+        classes = None  # names that do not describe this head are no names
+    return SourceWeights(state_dict, layout, str(path), ignored + dropped, classes)

@@ -52,7 +52,8 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
         raise ValueError("training needs the dataset's training split")
     seed_everything(cfg.seed)
     model_cfg = cfg.model if pretrained else dataclasses.replace(cfg.model, pretrained="none")
-    model, forward = prepare_model(build_model(model_cfg, data.num_classes, dist.is_main), rt)
+    model, forward = prepare_model(build_model(model_cfg, data.num_classes, dist.is_main,
+                                                data.classes), rt)
     ddp, train_forward = None, forward
     if dist.enabled:
         # Same initial weights on every rank (seeded above), but each rank its own drop-path noise.

@@ -6,6 +6,7 @@ import os
 import pytest
 import timm
 import torch
+from cifar_files import CLASSES, write_image_folder
 from layouts import to_mmpretrain, to_official_fcmae_raw
 from safetensors.torch import load_file
 from support import FIXTURES, small_run_args
@@ -130,3 +131,52 @@ def test_offline_hub_fails_fast_with_one_clear_error(tmp_path, env):
     assert "needs internet access, or pass a local file" in out.stdout
     assert float(out.stdout.split("seconds ")[1]) < 5.0, out.stdout
     assert "Retrying" not in out.stderr
+
+
+def test_fine_tuning_from_a_run_of_other_classes_follows_the_class_names(tmp_path, capsys):
+    """A checkpoint of this project names its classes: a run of other names gets a fresh
+    classifier, a run sharing some names takes those rows (before: the head was kept as it
+    was, 'fresh: nothing', its outputs meaning the old classes)."""
+    def folder(name, classes):
+        return write_image_folder(tmp_path / name, {"train": dict.fromkeys(classes, 6),
+                                                    "val": dict.fromkeys(classes, 2)})
+
+    def train(root, work, *extra):
+        return cli.main(small_run_args(root, tmp_path / work, "--data.dataset", "folder",
+                                       "--sched.epochs", "1", "--sched.warmup-epochs", "0",
+                                       *extra))
+
+    assert train(folder("pets", ["cat", "dog", "eel"]), "pets") == 0
+    best = str(tmp_path / "pets" / "best.safetensors")
+    capsys.readouterr()
+    assert train(folder("bugs", ["ant", "bee", "cow"]), "bugs", "--model.pretrained", best) == 0
+    out = capsys.readouterr().out
+    assert ("fresh: head.fc.weight, head.fc.bias" in out and "head.fc fresh: none of the "
+            "weights' 3 classes (cat, dog, eel) is one of this run's (ant, bee, cow)" in out)
+    assert train(folder("mixed", ["cat", "dog", "fox"]), "mixed", "--model.pretrained", best) == 0
+    out = capsys.readouterr().out
+    assert "head.fc rows taken by class name for 2 of the run's 3 classes; fresh for fox" in out
+    assert train(folder("same", ["cat", "dog", "eel"]), "same", "--model.pretrained", best) == 0
+    assert "head.fc" not in capsys.readouterr().out.split("fresh: ")[1].split(";")[0]
+
+
+def test_an_mmpretrain_checkpoint_of_the_same_classes_in_another_order_is_re_ordered(
+        cifar_root, tmp_path, capsys):
+    torch.manual_seed(0)
+    weights = timm.create_model("convnextv2_atto", num_classes=10).state_dict()
+    src = tmp_path / "epoch_100.pth"
+    torch.save({"meta": {"dataset_meta": {"classes": tuple(reversed(CLASSES))}},
+                "state_dict": to_mmpretrain(weights)}, src)
+    args = small_run_args(cifar_root, tmp_path / "run", "--sched.epochs", "1",
+                          "--sched.warmup-epochs", "0", "--data.limit-train", "100",
+                          "--model.pretrained", str(src))
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "head.fc re-ordered: the weights hold the run's classes in another order" in out
+    assert "fresh: nothing" in out
+    unnamed = tmp_path / "unnamed.pth"
+    torch.save({"state_dict": to_mmpretrain(weights)}, unnamed)
+    assert cli.main(args[:-2] + ["--model.pretrained", str(unnamed), "--work-dir",
+                                 str(tmp_path / "run2")]) == 0
+    assert ("its 10-class head is kept: the weights name no classes, so they are taken to be "
+            "this run's, in its order") in capsys.readouterr().out

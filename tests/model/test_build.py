@@ -182,3 +182,44 @@ def test_check_pretrained_accepts_a_file_a_tag_of_the_model_and_none(tmp_path):
     (tmp_path / "w.pth").write_bytes(b"x")  # only its presence is checked here
     for spec in ("none", str(tmp_path / "w.pth"), "convnextv2_tiny.fcmae"):
         model_build.check_pretrained(ModelConfig(pretrained=spec))
+
+
+def test_match_head_moves_each_row_to_its_class_and_keeps_fresh_rows_for_new_classes():
+    torch.manual_seed(0)
+    model = timm.create_model("convnextv2_atto", num_classes=3)
+    fresh = model.state_dict()
+    source = {"head.fc.weight": torch.randn(4, 320), "head.fc.bias": torch.randn(4),
+              "stem.0.weight": torch.zeros(1)}
+    moved, said = model_build.match_head(model, source, ["a", "b", "c", "d"], ["c", "x", "a"])
+    assert torch.equal(moved["head.fc.weight"][0], source["head.fc.weight"][2])
+    assert torch.equal(moved["head.fc.weight"][1], fresh["head.fc.weight"][1])  # x: fresh
+    assert torch.equal(moved["head.fc.bias"][2], source["head.fc.bias"][0])
+    assert moved["stem.0.weight"] is source["stem.0.weight"]
+    assert said == "head.fc rows taken by class name for 2 of the run's 3 classes; fresh for x"
+    same = {"head.fc.weight": torch.randn(3, 320), "head.fc.bias": torch.randn(3)}
+    assert model_build.match_head(model, same, ["a", "b", "c"], ["a", "b", "c"]) == (same, "")
+    reordered, said = model_build.match_head(model, same, ["a", "b", "c"], ["c", "a", "b"])
+    assert torch.equal(reordered["head.fc.weight"], same["head.fc.weight"][[2, 0, 1]])
+    assert said.startswith("head.fc re-ordered")
+    other, said = model_build.match_head(model, same, ["a", "b", "c"], ["x", "y", "z"])
+    assert "head.fc.weight" not in other and said.startswith("head.fc fresh: none of")
+
+
+def test_convert_keeps_the_class_names_of_its_source(tmp_path):
+    from safetensors import safe_open
+
+    from convnext_cifar.model.formats import class_names, load_source
+
+    torch.manual_seed(0)
+    weights = to_mmpretrain(timm.create_model("convnextv2_atto", num_classes=3).state_dict())
+    torch.save({"meta": {"dataset_meta": {"classes": ("b", "a", "c")}}, "state_dict": weights},
+               tmp_path / "mm.pth")
+    model_build.convert_to_timm(str(tmp_path / "mm.pth"), tmp_path / "t.safetensors")
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert f.metadata()["classes"] == '["b", "a", "c"]'
+    assert load_source(str(tmp_path / "t.safetensors")).classes == ["b", "a", "c"]
+    torch.save({"meta": {"dataset_meta": {"classes": ("a", "b")}}, "state_dict": weights},
+               tmp_path / "two.pth")  # two names for a three-class head: no names
+    assert load_source(str(tmp_path / "two.pth")).classes is None
+    assert class_names(["a", "a"]) is None and class_names("abc") is None
+    assert class_names([1, 2]) is None and class_names(["x"]) == ["x"]
