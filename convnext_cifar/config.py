@@ -26,6 +26,7 @@ import tyro
 
 from convnext_cifar.data.kinds import DATASETS
 from convnext_cifar.errors import UserError
+from convnext_cifar.files import parse_json, shown
 from convnext_cifar.metrics import BEST_METRICS, TUNE_METRICS
 from convnext_cifar.network import credentials
 
@@ -47,7 +48,7 @@ TuneMetric = Literal[TUNE_METRICS]  # type: ignore[valid-type]
 def _check(ok: bool, option: str, value: Any, must: str) -> None:
     if not ok:
         flag = "--" + option.replace("_", "-")
-        raise UserError(f"invalid {flag} {value!r}: {must}")
+        raise UserError(f"invalid {flag} {shown(value)}: {must}")
 
 
 def _at_most(config: Any, section: str, limits: dict[str, int]) -> None:
@@ -163,7 +164,7 @@ class DataConfig:
         _check(self.decode_processes >= 0, "data.decode_processes", self.decode_processes,
                "must be >= 0")
         _at_most(self, "data.", {"batch_size": 2**20, "eval_batch_size": 2**20,
-                                 "padding": 1024, "image_size": 4096, "limit_train": 2**40,
+                                 "padding": 1024, "image_size": 1024, "limit_train": 2**40,
                                  "limit_val": 2**40, "decode_processes": 1024,
                                  "split_seed": 2**32 - 1})
         _check(self.split_seed >= 0, "data.split_seed", self.split_seed, "must be >= 0")
@@ -553,7 +554,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
 
 def coerce(value: Any, tp: Any, name: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = UserError(f"config field {name} = {value!r} is not a valid {type_name(tp)}")
+    bad = UserError(f"config field {name} = {shown(value)} is not a valid {type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, name + ".")
     if origin in (typing.Union, types.UnionType):
@@ -633,11 +634,7 @@ def load_config_file(path: Path) -> TrainConfig:
         raise UserError(f"--config {path}: no such file") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise UserError(f"--config {path}: cannot read it ({e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--config {path}: not valid JSON ({e})") from None
-    return from_dict(TrainConfig, data)
+    return from_dict(TrainConfig, parse_json(text, f"--config {path}"))
 
 
 def config_json(cfg: TrainConfig) -> str:

@@ -4,9 +4,12 @@
   new one; `write_file` does that or raises the one-line user error naming the path;
   `remove_stale_temp_files` cleans up after a process killed while writing.
 - `require_file`: one clear error for a missing, empty or directory path.
-- `load_pth`: `torch.load(weights_only=True)`, with the objects other toolboxes pickle beside their
-  weights read as inert placeholders; any other global refuses the file, running nothing.
+- `load_pth`: `torch.load(weights_only=True)` of an archive whose declared sizes are bounded,
+  with the objects other toolboxes pickle beside their weights read as inert placeholders; any
+  other global refuses the file, running nothing.
 - `load_array_pickle`: the python pickles datasets ship (CIFAR), numpy arrays and containers only.
+- `parse_json`: JSON from a file or metadata others may have written, bounded (nesting depth,
+  integer size) so that odd input is one line, not a RecursionError;
 - `first_line`: the useful first line (or sentence) of a library's long error message;
   `readable`: a file-system name as text any output can hold.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -188,10 +192,33 @@ def _is_inert(name: str) -> bool:
     return name.startswith(INERT_PREFIXES) or name in INERT_NAMES
 
 
+UNPACKED_RATIO = 2  # torch.save stores its archive's members uncompressed: unpacked ~ on disk
+UNPACKED_SLACK = 16 * 2**20  # bytes: small archives' headers and padding
+
+
+def check_unpacked_size(path: Path) -> None:
+    """Refuse a zip archive (torch's .pth format) whose members declare more bytes unpacked than
+    UNPACKED_RATIO x its size on disk: a compressed archive (torch.save writes none) that would
+    take far more memory than its size says, checked from the directory before reading."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (torch's legacy format) or damaged: torch.load says which
+    on_disk = path.stat().st_size
+    if declared > UNPACKED_RATIO * on_disk + UNPACKED_SLACK:
+        raise UserError(f"{path} declares {declared / 2**20:,.0f} MB unpacked from "
+                        f"{on_disk / 2**20:,.1f} MB on disk (a compressed archive, which "
+                        "torch.save never writes); refused before reading it. If you trust "
+                        "it, load and torch.save it again where memory allows")
+
+
 def load_pth(path: Path) -> object:
-    """`torch.load(weights_only=True)`, with toolbox objects read as inert placeholders."""
+    """`torch.load(weights_only=True)` of an archive whose declared sizes fit its size on disk,
+    with toolbox objects read as inert placeholders."""
     import torch
 
+    check_unpacked_size(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -225,6 +252,50 @@ def _pickle_detail(e: BaseException) -> str:
     if len(after) == 2 and after[1].strip():
         return after[1].strip().splitlines()[0][:200]
     return first_line(e)
+
+
+# ---- JSON from others ---------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64  # a config nests 2 levels, metadata 3: deeper is no file of this project
+MAX_JSON_INT = 2**63  # every count, size, seed or step this project writes fits in 64 bits
+
+
+def shown(value: object) -> str:
+    """`value`'s repr for a message, cut short: a few levels, items and digits."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, 60, 60, 40
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
+    return short.repr(value)
+
+
+def parse_json(text: str | bytes, what: str) -> object:
+    """`text` as JSON, or one UserError starting with `what` (not valid JSON, nested deeper
+    than MAX_JSON_DEPTH, an integer of 64 bits or more: the field named by its path)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):
+            raise UserError(f"{what} holds an integer of thousands of digits; at most 64-bit "
+                            "integers are read") from None
+        raise UserError(f"{what} is not valid JSON ({first_line(e)})") from None
+    pending: list[tuple[object, str, int]] = [(value, "", 1)]  # (value, path, its level)
+    while pending:  # iterative: a deep value cannot overflow the stack here
+        node, where, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH and isinstance(node, (dict, list)):
+            raise UserError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels (at "
+                            f"{where[:80]}...)")
+        if isinstance(node, int) and not isinstance(node, bool) and abs(node) >= MAX_JSON_INT:
+            raise UserError(f"{what}: {where.lstrip('.') or 'the value'} is an integer of "
+                            f"{len(str(abs(node)))} digits; at most 64-bit integers are read")
+        if isinstance(node, dict):
+            pending += [(v, f"{where}.{k}", depth + 1) for k, v in node.items()]
+        elif isinstance(node, list):
+            pending += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node)]
+    return value
 
 
 # ---- dataset pickles: numpy arrays and plain containers only ------------------------------------

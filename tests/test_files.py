@@ -102,3 +102,47 @@ def test_file_hash_reads_any_size(tmp_path):
     path = tmp_path / "big"
     path.write_bytes(b"a" * (3 << 20))
     assert file_hash(path, "md5") == "6a11a8872b36343799a15617bea78cef"
+
+
+def test_parse_json_bounds_depth_and_integers_naming_the_field():
+    from convnext_cifar.files import MAX_JSON_DEPTH, parse_json
+
+    assert parse_json('{"a": [1, {"b": null}], "c": -9223372036854775807}', "x") == {
+        "a": [1, {"b": None}], "c": -(2**63 - 1)}
+    deep = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert parse_json(deep, "x") is not None
+    for text in ("[" + deep + "]", "[" * 10**5 + "]" * 10**5):  # ours, then json's own limit
+        with pytest.raises(UserError, match="^what nests deeper than 64 levels"):
+            parse_json(text, "what")
+    with pytest.raises(UserError, match=r"^what: a\[1\].b is an integer of 19 digits"):
+        parse_json('{"a": [0, {"b": 9223372036854775808}]}', "what")
+    with pytest.raises(UserError, match="^what holds an integer of thousands of digits"):
+        parse_json("1" * 5000, "what")
+    with pytest.raises(UserError, match=r"^what is not valid JSON \(Expecting"):
+        parse_json("{", "what")
+
+
+def test_shown_keeps_a_message_short():
+    from convnext_cifar.files import shown
+
+    assert len(shown(10**4000)) < 50 and len(shown("x" * 10**6)) < 70
+    assert shown([[[[[1]]]]]) == "[[[[...]]]]" and shown("ab") == "'ab'"
+
+
+def test_a_compressed_pth_is_refused_from_its_directory_before_reading(tmp_path, monkeypatch):
+    import zipfile
+
+    import torch
+
+    from convnext_cifar import files
+
+    torch.save({"w": torch.zeros(2**20)}, tmp_path / "plain.pth")  # 4 MiB
+    with zipfile.ZipFile(tmp_path / "plain.pth") as src, \
+            zipfile.ZipFile(tmp_path / "bomb.pth", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    monkeypatch.setattr(files, "UNPACKED_SLACK", 0)  # the test's archive is small
+    assert files.load_pth(tmp_path / "plain.pth")["w"].numel() == 2**20
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("read a bomb"))
+    with pytest.raises(UserError, match=r"bomb.pth declares 4 MB unpacked from 0.0 MB on disk"):
+        files.load_pth(tmp_path / "bomb.pth")

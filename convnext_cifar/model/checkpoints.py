@@ -16,9 +16,11 @@ import torch
 
 from convnext_cifar.config import TrainConfig, from_dict, to_dict
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import require_file, write_file
+from convnext_cifar.files import parse_json, require_file, shown, write_file
+from convnext_cifar.model.formats import MAX_CLASSES, class_names
 
 FORMAT = "convnext-cifar/weights-v1"
+MAX_EPOCHS = 10**6  # as --sched.epochs allows
 RESUME_ADVICE = "earlier files are intact; free space or fix permissions and resume"
 
 
@@ -72,17 +74,35 @@ def load_weights(path: Path) -> Checkpoint:
         raise UserError(f"{path} was not written by convnext-cifar (no '{FORMAT}' metadata); "
                         "use `convnext-cifar train --model.pretrained` to start from other weights")
     try:
-        ckpt = Checkpoint(state_dict, from_dict(TrainConfig, json.loads(metadata["config"])),
-                          json.loads(metadata["classes"]), int(metadata["epoch"]),
-                          json.loads(metadata["metrics"]), metadata.get("weights", "raw"),
-                          json.loads(metadata.get("dataset", "null")))
+        ckpt = Checkpoint(state_dict, _field(metadata, "config",
+                                             lambda v: from_dict(TrainConfig, v)),
+                          _field(metadata, "classes"), _field(metadata, "epoch"),
+                          _field(metadata, "metrics"), metadata.get("weights", "raw"),
+                          _field(metadata, "dataset", default="null"))
         problem = _metadata_problem(ckpt)
-    except (KeyError, ValueError, TypeError, UserError) as e:
+    except (KeyError, ValueError, TypeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    except UserError as e:
         problem = str(e)
     if problem:
         raise UserError(f"{path} has damaged metadata ({problem}); it was edited or written by "
                         "something else: use another checkpoint of the run")
     return ckpt
+
+
+def _field(metadata: dict[str, str], name: str, build: Any = None, default: str | None = None
+           ) -> Any:
+    """Metadata field `name` parsed as bounded JSON (and built by `build`), any problem one
+    UserError starting with the field's name."""
+    if name not in metadata and default is None:
+        raise UserError(f"field {name} is missing")
+    value = parse_json(metadata.get(name, default), f"field {name}")
+    if build is None:
+        return value
+    try:
+        return build(value)
+    except UserError as e:
+        raise UserError(f"field {name}: {e}") from None
 
 
 def weights_epoch(path: Path) -> int:
@@ -101,16 +121,21 @@ def _metadata_problem(ckpt: Checkpoint) -> str:
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    if not (isinstance(ckpt.classes, list) and ckpt.classes
-            and all(isinstance(c, str) for c in ckpt.classes)):
-        return f"classes is {ckpt.classes!r}, not a list of class names"
+    if class_names(ckpt.classes) is None:
+        return (f"field classes is {shown(ckpt.classes)}, not a list of at most {MAX_CLASSES:,} "
+                "distinct class names")
+    head = ckpt.state_dict.get("head.fc.weight")
+    if head is None or head.shape[0] != len(ckpt.classes):
+        return (f"field classes names {len(ckpt.classes):,} classes but the weights' head has "
+                f"{'none' if head is None else head.shape[0]}")
+    if not (isinstance(ckpt.epoch, int) and not isinstance(ckpt.epoch, bool)
+            and 0 <= ckpt.epoch <= MAX_EPOCHS):
+        return f"field epoch is {shown(ckpt.epoch)}, not a whole number in [0, {MAX_EPOCHS:,}]"
     if not (isinstance(ckpt.metrics, dict) and all(number(v) for v in ckpt.metrics.values())):
-        return f"metrics is {ckpt.metrics!r}, not an object of numbers"
+        return f"field metrics is {shown(ckpt.metrics)}, not an object of numbers"
     if ckpt.weights not in ("raw", "ema"):
-        return f"weights is {ckpt.weights!r}, not raw or ema"
-    if ckpt.epoch < 0:
-        return f"epoch is {ckpt.epoch}"
+        return f"field weights is {shown(ckpt.weights)}, not raw or ema"
     if ckpt.identity is not None and not (isinstance(ckpt.identity, dict)
                                           and isinstance(ckpt.identity.get("classes"), list)):
-        return "dataset is not an identity object"
+        return "field dataset is not an identity object"
     return ""

@@ -27,7 +27,7 @@ from convnext_cifar.data.dataset import Dataset
 from convnext_cifar.data.loader import training_loader
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import readable, write_file
+from convnext_cifar.files import parse_json, readable, write_file
 from convnext_cifar.metrics import METRICS, ema
 from convnext_cifar.outputs.console import run_best, wall_clock
 from convnext_cifar.outputs.metrics_log import read_records
@@ -101,7 +101,8 @@ def read_run(run_dir: Path) -> RunData:
     if summary is None:
         raise UserError(f"{run_dir} is not a run's work dir (no config.json written by train); "
                         "give the folder `train` wrote, e.g. work_dirs/NAME")
-    cfg = from_dict(TrainConfig, json.loads((run_dir / CONFIG_FILE).read_text()))
+    config = run_dir / CONFIG_FILE
+    cfg = from_dict(TrainConfig, parse_json(config.read_bytes(), str(config)))
     for note in summary["notes"]:  # records passed over: the page shows the others
         warn(note)
     return RunData(run_dir, summary, cfg, read_records(run_dir / METRICS_FILE))

@@ -31,7 +31,7 @@ from convnext_cifar.data.dataset import identity_difference
 from convnext_cifar.data.loader import Generators
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import first_line, load_pth, require_file, write_file
+from convnext_cifar.files import first_line, load_pth, parse_json, require_file, write_file
 from convnext_cifar.model.build import layout_mismatch
 from convnext_cifar.model.checkpoints import RESUME_ADVICE
 from convnext_cifar.outputs.workdir import find_states, state_path, state_step
@@ -335,12 +335,14 @@ def read_state(path: Path) -> dict[str, Any]:
     try:
         state = upgrade_state(state)
         run, log = state["components"]["run"], state["components"]["log"]
-        json.loads(state["config"])
+        parse_json(state["config"], "its config")
         problem = "" if all(isinstance(run.get(k), int) for k in ("epoch", "batch", "step")) \
             and isinstance(log.get("bytes"), int) and isinstance(
                 state["components"].get("model"), dict) else "its run position is incomplete"
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         problem = f"{type(e).__name__}: {first_line(e)}"
+    except UserError as e:
+        problem = str(e)
     if problem:
         raise UserError(f"{path} is a damaged training state ({problem}); resume from another "
                         "state of the run (--resume PATH), or --resume auto")

@@ -1,6 +1,7 @@
 """End to end: every mistake a user can make is one line, exit code 2, and loses nothing."""
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -68,9 +69,33 @@ def _with_metadata(finished, tmp, **changes):
     return _write(tmp / "edited.safetensors", save(tensors, metadata=meta))
 
 
+def _config_of(finished, **data):
+    """The finished run's config as metadata JSON, with `data` options changed."""
+    config = json.loads((finished / "config.json").read_text())
+    config["data"].update(data)
+    return json.dumps(config)
+
+
+def _deflated(tmp, obj):
+    """`obj` saved by torch, its archive then re-packed with deflate (~1000:1 for zeros)."""
+    import zipfile
+
+    plain = _pth(tmp, obj, "plain.pth")
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(tmp / "bomb.pth", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    return tmp / "bomb.pth"
+
+
 def _state_without(finished, tmp, component, key):
     state = torch.load(find_states(finished)[-1], weights_only=True)
     del state["components"][component][key]
+    return _pth(tmp, state, "state_00000099.pt")
+
+
+def _state_with_config(finished, tmp, config):
+    state = torch.load(find_states(finished)[-1], weights_only=True)
+    state["config"] = config
     return _pth(tmp, state, "state_00000099.pt")
 
 
@@ -130,13 +155,36 @@ CASES = {
     "eval: another class count": (
         lambda c: ["eval", str(_femto_with_our_metadata(c.finished, c.tmp, "convnextv2_atto",
                                                         100))],
-        "does not match the model its metadata describes"),
+        "field classes names 10 classes but the weights' head has 100"),
     "eval: metadata of the wrong type": (
         lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, classes='"10"'))],
-        "edited.safetensors has damaged metadata (classes is '10', not a list"),
+        "edited.safetensors has damaged metadata (field classes is '10', not a list"),
     "eval: metrics of the wrong type": (
         lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, metrics='{"top1": "x"}'))],
-        "has damaged metadata (metrics is"),
+        "has damaged metadata (field metrics is"),
+    # item 8 of issue 29: metadata is range-checked, each problem one line naming the field
+    "eval: an image size no run has": (
+        lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, config=_config_of(
+            c.finished, image_size=4096)))],
+        "(field config: invalid --data.image-size 4096: must be at most 1,024)"),
+    "eval: metadata nested too deep": (
+        lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, classes="[" * 5000 + "]" * 5000))],
+        "(field classes nests deeper than 64 levels)"),
+    "eval: metadata nested deeper than a config": (
+        lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, dataset="[" * 70 + "]" * 70))],
+        "(field dataset nests deeper than 64 levels (at"),
+    "eval: a huge integer in metadata": (
+        lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, metrics='{"top1": 1%s}' % (
+            "0" * 30)))], "(field metrics: top1 is an integer of 31 digits"),
+    "eval: an integer of thousands of digits": (
+        lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, epoch="9" * 5000))],
+        "(field epoch holds an integer of thousands of digits"),
+    "eval: more class names than the head": (
+        lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, classes=json.dumps(
+            [str(i) for i in range(500_000)])))], "not a list of at most 100,000 distinct"),
+    "pretrained: a compressed archive (zip bomb)": (
+        lambda c: ["--model.pretrained", str(_deflated(c.tmp, {"w": torch.zeros(2**23)}))],
+        "declares 32 MB unpacked from 0.0 MB on disk (a compressed archive"),
     "pretrained: another architecture": (
         lambda c: ["--model.pretrained", str(_pth(c.tmp, {"state_dict": timm.create_model(
             "convnextv2_femto").state_dict()}))],
@@ -168,6 +216,15 @@ CASES = {
     "resume: a state missing its log position": (
         lambda c: ["--resume", str(_state_without(c.finished, c.tmp, "log", "bytes"))],
         "state_00000099.pt is a damaged training state"),
+    "resume: a state whose config nests too deep": (
+        lambda c: ["--resume", str(_state_with_config(c.finished, c.tmp, "[" * 99 + "]" * 99))],
+        "damaged training state (its config nests deeper than 64 levels (at [0][0]"),
+    "config: nested too deep": (
+        lambda c: ["--config", str(_write(c.tmp / "c.json", b"[" * 100_000 + b"]" * 100_000))],
+        "c.json nests deeper than 64 levels"),  # was a RecursionError traceback
+    "config: a huge integer": (
+        lambda c: ["--config", str(_write(c.tmp / "c.json", b'{"seed": 1%s}' % (b"0" * 4000)))],
+        "c.json: seed is an integer of 4001 digits; at most 64-bit integers are read"),
     "config: malformed JSON": (
         lambda c: ["--config", str(_write(c.tmp / "c.json", b"{\"seed\": "))],
         "not valid JSON"),

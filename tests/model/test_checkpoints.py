@@ -15,12 +15,13 @@ from convnext_cifar.presets import CIFAR10Smoke
 
 def test_weights_and_everything_to_rebuild_them_round_trip(tmp_path):
     path = tmp_path / "best.safetensors"
-    tensors = {"w": torch.arange(6.0).view(2, 3).t(), "b": torch.ones(2)}  # not contiguous
+    tensors = {"head.fc.weight": torch.arange(6.0).view(3, 2).t(),  # not contiguous
+               "head.fc.bias": torch.ones(2)}
     identity = {"classes": ["a", "b"], "train": "1234", "val": "5678"}
     save_weights(path, tensors, CIFAR10Smoke(), ["a", "b"], 7, {"top1": 91.5}, {"device": "cpu"},
                  weights="ema", identity=identity)
     ckpt = load_weights(path)
-    assert torch.equal(ckpt.state_dict["w"], tensors["w"])
+    assert torch.equal(ckpt.state_dict["head.fc.weight"], tensors["head.fc.weight"])
     assert to_dict(ckpt.config) == to_dict(CIFAR10Smoke())
     assert (ckpt.classes, ckpt.epoch, ckpt.metrics, ckpt.weights, ckpt.identity) == (
         ["a", "b"], 7, {"top1": 91.5}, "ema", identity)
@@ -40,7 +41,8 @@ def test_files_of_others_and_damaged_ones_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, problem", [
-    ("classes", "[]", "not a list of class names"),
+    ("classes", "[]", "field classes is \\[\\], not a list of at most 100,000 distinct"),
+    ("classes", '["a", "b"]', "field classes names 2 classes but the weights' head has 1"),
     ("metrics", '{"top1": "high"}', "not an object of numbers"),
     ("weights", "average", "not raw or ema"),
     ("epoch", "-1", "epoch is -1"),
@@ -48,14 +50,15 @@ def test_files_of_others_and_damaged_ones_are_one_line(tmp_path):
 ])
 def test_edited_metadata_is_named_and_refused(tmp_path, field, value, problem):
     good = tmp_path / "good.safetensors"
-    save_weights(good, {"w": torch.ones(1)}, TrainConfig(), ["a"], 1, {"top1": 1.0}, {})
+    head = {"head.fc.weight": torch.ones(1, 2)}
+    save_weights(good, head, TrainConfig(), ["a"], 1, {"top1": 1.0}, {})
     from safetensors import safe_open
 
     with safe_open(str(good), "pt") as f:
         metadata = dict(f.metadata())
     metadata[field] = value
     edited = tmp_path / "edited.safetensors"
-    save_file({"w": torch.ones(1)}, str(edited), metadata=metadata)
+    save_file(head, str(edited), metadata=metadata)
     with pytest.raises(UserError, match=f"damaged metadata .*{problem}"):
         load_weights(edited)
     assert json.loads(metadata["classes"]) or field == "classes"
