@@ -80,10 +80,8 @@ def load_weights(path: Path) -> Checkpoint:
                           _field(metadata, "metrics"), metadata.get("weights", "raw"),
                           _field(metadata, "dataset", default="null"))
         problem = _metadata_problem(ckpt)
-    except (KeyError, ValueError, TypeError) as e:
-        problem = f"{type(e).__name__}: {e}"
-    except UserError as e:
-        problem = str(e)
+    except (KeyError, ValueError, TypeError, UserError) as e:
+        problem = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
     if problem:
         raise UserError(f"{path} has damaged metadata ({problem}); it was edited or written by "
                         "something else: use another checkpoint of the run")

@@ -37,6 +37,13 @@ def _tune_process(root, work, trials, log):
         stdout=log, stderr=subprocess.STDOUT)
 
 
+def _wait_for(work, pattern, seconds=600):
+    """Until a file matching `pattern` is in `work` (a trial has written a state)."""
+    start = time.monotonic()
+    while not list(work.glob(pattern)) and time.monotonic() - start < seconds:
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize(("space", "message"), [
     ("optim.lrr=log(1e-4,1e-2)", "optim.lrr is not a train option"),
     ("optim.lr", "write KEY=SPEC"),
@@ -128,9 +135,7 @@ def test_kill_9_mid_trial_and_rerun_completes_the_study_with_n_trials(cifar_root
     work = tmp_path / "study"
     with open(tmp_path / "first.log", "w") as log:
         proc = _tune_process(cifar_root, work, 3, log)
-        start = time.monotonic()
-        while not list(work.glob("trial-1/state_*.pt")) and time.monotonic() - start < 600:
-            time.sleep(0.1)
+        _wait_for(work, "trial-1/state_*.pt")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert study_of(work).get_trials()[1].state.name == "RUNNING"
@@ -203,9 +208,7 @@ def test_a_trial_folder_deleted_while_it_trains_fails_that_trial_and_the_study_g
     work = tmp_path / "study"
     with open(tmp_path / "log", "w") as log:
         proc = _tune_process(cifar_root, work, 2, log)
-        start = time.monotonic()
-        while not list(work.glob("trial-0/state_*.pt")) and time.monotonic() - start < 600:
-            time.sleep(0.05)
+        _wait_for(work, "trial-0/state_*.pt")
         for _ in range(100):  # the trial writes into it meanwhile: remove until it is gone
             shutil.rmtree(work / "trial-0", ignore_errors=True)
             if not (work / "trial-0").exists():
