@@ -56,6 +56,12 @@ def _wait_for(work, pattern, seconds=600):
     ("eval.tta=choice(none,sideways)", "'sideways' is not a valid"),
     ("data.flip-prob=uniform(0.5,2)", "data.flip_prob"),
     ("seed=int(0,3)", "cannot be searched"),
+    # every value the study may draw is checked as the run would (these passed, then failed
+    # in a trial): an int range inside its ends, a weights file that is not there
+    ("optim.accum-steps=int(2,4)", "optim.accum_steps: 3: invalid --optim.accum-steps 3: must "
+                                   "divide --data.batch-size 50"),
+    ("model.pretrained=choice(none,/no/such.pth)", "model.pretrained: '/no/such.pth': weights "
+                                                  "file /no/such.pth does not exist"),
 ])
 def test_a_bad_space_is_one_line_before_anything_runs(space, message, cifar_root, tmp_path,
                                                       capsys):

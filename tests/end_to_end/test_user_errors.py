@@ -76,6 +76,13 @@ def _config_of(finished, **data):
     return json.dumps(config)
 
 
+def _png(tmp):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp / "one.png")
+    return tmp / "one.png"
+
+
 def _deflated(tmp, obj):
     """`obj` saved by torch, its archive then re-packed with deflate (~1000:1 for zeros)."""
     import zipfile
@@ -166,6 +173,10 @@ CASES = {
     "eval: an image size no run has": (
         lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, config=_config_of(
             c.finished, image_size=4096)))],
+        "(field config: invalid --data.image-size 4096: must be at most 1,024)"),
+    "predict: an image size no run has": (  # predict of one image took 3.5 GB
+        lambda c: ["predict", str(_with_metadata(c.finished, c.tmp, config=_config_of(
+            c.finished, image_size=4096))), str(_png(c.tmp))],
         "(field config: invalid --data.image-size 4096: must be at most 1,024)"),
     "eval: metadata nested too deep": (
         lambda c: ["eval", str(_with_metadata(c.finished, c.tmp, classes="[" * 5000 + "]" * 5000))],
@@ -281,7 +292,7 @@ def command(case, finished, cifar_root, tmp_path):
     Ctx.finished = finished
     build, message = CASES[case]
     extra = build(Ctx)
-    if extra[0] == "eval":
+    if extra[0] in ("eval", "predict"):
         return extra, message
     if extra[0] == "--config":
         return ["train", *extra, "--work-dir", str(tmp_path / "run")], message
