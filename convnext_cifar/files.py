@@ -33,6 +33,8 @@ from typing import BinaryIO
 from convnext_cifar.errors import UserError
 
 _HOST = socket.gethostname().replace(".", "_")
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes: the safetensors library's own limit
+RESUME_ADVICE = "earlier files are intact; free space or fix permissions and resume"
 
 
 def temp_path(path: Path) -> Path:
@@ -252,6 +254,22 @@ def _pickle_detail(e: BaseException) -> str:
     if len(after) == 2 and after[1].strip():
         return after[1].strip().splitlines()[0][:200]
     return first_line(e)
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file, read from its header alone (no torch, no tensors);
+    {} when the file is missing, damaged or has none."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= MAX_SAFETENSORS_HEADER:
+                return {}
+            header = parse_json(f.read(size), "header")
+    except (OSError, UserError):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return {k: v for k, v in metadata.items() if isinstance(v, str)} if isinstance(
+        metadata, dict) else {}
 
 
 # ---- JSON from others ---------------------------------------------------------------------------

@@ -16,12 +16,11 @@ import torch
 
 from convnext_cifar.config import TrainConfig, from_dict, to_dict
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import parse_json, require_file, shown, write_file
+from convnext_cifar.files import RESUME_ADVICE, parse_json, require_file, shown, write_file
 from convnext_cifar.model.formats import MAX_CLASSES, class_names
 
 FORMAT = "convnext-cifar/weights-v1"
 MAX_EPOCHS = 10**6  # as --sched.epochs allows
-RESUME_ADVICE = "earlier files are intact; free space or fix permissions and resume"
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], cfg: TrainConfig,
@@ -101,17 +100,6 @@ def _field(metadata: dict[str, str], name: str, build: Any = None, default: str 
         return build(value)
     except UserError as e:
         raise UserError(f"field {name}: {e}") from None
-
-
-def weights_epoch(path: Path) -> int:
-    """The epoch a weights file records, from its metadata alone (-1 if it is unreadable)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return int((f.metadata() or {}).get("epoch", -1))
-    except Exception:  # a damaged file: the caller treats it as of no known epoch
-        return -1
 
 
 def _metadata_problem(ckpt: Checkpoint) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import load_pth, parse_json, require_file
+from convnext_cifar.files import load_pth, parse_json, require_file, safetensors_metadata
 
 # (dims, depths) of timm's convnextv2_* variants, for inferring the size from the weights
 VARIANTS = {
@@ -65,13 +65,10 @@ def class_names(value: object) -> list[str] | None:
 def _safetensors_classes(path: Path) -> list[str] | None:
     """The class names in a safetensors file's metadata ("classes", a JSON list, as this
     project's weights and timm files it converted write them)."""
-    from safetensors import safe_open
-
+    text = safetensors_metadata(path).get("classes")
     try:
-        with safe_open(str(path), "pt") as f:
-            text = (f.metadata() or {}).get("classes")
         return class_names(parse_json(text, "classes")) if text else None
-    except (OSError, ValueError, UserError):
+    except UserError:
         return None
 
 

@@ -32,8 +32,13 @@ from typing import Any
 
 from convnext_cifar.config import TrainConfig, config_json
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import one_line, remove_stale_temp_files, write_file
-from convnext_cifar.model.checkpoints import RESUME_ADVICE, weights_epoch
+from convnext_cifar.files import (
+    RESUME_ADVICE,
+    one_line,
+    remove_stale_temp_files,
+    safetensors_metadata,
+    write_file,
+)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -234,6 +239,12 @@ def set_aside_bytes(run_dir: Path) -> int:
     """What the set-aside lines hold on disk."""
     return sum(f.stat().st_size for line in set_aside_lines(run_dir) for f in line.rglob("*")
                if f.is_file())
+
+
+def weights_epoch(path: Path) -> int:
+    """The epoch a weights file records, from its header alone (-1 if it records none)."""
+    epoch = safetensors_metadata(path).get("epoch", "")
+    return int(epoch) if epoch.isdigit() and len(epoch) < 19 else -1
 
 
 # ---- status.json ---------------------------------------------------------------------------------

@@ -31,9 +31,15 @@ from convnext_cifar.data.dataset import identity_difference
 from convnext_cifar.data.loader import Generators
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import first_line, load_pth, parse_json, require_file, write_file
+from convnext_cifar.files import (
+    RESUME_ADVICE,
+    first_line,
+    load_pth,
+    parse_json,
+    require_file,
+    write_file,
+)
 from convnext_cifar.model.build import layout_mismatch
-from convnext_cifar.model.checkpoints import RESUME_ADVICE
 from convnext_cifar.outputs.workdir import find_states, state_path, state_step
 
 

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from convnext_cifar.config import TrainConfig, to_dict
 from convnext_cifar.errors import UserError
-from convnext_cifar.model.checkpoints import load_weights, save_weights, weights_epoch
+from convnext_cifar.model.checkpoints import load_weights, save_weights
+from convnext_cifar.outputs.workdir import weights_epoch
 from convnext_cifar.presets import CIFAR10Smoke
 
 
