@@ -5,7 +5,7 @@
     convnext-cifar eval CKPT [--data.root DIR] [--json]
     convnext-cifar predict CKPT PATH... [--top-k K] [--json | --csv FILE]
     convnext-cifar export CKPT OUT.onnx|OUT.pt2 [--include-preprocessing]
-    convnext-cifar runs [DIR...] [--json]
+    convnext-cifar runs [DIR...] [--json|--csv|--table] [--sort KEY] [--filter KEY=VALUE]
     convnext-cifar report WORK_DIR... [--out FILE]
     convnext-cifar convert SRC DST.safetensors [--model.name NAME] [--prefix P]
 
@@ -306,27 +306,28 @@ def runs_command(
     folders: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="DIR")] = [  # noqa: B006
         Path("work_dirs")],
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
+    csv_output: Annotated[bool, tyro.conf.arg(name="csv")] = False,
+    table: bool = False,
+    sort: str | None = None,
+    filter: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = (),  # noqa: A002
 ) -> int:
     """Compare runs: every work dir under the folders, with the options that differ.
 
     Args:
         folders: Work dirs, or folders holding them (default: work_dirs).
         json_output: One JSON object: {"runs": [...], "differing": [...]}.
+        csv_output: CSV, a run a line (the columns of the tab-separated output).
+        table: The table even when the output is not a terminal (piped: tab-separated lines).
+        sort: best, last, img/s (highest first); wall, size, epochs, run, status or an option
+            such as optim.lr (lowest first).
+        filter: KEY=VALUE, repeatable: status=finished, dataset=folder, study=NAME, optim.lr=0.001.
     """
 
     def run() -> int:
-        from convnext_cifar.outputs.console import print_runs
-        from convnext_cifar.outputs.runs import list_runs
+        from convnext_cifar.outputs.runs import show_runs
 
-        rows, differing = list_runs(folders)
-        if json_output:
-            print(json.dumps({"runs": rows, "differing": differing}))
-        elif not rows:
-            print("no runs (work dirs with a config.json) under "
-                  + ", ".join(str(f) for f in folders))
-        else:
-            print_runs(rows, differing)
-        return 0
+        return show_runs(folders, "json" if json_output else "csv" if csv_output else
+                         "table" if table else "auto", sort, filter)
 
     return run
 

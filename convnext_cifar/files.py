@@ -155,6 +155,12 @@ def one_line(text: str) -> str:
             .replace("\r", "\\r"))
 
 
+def spreadsheet_cell(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: one starting with = + - @ (a formula to it), or a
+    tab or carriage return, gets a leading apostrophe."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def first_line(e: BaseException, sentence: bool = True) -> str:
     """The first line of an exception's message, cut at its first sentence unless `sentence` is
     False (torch's messages go on for a paragraph); at most 200 characters."""

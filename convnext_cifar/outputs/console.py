@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any, Protocol
 
-from convnext_cifar.files import one_line, readable
+from convnext_cifar.files import one_line, readable, spreadsheet_cell
 from convnext_cifar.metrics import METRICS
 from convnext_cifar.outputs.metrics_log import Sink
 from convnext_cifar.terminal import is_terminal, progress_bar, warn
@@ -242,36 +242,105 @@ def print_predictions(predictions: list, top_k: int) -> None:
     Console().print(table)
 
 
-def print_runs(rows: list[dict[str, Any]], differing: list[str]) -> None:
-    """The runs as a table: name, status, best top-1 (epoch), epochs and wall time whole and
-    first (never cut), then model, dataset, last top-1, img/s, and the options that differ
-    between the runs as one wrapped `key=value` column."""
-    from rich.console import Console
-    from rich.table import Table
+RUN_COLUMNS = ("status", "best", "epochs", "wall", "last top-1", "img/s", "size")
 
-    table = Table(title=f"{len(rows)} run(s)")
-    for col in ("name", "status", "best top-1 (epoch)", "epochs", "wall"):
-        table.add_column(col, no_wrap=True, justify="right" if col in ("epochs", "wall") else
-                         "left", min_width=len(col))
-    for col in ("model", "dataset", "last top-1", "img/s"):
-        table.add_column(col, justify="right" if col in ("last top-1", "img/s") else "left")
-    set_aside = any(r.get("set_aside_lines") for r in rows)
-    if set_aside:
-        table.add_column("set aside", justify="right", no_wrap=True, min_width=12)
-    if differing:
-        table.add_column("differing options", overflow="fold", ratio=1)
-    for r in rows:
-        options = " ".join(f"{k}={json.dumps(r['config'].get(k))}" for k in differing)
-        table.add_row(
-            shown(r["name"]), shown(r["status"]), run_best(r),
-            f"{r['epochs_done']}/{r['epochs']}", wall_clock(r["wall_s"]), shown(str(r["model"])),
-            shown(str(r["dataset"])),
-            _num(r["last_top1"], "{:.2f}"), _num(r["img_per_s"], "{:.0f}"),
-            *([_set_aside(r)] if set_aside else []), *([shown(options)] if differing else []))
-    Console(width=max(Console().width, 100)).print(table)
-    for r in rows:
-        for note in r.get("notes", []):
-            warn(note)
+
+def runs_table(rows: list[dict[str, Any]], differing: list[str], width: int) -> list[str]:
+    """The runs as plain lines that fit `width`: a title (with what every run shares), a header,
+    then per run its row and, indented below it, every differing `key=value` whole (wrapped
+    between pairs, never inside one); a study's trials under a line naming the study. A run
+    label too long for its column stands on its own line above its row."""
+    metrics = sorted({r["best_metric"] for r in rows})
+    best_head = f"best {metrics[0]} (ep)" if len(metrics) == 1 else "best (ep)"
+    cells = [[readable(r["status"]), run_best(r, named=len(metrics) > 1),
+              f"{r['epochs_done']}/{r['epochs']}", wall_clock(r["wall_s"]),
+              _num(r["last_top1"], "{:.2f}"), _num(r["img_per_s"], "{:.0f}"),
+              size(r["size_bytes"])] for r in rows]
+    head = [best_head if c == "best" else c for c in RUN_COLUMNS]
+    if any(r.get("set_aside_lines") for r in rows):  # what rollbacks set aside, where any did
+        head.append("set aside")
+        for r, row in zip(rows, cells):
+            row.append(_set_aside(r))
+    widths = [max(len(x) for x in col) for col in zip(head, *cells)]
+    right = "  ".join(f"{{:>{w}}}" if i > 0 else f"{{:<{w}}}" for i, w in enumerate(widths))
+    fixed = sum(widths) + 2 * len(widths)
+    room = max(width - fixed, 8)
+    label_w = min(max([len("run")] + [len(readable(r["run"])) for r in rows]), room)
+    shared = [f"{k} {v}" for k, v in (("model", rows[0]["model"]),
+                                      ("dataset", rows[0]["dataset"]))
+              if f"{'model.name' if k == 'model' else 'data.dataset'}" not in differing]
+    lines = [f"{len(rows)} run(s)" + (": " + ", ".join(readable(str(x)) for x in shared)
+                                      if shared else "")]
+    lines.append(f"{'run':<{label_w}}  " + right.format(*head))
+    study = None
+    for r, row in zip(rows, cells):
+        if r["study"] != study and r["study"] is not None:
+            trials = sum(x["study"] == r["study"] for x in rows)
+            lines.append(f"study {readable(r['study'])} ({trials} trial(s)):")
+        study = r["study"]
+        label = readable(r["run"])
+        if study is not None:  # under its study's line: the trial's own folder
+            label = "  " + label.removeprefix(readable(study) + "/")
+        if len(label) > label_w:
+            lines.append(label)
+            label = ""
+        lines.append(f"{label:<{label_w}}  " + right.format(*row))
+        pairs = [f"{k}={json.dumps(r['config'].get(k), ensure_ascii=False)}" for k in differing]
+        lines += wrapped(pairs, width, indent="    ")
+    return lines
+
+
+def wrapped(items: list[str], width: int, indent: str) -> list[str]:
+    """`items` joined by two spaces into lines of at most `width` (an item longer than a line
+    stands alone on one, whole)."""
+    lines: list[str] = []
+    line = ""
+    for item in (readable(i) for i in items):
+        if line and len(indent) + len(line) + 2 + len(item) > width:
+            lines.append(indent + line)
+            line = ""
+        line = f"{line}  {item}" if line else item
+    return lines + ([indent + line] if line else [])
+
+
+DELIMITED = ("run", "name", "study", "status", "best_metric", "best", "best_epoch", "epochs_done",
+             "epochs", "wall_s", "last_top1", "img_per_s", "size_bytes", "set_aside_lines",
+             "set_aside_bytes", "work_dir")
+
+
+def runs_delimited(rows: list[dict[str, Any]], differing: list[str], csv_output: bool) -> str:
+    """The runs one per line with a header: tab-separated (tabs and newlines in values written
+    as \\t, \\n) or CSV (quoted; text cells a spreadsheet would run as formulas get a leading
+    apostrophe); the columns of DELIMITED, then one per differing option (JSON values)."""
+    import csv
+    import io
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return spreadsheet_cell(readable(text)) if csv_output and isinstance(
+            value, str) else (readable(text) if csv_output else one_line(readable(text)))
+
+    table = [[*DELIMITED, *differing]] + [
+        [cell(r.get(c)) for c in DELIMITED] + [cell(r["config"].get(k)) for k in differing]
+        for r in rows]
+    if not csv_output:
+        return "".join("\t".join(line) + "\n" for line in table)
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(table)
+    return out.getvalue()
+
+
+def size(n: int | None) -> str:
+    """'351 MB', '12.4 GB', '880 kB'."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{n} B"
 
 
 def shown(text: str) -> str:
@@ -292,9 +361,12 @@ def _num(value: Any, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def run_best(r: dict[str, Any]) -> str:
-    """'93.41 (87)': a run's best top-1 and its epoch."""
-    return _num(r["best_top1"], "{:.2f}") + (f" ({r['best_epoch']})" if r["best_epoch"] else "")
+def run_best(r: dict[str, Any], named: bool = False) -> str:
+    """'93.41 (87)': a run's best value of the metric that chose best.safetensors, and its
+    epoch; `named`: 'macro_f1 71.20 (9)'."""
+    best = r["best"] if "best" in r else r["best_top1"]
+    text = _num(best, "{:.2f}") + (f" ({r['best_epoch']})" if r["best_epoch"] else "")
+    return f"{r.get('best_metric', 'top1')} {text}" if named and best is not None else text
 
 
 def wall_clock(seconds: float | None) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from convnext_cifar.data.images import decode_chunks, is_image
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import atomic_writer
+from convnext_cifar.files import atomic_writer, spreadsheet_cell
 from convnext_cifar.use.evaluate import LoadedModel, load_model
 
 
@@ -109,8 +109,9 @@ class CsvWriter:
         return self
 
     def write(self, predictions: list[Prediction]) -> None:
-        self._rows([[_cell(p.path)] + [v for c, q in zip(p.classes, p.probs)
-                                        for v in (_cell(c), f"{q:.6f}")] for p in predictions])
+        cell = spreadsheet_cell
+        self._rows([[cell(p.path)] + [v for c, q in zip(p.classes, p.probs)
+                                      for v in (cell(c), f"{q:.6f}")] for p in predictions])
 
     def _rows(self, rows: list[list[str]]) -> None:
         text = io.StringIO()
@@ -121,7 +122,3 @@ class CsvWriter:
         return self.stack.__exit__(*exc)
 
 
-def _cell(text: str) -> str:
-    """A CSV cell a spreadsheet shows as text: one starting with = + - @ (a formula to it), or a
-    tab or carriage return, gets a leading apostrophe."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

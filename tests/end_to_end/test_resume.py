@@ -583,7 +583,7 @@ def test_only_the_newest_set_aside_lines_stay_and_runs_shows_their_size(cifar_ro
     assert cli.main(["runs", str(tmp_path), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["runs"]
     assert row["set_aside_lines"] == 3 and row["set_aside_bytes"] == size > 0
-    assert cli.main(["runs", str(tmp_path)]) == 0
+    assert cli.main(["runs", str(tmp_path), "--table"]) == 0
     out = capsys.readouterr().out
     assert "set aside" in out and f"3 ({size / 1e6:.1f} MB)" in out
     # a smaller --keep-set-aside on the next rollback keeps fewer

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support import ONE_EPOCH, small_run_args, timeless_records
 
 from convnext_cifar import cli
 from convnext_cifar.config import TrainConfig, to_dict
+from convnext_cifar.outputs.runs import list_runs, ordered
 
 
 def test_runs_passes_over_what_is_not_a_run(cifar_root, tmp_path, monkeypatch, capsys):
@@ -66,7 +68,7 @@ def test_the_runs_table_keeps_names_and_results_whole(tmp_path, monkeypatch, cap
         (work / "metrics.jsonl").write_text(json.dumps(
             {"epoch": 1, "val_loss": 1.0, "top1": 91.25 + i, "top5": 99.0}) + "\n")
     monkeypatch.setenv("COLUMNS", "160")
-    assert cli.main(["runs", str(tmp_path)]) == 0
+    assert cli.main(["runs", str(tmp_path), "--table"]) == 0
     out = capsys.readouterr().out
     for i in range(3):
         assert f"a-rather-long-run-name-number-{i}" in out
@@ -156,3 +158,126 @@ def test_odd_records_and_status_values_are_passed_over_with_a_note(trained, tmp_
     assert "passed over 4 line(s)" in capsys.readouterr().err
     assert cli.main(["report", str(work)]) == 0
     assert "passed over 4 line(s)" in capsys.readouterr().err
+
+
+def _fake_run(folder, name, records=(), **options):
+    """A work dir as a run leaves it: config.json with `options` (section__field=value) set,
+    metrics.jsonl and status.json."""
+    folder.mkdir(parents=True)
+    config = to_dict(TrainConfig())
+    config["name"] = name
+    for key, value in options.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "status.json").write_text(json.dumps({"status": "finished", "epoch": 1,
+                                                    "elapsed_s": 75.0}))
+    return folder
+
+
+def _daily_loop(tmp_path):
+    """Two runs of one name in run1/ and run2/ (the issue's --work-dir run1 / run2), a long
+    option value, and a tune study of two trials."""
+    root = tmp_path / "work"
+    name = "convnextv2-atto_cifar10-smoke"
+    for i, decay in ((1, 0.0), (2, "auto")):
+        _fake_run(root / f"run{i}", name, [{"epoch": 1, "top1": 60.0 + i}], optim__lr=i * 1e-3,
+                  ema__decay=decay, data__root=f"/data/a-rather-long-folder-name-{i}/cifar")
+    (root / "study").mkdir()
+    (root / "study" / "study.db").write_bytes(b"")
+    for t in range(2):
+        _fake_run(root / "study" / f"trial-{t}", f"trial-{t}", [{"epoch": 1, "top1": 70.0 + t}],
+                  optim__lr=0.5 + t, data__root=f"/data/a-rather-long-folder-name-{t}/cifar")
+    return root
+
+
+@pytest.mark.parametrize("columns", [80, 100, 120])
+def test_runs_fits_the_terminal_keeping_every_differing_option_whole(tmp_path, monkeypatch,
+                                                                      capsys, columns):
+    root = _daily_loop(tmp_path)
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert cli.main(["runs", str(root), "--table"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows, differing = list_runs([root])
+    assert sorted(differing) == ["data.root", "ema.decay", "name", "optim.lr"] or sorted(
+        differing) == ["data.root", "ema.decay", "optim.lr"]
+    for r in rows:  # each pair on one line, whole
+        for key in ("optim.lr", "data.root", "ema.decay"):
+            pair = f"{key}={json.dumps(r['config'][key])}"
+            assert sum(pair in line for line in lines) >= 1, (pair, lines)
+    assert all(len(line) <= columns for line in lines), [x for x in lines if len(x) > columns]
+    text = "\n".join(lines)
+    assert "run1 (convnextv2-atto_cifar10-smoke)" in text and "run2 (" in text  # told apart
+    assert "study study (2 trial(s)):" in text and text.index("study study") < text.index(
+        "trial-0") < text.index("trial-1")
+    assert "…" not in text and "best top1 (ep)" in text
+
+
+def test_runs_piped_is_tab_separated_and_json_and_csv_round_trip(tmp_path, capsys):
+    import csv
+
+    root = _daily_loop(tmp_path)
+    assert cli.main(["runs", str(root)]) == 0  # capsys: not a terminal
+    table = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    head, body = table[0], table[1:]
+    assert head[:4] == ["run", "name", "study", "status"] and "optim.lr" in head
+    assert [r[0] for r in body] == ["run1 (convnextv2-atto_cifar10-smoke)",
+                                    "run2 (convnextv2-atto_cifar10-smoke)", "study/trial-0",
+                                    "study/trial-1"]
+    assert [r[head.index("optim.lr")] for r in body] == ["0.001", "0.002", "0.5", "1.5"]
+    assert [r[head.index("ema.decay")] for r in body][:2] == ["0.0", "auto"]  # text bare
+    assert all(len(r) == len(head) for r in body)
+    assert cli.main(["runs", str(root), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    rows, differing = list_runs([root])
+    assert listed == json.loads(json.dumps({"runs": ordered(rows, None),
+                                            "differing": differing}))
+    assert cli.main(["runs", str(root), "--csv"]) == 0
+    parsed = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert parsed[0] == head and [r[0] for r in parsed[1:]] == [r[0] for r in body]
+
+
+def test_runs_sorts_and_filters(tmp_path, capsys):
+    root = _daily_loop(tmp_path)
+
+    def runs(*args):
+        assert cli.main(["runs", str(root), "--json", *args]) == 0
+        return [r["run"] for r in json.loads(capsys.readouterr().out)["runs"]]
+
+    assert runs("--sort", "best")[:2] == ["run2 (convnextv2-atto_cifar10-smoke)",
+                                          "run1 (convnextv2-atto_cifar10-smoke)"]
+    assert runs("--sort", "optim.lr")[:2] == ["run1 (convnextv2-atto_cifar10-smoke)",
+                                              "run2 (convnextv2-atto_cifar10-smoke)"]
+    assert runs("--filter", "study=study") == ["study/trial-0", "study/trial-1"]
+    assert runs("--filter", "ema.decay=auto") == ["run2 (convnextv2-atto_cifar10-smoke)"]
+    assert runs("--filter", "status=finished", "--filter", "optim.lr=0.001") == [
+        "run1 (convnextv2-atto_cifar10-smoke)"]
+    assert runs("--filter", "dataset=folder") == []
+    for bad, message in ((["--filter", "nokey"], "write KEY=VALUE"),
+                         (["--filter", "optim.lrr=1"], "optim.lrr is neither a column"),
+                         (["--sort", "speed"], "--sort speed: sort by best")):
+        assert cli.main(["runs", str(root), *bad]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_runs_of_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
+    assert cli.main(["runs", str(tmp_path / "typo")]) == 2  # was: "no runs", exit 0
+    assert "typo does not exist" in capsys.readouterr().err
+
+
+def test_listing_fifty_runs_takes_under_a_second_without_torch(tmp_path):
+    root = tmp_path / "many"
+    for i in range(50):
+        _fake_run(root / f"r{i:02d}", f"r{i:02d}", [{"epoch": e, "step": e, "loss": 1.0,
+                                                     "img_per_s": 9.0} for e in range(1, 40)]
+                  + [{"epoch": e, "top1": e} for e in range(1, 40)], optim__lr=i * 1e-4)
+    code = ("import sys, time\nfrom pathlib import Path\nfrom convnext_cifar import cli\n"
+            "t = time.perf_counter()\nassert cli.main(['runs', sys.argv[1], '--table']) == 0\n"
+            "print('SECONDS', time.perf_counter() - t, 'TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seconds, torch_loaded = out.stdout.split("SECONDS ")[1].split(" TORCH ")
+    assert torch_loaded.strip() == "False" and float(seconds) < 1.0, out.stdout[-300:]
+    assert out.stdout.count("optim.lr=") == 50

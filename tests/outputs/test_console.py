@@ -43,3 +43,21 @@ def test_the_validation_line_shows_the_chosen_metric_raw_and_ema(capsys):
                       "66.67  ema top1 96.00 top5 100.00 balanced_accuracy 97.78  "
                       "(best balanced_accuracy 97.78)")
     assert plain == "epoch 3/10 val  loss 0.5000  top1 84.00  top5 100.00  (best top1 84.00)"
+
+
+def test_wrapped_keeps_each_item_whole_and_sizes_read_short():
+    from convnext_cifar.outputs.console import size, wrapped
+
+    items = ["a=1", "bbbbbbbbbb=2", "c=" + "x" * 30]
+    assert wrapped(items, 20, "  ") == ["  a=1  bbbbbbbbbb=2", "  c=" + "x" * 30]
+    assert (size(880_000), size(351_200_000), size(12_400_000_000), size(None)) == (
+        "880 kB", "351 MB", "12 GB", "-")
+
+
+def test_runs_delimited_escapes_tabs_and_neutralises_formulas():
+    from convnext_cifar.outputs.console import runs_delimited
+
+    row = {"run": "=a\tb", "name": "n", "study": None, "status": "finished", "config": {"k": 1}}
+    tsv = runs_delimited([row], ["k"], csv_output=False).splitlines()
+    assert tsv[1].split("\t")[0] == "=a\\tb" and tsv[1].split("\t")[-1] == "1"
+    assert runs_delimited([row], ["k"], csv_output=True).splitlines()[1].startswith("'=a\tb,")

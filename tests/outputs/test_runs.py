@@ -3,7 +3,7 @@
 import json
 
 from convnext_cifar.config import OptimConfig, TrainConfig, config_json
-from convnext_cifar.outputs.runs import compare, find_runs, list_runs, summarize
+from convnext_cifar.outputs.runs import compare, find_runs, list_runs, ordered, select, summarize
 
 
 def work_dir(folder, lr=1e-3, status="finished", records=()):
@@ -49,3 +49,26 @@ def test_compare_leaves_out_what_differs_by_construction():
     assert compare(rows) == []
     rows[1]["config"]["seed"] = 1
     assert compare(rows) == ["seed"]
+
+
+def test_rows_are_labelled_by_their_folder_and_name_and_name_their_best_metric(tmp_path):
+    work_dir(tmp_path / "w" / "run1", records=[{"epoch": 1, "top1": 50.0, "macro_f1": 40.0}])
+    b = work_dir(tmp_path / "w" / "run2", records=[{"epoch": 1, "top1": 52.0}])
+    config = json.loads((b / "config.json").read_text())
+    config["name"], config["eval"]["best_metric"] = "other", "macro_f1"
+    (b / "config.json").write_text(json.dumps(config))
+    rows, _ = list_runs([tmp_path / "w"])
+    assert [r["run"] for r in rows] == ["run1", "run2 (other)"]
+    assert rows[1]["best_metric"] == "macro_f1" and rows[1]["best"] is None  # none recorded
+    assert rows[0]["best"] == 50.0 and rows[0]["size_bytes"] > 0
+    assert [r["run"] for r in list_runs([tmp_path / "w" / "run1"])[0]] == ["run1"]
+
+
+def test_select_and_ordered_keep_a_studys_trials_together():
+    rows = [{"run": n, "study": s, "status": "finished", "best": b, "config": {"optim.lr": lr}}
+            for n, s, b, lr in (("a", None, 50.0, 0.1), ("s/t-0", "s", 90.0, 0.2),
+                                ("b", None, 70.0, 0.3), ("s/t-1", "s", 95.0, 0.05))]
+    assert [r["run"] for r in ordered(rows, "best")] == ["b", "a", "s/t-1", "s/t-0"]
+    assert [r["run"] for r in ordered(rows, "optim.lr")] == ["a", "b", "s/t-1", "s/t-0"]
+    assert [r["run"] for r in select(rows, ("optim.lr=0.3",))] == ["b"]
+    assert [r["run"] for r in select(rows, ("study=s", "--optim.lr=0.2"))] == ["s/t-0"]
