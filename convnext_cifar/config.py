@@ -473,6 +473,8 @@ class TrainConfig:
     """Write a resumable training state every N epochs (and at the end and on interruption)."""
     keep_last: int = 2
     """Keep the newest N training states (plus the one of the best epoch)."""
+    keep_states: bool = False
+    """Keep every training state of a run that ended (default: only the last, to resume from)."""
     keep_set_aside: int = 3
     """Keep the newest N lines rollbacks set aside in WORK_DIR/set-aside/ (older: removed)."""
 

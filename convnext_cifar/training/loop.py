@@ -55,6 +55,7 @@ from convnext_cifar.training.state import (
     find_resume_state,
     recorded_normalisation,
     refuse_changes,
+    trim_ended_run,
 )
 from convnext_cifar.training.step import Guard, Window
 from convnext_cifar.use.evaluate import evaluate
@@ -130,7 +131,11 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
         _epochs(run, state, log, progress, window, guard, on_validation)
     except BaseException as e:
         log.close(outcome_of(type(e)))
+        if isinstance(e, Pruned) and dist.is_main and (freed := trim_ended_run(cfg)):
+            progress.message(freed)
         raise
+    if dist.is_main and (freed := trim_ended_run(cfg)):
+        progress.message(freed)
     _after_training(run, log)
     progress.message(f"done: best {position.best_metric} {position.best:.2f} at epoch "
                      f"{position.best_epoch}: {cfg.run_dir / BEST_FILE}")

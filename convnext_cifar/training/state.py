@@ -232,12 +232,29 @@ def load_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def prune_states(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
-    """Delete all but the newest `keep_last` states, never the one at step `keep_step`."""
-    states = find_states(run_dir)
-    for path in states[:-keep_last] if keep_last else states:
+def prune_states(run_dir: Path, keep_last: int, keep_step: int | None) -> int:
+    """Delete all but the newest `keep_last` states, never the one at step `keep_step`; the
+    bytes freed."""
+    freed = 0
+    for path in find_states(run_dir)[:-keep_last] if keep_last else find_states(run_dir):
         if keep_step is None or state_step(path) != keep_step:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                freed += path.stat().st_size
+                path.unlink()
+    return freed
+
+
+def trim_ended_run(cfg: TrainConfig) -> str:
+    """A run that ended (finished, or a pruned trial) keeps only its last training state (what
+    resuming it reads) unless --keep-states; a line saying what was freed, or ''."""
+    if cfg.keep_states:
+        return ""
+    before = len(find_states(cfg.run_dir))
+    freed = prune_states(cfg.run_dir, keep_last=1, keep_step=None)
+    if not freed:
+        return ""
+    return (f"removed {before - 1} older training state(s) ({freed / 1e6:.0f} MB); the last "
+            "stays (--keep-states keeps them all)")
 
 
 
@@ -316,7 +333,7 @@ def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
 RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "compile_mode",
                      "deterministic", "channels_last", "log.tensorboard", "log.mlflow",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
-                     "keep_last", "keep_set_aside", "data.root", "data.download",
+                     "keep_last", "keep_states", "keep_set_aside", "data.root", "data.download",
                      "data.eval_batch_size", "data.workers", "data.decode_processes",
                      "data.memory_share", "data.placement", "data.cache_dir",
                      "model.pretrained", "model.pretrained_format", "model.pretrained_prefix",

@@ -70,7 +70,7 @@ def test_ema_weights_are_what_best_holds_when_ema_wins(cifar_root, tmp_path, mon
         return metrics
 
     monkeypatch.setattr(training_loop, "_validation_metrics", ema_always_wins)
-    assert run(cifar_root, tmp_path, "--sched.epochs", "2") == 0
+    assert run(cifar_root, tmp_path, "--sched.epochs", "2", "--keep-states") == 0
     best = load_weights(tmp_path / "best.safetensors")
     assert best.weights == "ema" and best.epoch == 1  # 100 % first: later ties keep it
     state = load_state(tmp_path / "state_00000004.pt")["components"]  # after epoch 1

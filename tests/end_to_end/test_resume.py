@@ -164,7 +164,7 @@ def test_a_state_from_another_kind_of_device_is_refused_in_one_line(cifar_root, 
 
 def test_resuming_an_older_state_sets_the_newer_line_aside(cifar_root, tmp_path, monkeypatch,
                                                            capsys):
-    args = small_run_args(cifar_root, tmp_path, *SHORT)
+    args = small_run_args(cifar_root, tmp_path, *SHORT, "--keep-states")  # older states stay
     assert cli.main(args) == 0
     abandoned = metric_records(tmp_path)
     assert [p.name for p in find_states(tmp_path)] == [
@@ -294,10 +294,25 @@ def test_states_are_pruned_but_the_best_epoch_state_is_kept(cifar_root, tmp_path
     best_at_first_epoch.calls = 0
     monkeypatch.setattr(training_loop, "evaluate", best_at_first_epoch)
     assert cli.main(small_run_args(cifar_root, tmp_path, *EXACT[:-6], "--sched.epochs", "5",
-                                   "--keep-last", "2")) == 0
+                                   "--keep-last", "2", "--keep-states")) == 0
     assert [p.name for p in find_states(tmp_path)] == [
         "state_00000004.pt", "state_00000016.pt", "state_00000020.pt"]
     assert load_weights(tmp_path / "best.safetensors").epoch == 1
+
+
+def test_a_finished_run_keeps_exactly_its_last_state_and_resumes_from_it(cifar_root, tmp_path,
+                                                                         capsys):
+    args = small_run_args(cifar_root, tmp_path, *SHORT)
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert [p.name for p in find_states(tmp_path)] == ["state_00000016.pt"]  # 2 stayed before
+    assert "older training state(s)" in out and "--keep-states keeps them all" in out
+    weights = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert "best.safetensors" in weights and len(weights) == 5  # eval's files all stay
+    assert cli.main(["eval", str(tmp_path / "best.safetensors"), "--compile", "off"]) == 0
+    assert cli.main(args + ["--resume", str(tmp_path), "--sched.epochs", "5",
+                            "--resume-allow-changes"]) == 0  # continues from that last state
+    assert "resumed from" in capsys.readouterr().out
 
 
 def test_best_checkpoint_across_resume(cifar_root, tmp_path, monkeypatch):
@@ -564,7 +579,7 @@ def test_a_resume_that_turns_channels_last_off_continues_as_a_state_in_that_layo
 
 def test_only_the_newest_set_aside_lines_stay_and_runs_shows_their_size(cifar_root, tmp_path,
                                                                           capsys):
-    args = small_run_args(cifar_root, tmp_path, *SHORT)
+    args = small_run_args(cifar_root, tmp_path, *SHORT, "--keep-states")  # older states stay
     assert cli.main(args) == 0
     notes = []
     for _ in range(4):  # four rollbacks to epoch 3, each within seconds of the last

@@ -92,6 +92,7 @@ def test_a_study_runs_its_trials_as_runs_and_writes_a_best_config_that_trains(
                    .read_text().splitlines()]
         assert t.value == max(r["top1"] for r in records if "top1" in r)
         assert t.intermediate_values == {r["epoch"]: r["top1"] for r in records if "top1" in r}
+        assert len(list((work / f"trial-{t.number}").glob("state_*.pt"))) == 1  # the last
     best = max(trials, key=lambda t: t.value)
     assert f"best: trial {best.number}, top1 {best.value:.2f}" in out
     saved = json.loads((work / "best_config.json").read_text())
