@@ -265,7 +265,9 @@ def runs_table(rows: list[dict[str, Any]], differing: list[str], width: int) -> 
     right = "  ".join(f"{{:>{w}}}" if i > 0 else f"{{:<{w}}}" for i, w in enumerate(widths))
     fixed = sum(widths) + 2 * len(widths)
     room = max(width - fixed, 8)
-    label_w = min(max([len("run")] + [len(readable(r["run"])) for r in rows]), room)
+    labels = [readable(r["run"]) if r["study"] is None else  # a trial: under its study's line
+              "  " + readable(r["run"]).removeprefix(readable(r["study"]) + "/") for r in rows]
+    label_w = min(max(len(x) for x in ["run", *labels]), room)
     shared = [f"{k} {v}" for k, v in (("model", rows[0]["model"]),
                                       ("dataset", rows[0]["dataset"]))
               if f"{'model.name' if k == 'model' else 'data.dataset'}" not in differing]
@@ -273,14 +275,11 @@ def runs_table(rows: list[dict[str, Any]], differing: list[str], width: int) -> 
                                       if shared else "")]
     lines.append(f"{'run':<{label_w}}  " + right.format(*head))
     study = None
-    for r, row in zip(rows, cells):
+    for r, row, label in zip(rows, cells, labels):
         if r["study"] != study and r["study"] is not None:
             trials = sum(x["study"] == r["study"] for x in rows)
             lines.append(f"study {readable(r['study'])} ({trials} trial(s)):")
         study = r["study"]
-        label = readable(r["run"])
-        if study is not None:  # under its study's line: the trial's own folder
-            label = "  " + label.removeprefix(readable(study) + "/")
         if len(label) > label_w:
             lines.append(label)
             label = ""

@@ -212,6 +212,9 @@ def test_runs_fits_the_terminal_keeping_every_differing_option_whole(tmp_path, m
     assert "study study (2 trial(s)):" in text and text.index("study study") < text.index(
         "trial-0") < text.index("trial-1")
     assert "…" not in text and "best top1 (ep)" in text
+    assert cli.main(["runs", str(root / "study"), "--table"]) == 0  # the study's folder itself
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "study study (2 trial(s)):" and lines[3].startswith("  trial-0  finished")
 
 
 def test_runs_piped_is_tab_separated_and_json_and_csv_round_trip(tmp_path, capsys):
