@@ -68,7 +68,23 @@ def starting_config(args: list[str]) -> TrainConfig:
         return resumed_config(Path(resume))
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[preset or DEFAULT_PRESET]()
+    return _warmup_within(PRESETS[preset or DEFAULT_PRESET](), args)
+
+
+def _warmup_within(default: TrainConfig, args: list[str]) -> TrainConfig:
+    """A preset's warmup shortened to fit a `--sched.epochs` given without
+    `--sched.warmup-epochs` (`--preset smoke --sched.epochs 1`), with a note; a warmup the user
+    gives is checked as it is."""
+    epochs = _option_value(args, "--sched.epochs")
+    if (epochs is None or not epochs.isdigit() or int(epochs) < 1
+            or _option_value(args, "--sched.warmup-epochs") is not None
+            or default.sched.warmup_epochs < int(epochs)):
+        return default
+    warmup = int(epochs) - 1
+    print(f"note: the preset's {default.sched.warmup_epochs} warmup epoch(s) do not fit "
+          f"--sched.epochs {epochs}: warming up for {warmup}", file=sys.stderr)
+    return dataclasses.replace(default, sched=dataclasses.replace(default.sched,
+                                                                  warmup_epochs=warmup))
 
 
 def _first_sentence(doc: str | None) -> str:

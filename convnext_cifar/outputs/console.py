@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from convnext_cifar.files import one_line, readable, spreadsheet_cell
 from convnext_cifar.metrics import METRICS
 from convnext_cifar.outputs.metrics_log import Sink
-from convnext_cifar.terminal import is_terminal, progress_bar, warn
+from convnext_cifar.terminal import is_terminal, log_line, pause_log, progress_bar, warn
 
 SHORT = {"balanced accuracy": "balanced acc."}  # labels abbreviated in a table's header
 
@@ -87,6 +87,7 @@ class Progress:
             TimeRemainingColumn,
         )
 
+        pause_log(True)  # the bar's frames stay out of train.log; its lines go in plain
         self._bar = progress_bar(TextColumn(f"epoch {epoch}/{self.epochs}"),
                                  BarColumn(bar_width=16), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TextColumn("epoch eta"),
@@ -108,13 +109,14 @@ class Progress:
             self.clock.step_s = self.clock.batch_size / max(record["img_per_s"], 1e-9)
             done = record["epoch"] - 1  # validations of this epoch on are still due
             eta = f"run eta {duration(self.clock.left_s(record['step'], done) or 0.0)}"
+        line = (f"epoch {record['epoch']}/{self.epochs} [{index}/{steps_in_epoch}] "
+                f"step {record['step']}  {_fmt_train(record)}" + (f"  {eta}" if eta else ""))
         if self._bar is not None:
             self._bar.update(self._task, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                                               f"{record['img_per_s']:.0f} img/s", run_eta=eta)
+            log_line(line)
         else:
-            print(f"epoch {record['epoch']}/{self.epochs} [{index}/{steps_in_epoch}] "
-                  f"step {record['step']}  {_fmt_train(record)}" + (f"  {eta}" if eta else ""),
-                  flush=True)
+            print(line, flush=True)
         if self.clock is not None and "train" not in self._projected:
             self._projected.add("train")
             self._say(self.clock.projection(record["step"], record["epoch"] - 1, elapsed_s))
@@ -133,6 +135,7 @@ class Progress:
         if self.is_main:
             if self._bar is not None:
                 self._bar.console.print(text)
+                log_line(text)
             else:
                 print(text, flush=True)
 
@@ -140,6 +143,7 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+            pause_log(False)
 
     def log_val(self, record: dict[str, Any], best: float, metric: str = "top1") -> None:
         """The validation line; `best` is the best value so far of `metric` (--eval.best-metric),

@@ -46,6 +46,7 @@ STATUS_FILE = "status.json"
 VAL_FILES = "val_files.txt"
 BEST_FILE = "best.safetensors"
 LOCK_FILE = ".lock"
+TRAIN_LOG = "train.log"  # what the console showed, appended across resumes
 SET_ASIDE = "set-aside"  # WORK_DIR/set-aside/<when>-after-step-<step>/: an abandoned line
 STATE_PATTERN = re.compile(r"^state_(\d{8})\.pt$")
 EPOCH_PATTERN = re.compile(r"^epoch_(\d+)\.safetensors$")
@@ -73,7 +74,7 @@ def is_run_file(path: Path) -> bool:
     if not (path.parent / CONFIG_FILE).is_file():  # not a work dir
         return False
     return path.name in (CONFIG_FILE, METRICS_FILE, STATUS_FILE, VAL_FILES, BEST_FILE,
-                         LOCK_FILE) or bool(STATE_PATTERN.match(path.name)
+                         LOCK_FILE, TRAIN_LOG) or bool(STATE_PATTERN.match(path.name)
                                             or EPOCH_PATTERN.match(path.name))
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from convnext_cifar import distributed
-from convnext_cifar.config import TrainConfig
+from convnext_cifar.config import TrainConfig, flatten, to_dict
 from convnext_cifar.data.kinds import load_dataset, prepare_dataset
 from convnext_cifar.errors import Interrupted, Pruned, TrainingDiverged, UserError
 from convnext_cifar.files import first_line
@@ -38,12 +38,13 @@ from convnext_cifar.outputs.trackers import trackers_for
 from convnext_cifar.outputs.workdir import (
     BEST_FILE,
     METRICS_FILE,
+    TRAIN_LOG,
     choose_work_dir,
     claim_work_dir,
     write_status,
 )
 from convnext_cifar.runtime import Runtime, configure_backends, resolve_runtime
-from convnext_cifar.terminal import warn
+from convnext_cifar.terminal import ConsoleLog, warn
 from convnext_cifar.training.build import Run, build_run
 from convnext_cifar.training.signals import StopSignals
 from convnext_cifar.training.state import (
@@ -110,8 +111,8 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     cfg, rt, dist, steps = run.cfg, run.rt, run.dist, len(run.loader)
     clock = RunClock(cfg.sched.epochs, steps, cfg.data.batch_size, cfg.val_interval)
     progress = Progress(cfg.sched.epochs, live_progress, is_main=dist.is_main, clock=clock)
-    progress.message(f"run {cfg.run_name}: {json.dumps(rt.as_dict())} x {dist.world} "
-                     f"process(es) -> {cfg.run_dir}")
+    for line in start_lines(run):
+        progress.message(line)
     for note in run.data.notes:
         progress.warning(note)
     if run.ema is not None and cfg.ema.decay != "auto" and (
@@ -166,6 +167,29 @@ def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
                 if stopping and not last:
                     raise stop.interrupted(path, position, cfg)
             status.write("running")
+
+
+def start_lines(run: Run) -> list[str]:
+    """What a run trains, in words: its data (images per split, classes), model and parameter
+    count, device, precision, compile and batch; then the options that differ from the preset
+    (or config) class it started from."""
+    cfg, rt, dist, data = run.cfg, run.rt, run.dist, run.data
+    params = sum(p.numel() for p in run.model.parameters())
+    per_process = cfg.data.batch_size // (dist.world * cfg.optim.accum_steps)
+    accum = f" x {cfg.optim.accum_steps} steps" if cfg.optim.accum_steps > 1 else ""
+    lines = [f"run {cfg.run_name} -> {cfg.run_dir}: {cfg.data.dataset} {len(data.train or []):,} "
+             f"train / {len(data.val):,} held-out images, {data.num_classes} classes; "
+             f"{cfg.model.name} ({params / 1e6:.1f} M parameters); {rt.device}, {rt.precision}, "
+             f"compile {'on' if rt.compile else 'off'}"
+             f"{', channels_last' if rt.channels_last else ''}; batch {cfg.data.batch_size} "
+             f"({dist.world} process(es) x {per_process}{accum})"]
+    ours, preset = flatten(to_dict(cfg)), flatten(to_dict(type(cfg)()))
+    changed = [f"{k}={json.dumps(v)}" for k, v in ours.items()
+               if k not in ("name", "work_dir") and v != preset.get(k)
+               and not (k in ("data.mean", "data.std") and preset.get(k) is None)]  # measured
+    if changed:
+        lines.append(f"options beside {type(cfg).__name__}'s: " + " ".join(changed))
+    return lines
 
 
 def sinks(cfg: TrainConfig, progress: Progress, position: Position, steps: int) -> list[Sink]:
@@ -368,6 +392,15 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
     state to resume, options, a work dir in use) is checked before anything is written.
     """
     dist = distributed.from_env()
+    with ConsoleLog() if dist.is_main else contextlib.nullcontext() as console_log:
+        return _fit(cfg, dist, console_log, live_progress, resume, allow_changes, on_validation)
+
+
+def _fit(cfg: TrainConfig, dist: distributed.Dist, console_log: ConsoleLog | None,
+         live_progress: bool | None, resume: str | None, allow_changes: bool,
+         on_validation: Callable[[int, dict[str, Any]], bool] | None) -> dict[str, Any]:
+    """`fit`'s steps; `console_log` (the main process's) goes to WORK_DIR/train.log once the
+    work dir is claimed."""
     cfg = dataclasses.replace(cfg, name=cfg.run_name)
     rt = preflight(cfg, dist)
     configure_backends(rt)
@@ -394,6 +427,8 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
         with contextlib.ExitStack() as work_dir:
             distributed.from_main(dist, lambda: claim_work_dir(cfg, data.val.files, found,
                                                                work_dir))
+            if console_log is not None:
+                console_log.to(cfg.run_dir / TRAIN_LOG)
             return train(run, found, live_progress, on_validation)
     finally:
         distributed.stop()

@@ -179,3 +179,22 @@ def test_shell_completion_is_available(capsys):
     assert cli.main(["--tyro-print-completion", "bash"]) == 0
     script = capsys.readouterr()
     assert "convnext-cifar" in script.out + script.err and "complete" in script.out + script.err
+
+
+@pytest.mark.parametrize("args, warmup", [
+    (["--preset", "smoke", "--sched.epochs", "1"], 0),  # was: an error on an unasked warmup
+    (["--sched.epochs", "5"], 4),  # the reference's 10 warmup epochs
+    (["--preset", "smoke", "--sched.epochs=2"], 1),  # fits already: no note
+])
+def test_a_presets_warmup_is_shortened_to_fit_the_epochs_given(args, warmup, capsys):
+    assert cli.main(["train", *args, "--print-config"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["sched"]["warmup_epochs"] == warmup
+    assert ("warmup epoch(s) do not fit --sched.epochs" in out.err) == (warmup != 1)
+
+
+def test_a_warmup_given_with_the_epochs_is_checked_as_given(capsys):
+    assert cli.main(["train", "--preset", "smoke", "--sched.epochs", "1",
+                     "--sched.warmup-epochs", "1", "--print-config"]) == 2
+    assert "invalid --sched.warmup-epochs 1: must be >= 0 and shorter than" in (
+        capsys.readouterr().err)

@@ -605,3 +605,28 @@ def test_only_the_newest_set_aside_lines_stay_and_runs_shows_their_size(cifar_ro
     assert cli.main(args + ["--resume", str(tmp_path / "state_00000012.pt"),
                             "--keep-set-aside", "1"]) == 0
     assert len(list((tmp_path / "set-aside").iterdir())) == 1
+
+
+def test_train_log_holds_the_consoles_lines_across_a_resume(cifar_root, tmp_path, monkeypatch,
+                                                           capsys):
+    args = small_run_args(cifar_root, tmp_path, *SHORT)
+    restore = signal_at_step(monkeypatch, 6)
+    assert cli.main(args) == 143
+    restore()
+    first = capsys.readouterr()
+    assert cli.main(args + ["--resume", str(tmp_path)]) == 0
+    second = capsys.readouterr()
+    log = (tmp_path / "train.log").read_text().splitlines()
+    assert sum(line.startswith("---- ") for line in log) == 2  # appended, once per start
+    for shown in (first, second):  # every line the console showed, in the order shown
+        for line in (shown.out + shown.err).splitlines():
+            if line.strip() and not line.startswith("convnext-cifar: "):
+                assert line in log, line
+    assert any(line.startswith("ended: SIGTERM: stopped at") and
+               f"Resume with: convnext-cifar train --resume {tmp_path}" in line for line in log)
+    assert any(line.startswith("resumed from") for line in log)
+    start = next(line for line in log if line.startswith("run "))
+    assert "cifar10 200 train / 100 held-out images, 10 classes; convnextv2_atto (3.4 M " \
+           "parameters); cpu, fp32, compile off" in start
+    text = "\n".join(log)
+    assert "options beside CIFAR10Smoke's: " in text and "sched.epochs=4" in text

@@ -12,7 +12,7 @@ def test_a_second_run_gets_the_next_free_work_dir(cifar_root, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert cli.main(quick_train(cifar_root)) == 0
     first = capsys.readouterr()
-    assert f"-> work_dirs/{NAME}\n" in first.out and "holds another run" not in first.err
+    assert f"-> work_dirs/{NAME}: " in first.out and "holds another run" not in first.err
     assert cli.main(quick_train(cifar_root, "--optim.lr", "1e-3")) == 0
     second = capsys.readouterr()
     assert (f"note: work_dirs/{NAME} holds another run; this one goes to work_dirs/{NAME}-2"
