@@ -191,7 +191,7 @@ def eval_command(
     confusion matrix.
 
     Args:
-        ckpt: A .safetensors file written by `train` (e.g. work_dirs/NAME/best.safetensors).
+        ckpt: A .safetensors file written by `train`, or a work dir (its best.safetensors).
         data_root: The dataset's root: CIFAR's parent or the image folder (default: recorded).
         download: Download a missing CIFAR dataset (checksum verified).
         device: Torch device: auto (cuda, else mps, else cpu), cpu, mps, cuda, cuda:N (default:
@@ -220,7 +220,7 @@ def eval_command(
 
 def predict_command(
     ckpt: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="CKPT")],
-    paths: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="PATH")],
+    paths: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="PATH...")],
     batch_size: EvalBatchSize[int] = 256,
     top_k: int | None = None,
     tta: Tta = None,
@@ -233,7 +233,7 @@ def predict_command(
     """Classify image files (or every image in folders, recursively) with a checkpoint.
 
     Args:
-        ckpt: A .safetensors file written by `train`; it holds everything needed.
+        ckpt: A .safetensors file written by `train`, or a work dir (its best.safetensors).
         paths: Image files (PNG, JPEG, BMP, WebP, GIF) or folders of them.
         batch_size: Images per batch on the device.
         top_k: Classes listed per image, most probable first (default: 5, or every class
@@ -295,7 +295,7 @@ def export_command(
     """Export a checkpoint for other runtimes: ONNX (dynamo exporter) or a torch.export archive.
 
     Args:
-        ckpt: A .safetensors file written by `train`.
+        ckpt: A .safetensors file written by `train`, or a work dir (its best.safetensors).
         out: The file to write: *.onnx or *.pt2.
         fmt: onnx or pt2 (default: from OUT's suffix).
         include_preprocessing: Take uint8 NCHW images at the stored size and normalise (and
@@ -319,7 +319,7 @@ def export_command(
 
 
 def runs_command(
-    folders: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="DIR")] = [  # noqa: B006
+    folders: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="DIR...")] = [  # noqa: B006
         Path("work_dirs")],
     json_output: Annotated[bool, tyro.conf.arg(name="json")] = False,
     csv_output: Annotated[bool, tyro.conf.arg(name="csv")] = False,
@@ -349,7 +349,7 @@ def runs_command(
 
 
 def report_command(
-    folders: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="WORK_DIR")],
+    folders: Annotated[tyro.conf.Positional[list[Path]], tyro.conf.arg(metavar="WORK_DIR...")],
     out: Path | None = None,
     device: str = "cpu",
     data_root: Annotated[Path | None, tyro.conf.arg(name="data.root")] = None,

@@ -451,7 +451,7 @@ class TrainConfig:
     device: str = "auto"
     """Torch device: auto (cuda, else mps, else cpu), cpu, mps, cuda, cuda:N."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast; auto: bf16 on CUDA with bf16, fp16 + GradScaler on older CUDA, fp32 on CPU."""
+    """Autocast; auto: bf16 on CUDA with bf16 or CPUs with AMX, fp16 on older CUDA, else fp32."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the model; auto: on CUDA, and on the CPU for the sizes measured faster."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",

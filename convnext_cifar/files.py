@@ -155,6 +155,26 @@ def one_line(text: str) -> str:
             .replace("\r", "\\r"))
 
 
+def user_cache_dir() -> Path:
+    """This tool's folder in the user's cache: $XDG_CACHE_HOME/convnext-cifar, else
+    ~/.cache/convnext-cifar (decode caches, which warnings were given)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "convnext-cifar"
+
+
+def first_time(key: str) -> bool:
+    """Whether `key` (a warning's text, say) comes up for the first time on this machine; it is
+    remembered as an empty file in the user's cache. True too when that cannot be written."""
+    mark = user_cache_dir() / "said" / hashlib.sha256(key.encode("utf-8", "surrogateescape")
+                                                     ).hexdigest()[:32]
+    if mark.exists():
+        return False
+    with contextlib.suppress(OSError):
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+    return True
+
+
 def spreadsheet_cell(text: str) -> str:
     """A CSV cell a spreadsheet shows as text: one starting with = + - @ (a formula to it), or a
     tab or carriage return, gets a leading apostrophe."""

@@ -3,6 +3,7 @@ and finished runs to read."""
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two test processes share the cores (pyproject's -n): one torch thread each, also in the
     # processes the tests start (they inherit this). Set before anything imports torch.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The user's cache folder (decode caches, warnings given once): never the real ~/.cache here; each
+# test gets its own below (`own_user_cache`), the session's fixtures this one.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="convnext-cifar-test-cache-")
 
 from cifar_files import learnable_images, write_cifar10, write_image_folder  # noqa: E402
 from support import FEW, small_run_args  # noqa: E402
@@ -62,3 +67,10 @@ def trained(cifar_root, tmp_path_factory):
     assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "2",
                                    "--data.limit-train", "300")) == 0
     return work
+
+
+@pytest.fixture(autouse=True)
+def own_user_cache(tmp_path_factory, monkeypatch):
+    """Each test its own user cache folder ($XDG_CACHE_HOME): what one test's commands said
+    once or decoded is not another's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))

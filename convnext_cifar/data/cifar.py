@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from convnext_cifar.data.dataset import Dataset, DatasetKind, Split, identity_of
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import file_hash, load_array_pickle
+from convnext_cifar.files import file_hash, first_time, load_array_pickle
 from convnext_cifar.terminal import is_terminal, progress_bar
 
 if TYPE_CHECKING:
@@ -161,8 +161,10 @@ def _checksums(spec: Cifar, folder: Path) -> dict[str, str]:
 def _unofficial(spec: Cifar, folder: Path, checksums: dict[str, str]) -> list[str]:
     """A warning when a local copy is not the official files."""
     differ = [n for n, md5 in checksums.items() if spec.files_md5[n] != md5]
-    return [f"{folder} is not byte-identical to the official archive ({', '.join(differ)} "
-            "differ); using it as it is"] if differ else []
+    note = (f"{folder} is not byte-identical to the official archive ({', '.join(differ)} "
+            "differ); using it as it is (said once for these files)")
+    key = note + "".join(sorted(checksums.values()))  # other files in the folder: said again
+    return [note] if differ and first_time(key) else []
 
 
 def _copy_with_progress(source, target, total: int) -> None:

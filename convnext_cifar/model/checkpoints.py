@@ -61,7 +61,7 @@ def load_weights(path: Path) -> Checkpoint:
     """Read a file written by `save_weights`, with one clear error for anything else."""
     from safetensors import SafetensorError, safe_open
 
-    path = require_file(path, "checkpoint")
+    path = require_file(weights_in(Path(path)), "checkpoint")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -85,6 +85,23 @@ def load_weights(path: Path) -> Checkpoint:
         raise UserError(f"{path} has damaged metadata ({problem}); it was edited or written by "
                         "something else: use another checkpoint of the run")
     return ckpt
+
+
+def weights_in(path: Path) -> Path:
+    """The weights file `path` names: itself, or a work dir's best.safetensors; a training
+    state (state_*.pt, for --resume) is one UserError naming what to give instead."""
+    if path.is_dir() and (path / "config.json").is_file():
+        best = path / "best.safetensors"
+        if not best.is_file():
+            raise UserError(f"{path} is a run's work dir without best.safetensors yet (it is "
+                            "written after the first validation); give one of its "
+                            "epoch_N.safetensors, or wait")
+        return best
+    if path.suffix in (".pt", ".pth") and path.name.startswith("state_"):
+        raise UserError(f"{path} is a training state, for `train --resume`; evaluate the run's "
+                        f"weights instead: {path.parent} (its best.safetensors) or an "
+                        "epoch_N.safetensors")
+    return path
 
 
 def _field(metadata: dict[str, str], name: str, build: Any = None, default: str | None = None

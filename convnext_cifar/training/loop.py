@@ -41,6 +41,7 @@ from convnext_cifar.outputs.workdir import (
     TRAIN_LOG,
     choose_work_dir,
     claim_work_dir,
+    read_status,
     write_status,
 )
 from convnext_cifar.runtime import Runtime, configure_backends, resolve_runtime
@@ -167,6 +168,21 @@ def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
                 if stopping and not last:
                     raise stop.interrupted(path, position, cfg)
             status.write("running")
+
+
+def _already_finished(cfg: TrainConfig, found: tuple[Path, dict[str, Any]]
+                      ) -> dict[str, Any] | None:
+    """What `fit` returns for a resumption whose state ended the run's last epoch (nothing to
+    train, said in one line); None when there are epochs left."""
+    position = found[1]["components"]["run"]
+    if position["epoch"] < cfg.sched.epochs or position["batch"]:
+        return None
+    print(f"{cfg.run_dir} is already finished: epoch {position['epoch']} of "
+          f"{cfg.sched.epochs} ({found[0]}); nothing to train. To train it longer: "
+          "--sched.epochs N --resume-allow-changes", flush=True)
+    status = read_status(cfg.run_dir)
+    return {"best": status.get("best"), "best_metric": status.get("best_metric"),
+            "best_epoch": status.get("best_epoch"), "work_dir": str(cfg.run_dir)}
 
 
 def start_lines(run: Run) -> list[str]:
@@ -422,6 +438,8 @@ def _fit(cfg: TrainConfig, dist: distributed.Dist, console_log: ConsoleLog | Non
                                                               rt.device))
         elif found is not None and (change := device_kind_change(found[1], rt.device)):
             print(f"note: {change}: they start afresh here", file=sys.stderr)
+        if found is not None and (done := _already_finished(cfg, found)) is not None:
+            return done
         # A resumed run takes its weights from the state: no download of pretrained weights.
         run = build_run(cfg, rt, dist, data, pretrained=found is None)
         with contextlib.ExitStack() as work_dir:

@@ -68,6 +68,10 @@ def predict(ckpt_path: Path, paths: list[Path], batch_size: int = 256, top_k: in
                         f"{ckpt_path}")
     files, failed = image_paths(paths)
     if not files:
+        missing = [str(p) for p, _ in failed]
+        if missing:  # nothing to predict, and a path given is not there: that is the news
+            raise UserError(f"{', '.join(missing)}: no such file or folder; give image files "
+                            "or folders of them")
         raise UserError("no image files (.png, .jpg, .jpeg, .bmp, .webp, .gif) in "
                         + ", ".join(str(p) for p in paths))
     return top_k, _predictions(model, files, failed, batch_size, top_k)

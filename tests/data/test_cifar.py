@@ -75,7 +75,12 @@ def test_user_copy_with_other_batch_sizes_loads_with_one_warning(tmp_path, capsy
     assert len(ds.train.images) == 23 and len(ds.val.images) == 5
     (note,) = ds.notes
     assert "not byte-identical to the official archive" in note and "data_batch_1" in note
-    assert load_cifar10(data_cfg(tmp_path)).notes == [note]  # the same one line, checked once
+    assert load_cifar10(data_cfg(tmp_path)).notes == []  # said once for these files (a note
+    # in the user's cache); the same folder with other files is said again
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(
+        (tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes() + b"x")
+    os.utime(tmp_path / "cifar-10-batches-py" / "test_batch", ns=(1, 1))
+    assert len(load_cifar10(data_cfg(tmp_path, limit_val=5)).notes) == 1
 
 
 def test_missing_data_without_download_is_one_clear_error(tmp_path):

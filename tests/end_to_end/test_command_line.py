@@ -198,3 +198,12 @@ def test_a_warmup_given_with_the_epochs_is_checked_as_given(capsys):
                      "--sched.warmup-epochs", "1", "--print-config"]) == 2
     assert "invalid --sched.warmup-epochs 1: must be >= 0 and shorter than" in (
         capsys.readouterr().err)
+
+
+def test_usage_lines_show_where_several_paths_are_taken_and_precision_says_cpu_bf16(capsys):
+    for command, usage in (("predict", "CKPT PATH..."), ("runs", "DIR..."),
+                           ("report", "WORK_DIR...")):
+        assert cli.main([command, "--help"]) == 0
+        assert usage in capsys.readouterr().out.splitlines()[0]
+    assert cli.main(["train", "--help"]) == 0
+    assert "CPUs with AMX" in " ".join(capsys.readouterr().out.split())

@@ -266,3 +266,28 @@ def test_output_options_never_replace_a_runs_files(trained, tmp_path, capsys):
     old_csv = tmp_path / "old.csv"
     old_csv.write_text("old")
     assert cli.main(["predict", str(best), str(png), "--csv", str(old_csv)]) == 0  # its kind
+
+
+def test_the_small_edges_of_eval_and_predict(trained, tmp_path, capsys):
+    """A work dir is its best.safetensors; a training state and a missing folder are one line
+    that says what they are; the CIFAR copy's warning is said once for its files."""
+    assert cli.main(["eval", str(trained), "--json", "--compile", "off"]) == 0  # was refused
+    by_dir = json.loads(capsys.readouterr().out)
+    assert cli.main(["eval", str(trained / "best.safetensors"), "--json", "--compile",
+                     "off"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["top1"] == by_dir["top1"]
+    assert "not byte-identical" not in out.err  # said at the first command, not again
+    state = sorted(trained.glob("state_*.pt"))[-1]
+    assert cli.main(["eval", str(state)]) == 2  # was: a safetensors header error
+    assert f"{state} is a training state, for `train --resume`; evaluate" in (
+        capsys.readouterr().err)
+    assert cli.main(["predict", str(trained), str(tmp_path / "missing_dir")]) == 2
+    assert "missing_dir: no such file or folder" in capsys.readouterr().err  # not "no images"
+
+
+def test_the_first_command_on_a_copy_of_cifar_says_it_is_not_the_official_files(trained,
+                                                                                capsys):
+    for seen in (True, False):
+        assert cli.main(["eval", str(trained), "--json", "--compile", "off"]) == 0
+        assert ("not byte-identical to the official archive" in capsys.readouterr().err) == seen

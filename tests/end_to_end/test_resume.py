@@ -630,3 +630,13 @@ def test_train_log_holds_the_consoles_lines_across_a_resume(cifar_root, tmp_path
            "parameters); cpu, fp32, compile off" in start
     text = "\n".join(log)
     assert "options beside CIFAR10Smoke's: " in text and "sched.epochs=4" in text
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tmp_path, capsys):
+    work = tmp_path / "done"
+    shutil.copytree(trained, work)
+    records = (work / "metrics.jsonl").read_text()
+    assert cli.main(["train", "--resume", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert f"{work} is already finished: epoch 2 of 2" in out and "resumed from" not in out
+    assert (work / "metrics.jsonl").read_text() == records

@@ -143,7 +143,7 @@ CASES = {
         "labels must be in [0, 9]"),
     "eval: no such checkpoint": (
         lambda c: ["eval", str(c.tmp / "best.safetensors")], "does not exist"),
-    "eval: a directory": (lambda c: ["eval", str(c.finished)], "is a directory"),
+    "eval: a directory": (lambda c: ["eval", str(c.tmp)], "is a directory"),  # not a run's
     "eval: empty file": (
         lambda c: ["eval", str(_write(c.tmp / "e.safetensors", b""))], "is empty"),
     "eval: truncated checkpoint": (

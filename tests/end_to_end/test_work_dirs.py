@@ -24,7 +24,7 @@ def test_a_second_run_gets_the_next_free_work_dir(cifar_root, tmp_path, monkeypa
     assert (runs / f"{NAME}-2" / "best.safetensors").exists()
     # --resume auto continues the newest version; `runs` alone lists work_dirs
     assert cli.main(quick_train(cifar_root, "--optim.lr", "1e-3", "--resume", "auto")) == 0
-    assert f"resumed from work_dirs/{NAME}-2/state_" in capsys.readouterr().out
+    assert f"work_dirs/{NAME}-2 is already finished: epoch 1 of 1" in capsys.readouterr().out
     assert cli.main(["runs", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["runs"]
     assert sorted(r["name"] for r in listed) == [NAME, f"{NAME}-2"]

@@ -44,8 +44,11 @@ def test_each_image_gets_the_top_k_most_probable_first(tmp_path):
         assert sum(p.probs) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(UserError, match="--top-k 4: must be between 1 and the 3 classes"):
         predict(ckpt, [pics], top_k=4, device="cpu")
-    with pytest.raises(UserError, match="no image files"):
+    with pytest.raises(UserError, match="nowhere: no such file or folder"):
         predict(ckpt, [tmp_path / "nowhere"], device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no image files"):
+        predict(ckpt, [tmp_path / "empty"], device="cpu")
 
 
 def test_the_csv_appears_whole_or_not_at_all(tmp_path):
