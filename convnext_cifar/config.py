@@ -118,7 +118,7 @@ class DataConfig:
     decode_processes: int = 0
     """Processes decoding folder images into the cache (0: one per CPU core)."""
     cache_dir: Path | None = None
-    """folder: the decoded-image cache (None: ROOT/.convnext-cifar-cache); for read-only data."""
+    """folder: the decoded-image cache (None: the user cache, ~/.cache/convnext-cifar/decoded)."""
     download: bool = True
     """Download the official archive (checksum verified) when the data is missing."""
     batch_size: int = 128

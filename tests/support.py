@@ -40,6 +40,12 @@ FIXTURES = TESTS / "fixtures" / "convnextv2_atto"  # upstream atto files (see it
 
 
 
+def decoded_cache() -> Path:
+    """Where this test's image folders are decoded to: the user cache folder's decoded/ (each
+    test has its own $XDG_CACHE_HOME: conftest.py)."""
+    return Path(os.environ["XDG_CACHE_HOME"]) / "convnext-cifar" / "decoded"
+
+
 def small_run_args(root: Path, work_dir: Path, *extra: str) -> list[str]:
     """`train` arguments for a quick CPU run of atto on the generated data."""
     return ["train", "--preset", "smoke", "--data.root", str(root), "--data.no-download",

@@ -4,8 +4,10 @@ streamed into one file, read back a batch at a time.
 An entry is a safetensors file (labels, images, which rows decoded, each channel's pixel
 histogram) named by a key of everything that changes the decoded images: the files' paths below
 the root, classes and stat (a replaced file changes at least ctime), the size, the resize mode.
-It lives in ROOT/.convnext-cifar-cache/ or --data.cache-dir (entries of several datasets then
-carry their root's tag); the KEEP_CACHES newest of a split are kept. `DiskImages` reads an entry
+It lives in the user's cache folder (~/.cache/convnext-cifar/decoded/, or under $XDG_CACHE_HOME)
+or --data.cache-dir, each entry carrying its root's tag (an entry an earlier version wrote in
+ROOT/.convnext-cifar-cache/ is still found and used); the KEEP_CACHES newest of a split (and
+root) are kept. `DiskImages` reads an entry
 with positioned reads. Where no entry can be written, `decode_in_memory` decodes into memory.
 """
 
@@ -26,7 +28,12 @@ import torch
 
 from convnext_cifar.data.images import decode_chunks, read_images
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import atomic_writer, readable, remove_stale_temp_files
+from convnext_cifar.files import (
+    atomic_writer,
+    readable,
+    remove_stale_temp_files,
+    user_cache_dir,
+)
 from convnext_cifar.terminal import is_terminal, progress_bar
 
 if TYPE_CHECKING:
@@ -57,10 +64,19 @@ def cache_path(root: Path, split: str, files: list[ImageFile], cfg: DataConfig) 
                                    cfg.skip_bad_images]).encode())
     h.update("".join(f"{f.rel}\0{f.label}\0{f.size}\0{f.mtime_ns}\0{f.ino}\0{f.ctime_ns}\n"
                      for f in files).encode("utf-8", "surrogateescape"))  # moving keeps a hit
-    if cfg.cache_dir is None:
-        return root / FOLDER_CACHE / f"{split}-{h.hexdigest()[:24]}.safetensors"
+    if cfg.cache_dir is None:  # one written beside the data by an earlier version: used
+        beside = root / FOLDER_CACHE / f"{split}-{h.hexdigest()[:24]}.safetensors"
+        if beside.is_file():
+            return beside
     tag = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:8]
-    return Path(cfg.cache_dir) / f"{split}-{tag}-{h.hexdigest()[:24]}.safetensors"
+    folder = Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_dir()
+    return folder / f"{split}-{tag}-{h.hexdigest()[:24]}.safetensors"
+
+
+def default_cache_dir() -> Path:
+    """Where decoded images go without --data.cache-dir: the user's cache folder
+    ($XDG_CACHE_HOME or ~/.cache)/convnext-cifar/decoded, never the dataset's own folder."""
+    return user_cache_dir() / "decoded"
 
 
 def read_cache(path: Path, count: int, size: int

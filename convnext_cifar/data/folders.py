@@ -55,26 +55,34 @@ def load(cfg: DataConfig, train: bool, host_share: float) -> Dataset:
                    identity=identity, train=train_split, notes=notes)
 
 
+HELD_OUT_DIRS = ("val", "validation", "test")  # torchvision/MMPretrain, timm, and others
+
+
 def list_splits(root: Path, cfg: DataConfig, need_train: bool = True
                 ) -> tuple[list[str], list[ImageFile], list[ImageFile], list[str]]:
-    """(classes, training files, held-out files, notes): from val/ (or test/), or the
-    --data.val-fraction share of train/. Training files are [] when not needed and absent."""
-    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    """(classes, training files, held-out files, notes): from val/ (or validation/, test/), or
+    the --data.val-fraction share of train/, or of the class folders themselves (the layout
+    torchvision's ImageFolder reads: root/<class>/<image>). Training files are [] when not
+    needed and absent."""
+    val_dir = next((root / d for d in HELD_OUT_DIRS if (root / d).is_dir()), None)
+    notes: list[str] = []
     if not (root / "train").is_dir() and (need_train or val_dir is None):
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist; pass --data.root a folder "
-                            "laid out as <root>/train/<class>/<image>")
+                            "laid out as <root>/train/<class>/<image> or <root>/<class>/<image>")
         flat = sorted(p.name for p in root.iterdir() if p.is_dir() and _holds_images(p))
-        if flat:  # the class folders themselves (torchvision's ImageFolder layout)
-            shown = ", ".join(flat[:3]) + (", ..." if len(flat) > 3 else "")
-            raise UserError(f"image folder {root} holds class folders ({shown}) but no train/ "
-                            f"folder; move them into {root}/train/ and hold out part of them "
-                            "with --data.val-fraction 0.1 (or add a val/ folder of the same "
-                            "classes)")
+        if flat and val_dir is None:  # the class folders themselves (ImageFolder's layout)
+            if cfg.val_fraction <= 0:
+                shown = ", ".join(flat[:3]) + (", ..." if len(flat) > 3 else "")
+                raise UserError(f"image folder {root} holds class folders ({shown}) and no "
+                                "held-out split; hold out part of them with --data.val-fraction "
+                                "0.1 (or lay them out as train/ and val/)")
+            classes, files = list_classes(root, root, notes)
+            return (classes, *hash_split(files, cfg.val_fraction, cfg.split_seed), notes)
         raise UserError(f"image folder {root} has no train/ folder; lay it out as "
                         f"{root}/train/<class>/<image> with {root}/val/<class>/<image> (or "
-                        "test/), or pass --data.root to such a folder")
-    notes: list[str] = []
+                        "validation/, test/), or as <root>/<class>/<image> with "
+                        "--data.val-fraction 0.1")
     if val_dir is not None:
         val_classes, val_files = list_classes(val_dir, root, notes)
         if not need_train and not (root / "train").is_dir():
@@ -88,8 +96,8 @@ def list_splits(root: Path, cfg: DataConfig, need_train: bool = True
     elif cfg.val_fraction > 0:
         train_files, val_files = hash_split(train_files, cfg.val_fraction, cfg.split_seed)
     else:
-        raise UserError(f"image folder {root} has no val/ or test/ folder; add one, or hold out "
-                        "part of train/ with --data.val-fraction 0.1")
+        raise UserError(f"image folder {root} has no val/, validation/ or test/ folder; add "
+                        "one, or hold out part of train/ with --data.val-fraction 0.1")
     return classes, train_files, val_files, notes
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from cifar_files import write_image_folder
 from PIL import Image
-from support import folder_cfg, folder_data
+from support import decoded_cache, folder_cfg, folder_data
 
 from convnext_cifar.config import DataConfig
 from convnext_cifar.data import cache as data_cache
@@ -24,7 +24,8 @@ from convnext_cifar.errors import UserError
 def test_the_cache_hits_and_misses_when_a_file_changes(tmp_path, monkeypatch):
     write_image_folder(tmp_path, {"train": {"a": 5, "b": 5}, "val": {"a": 2, "b": 2}})
     first = load_dataset(folder_cfg(tmp_path))
-    cache = sorted(p.name for p in (tmp_path / ".convnext-cifar-cache").iterdir())
+    cache = sorted(p.name for p in decoded_cache().iterdir())  # the user's cache, not the data's
+    assert not (tmp_path / data_cache.FOLDER_CACHE).exists()
     assert [n.split("-")[0] for n in cache] == ["train", "val"]
     calls = []
     real = data_cache.decode_chunks
@@ -72,8 +73,8 @@ def test_a_killed_cache_write_is_cleaned_up_and_a_running_one_is_not(tmp_path):
     from convnext_cifar.data.kinds import load_dataset
 
     data = write_image_folder(tmp_path / "d", {"train": {"a": 3}, "val": {"a": 1}})
-    cache = data / data_cache.FOLDER_CACHE
-    cache.mkdir()
+    cache = decoded_cache()
+    cache.mkdir(parents=True)
     host = socket.gethostname().replace(".", "_")
     dead = cache / f".train-x.safetensors.{host}.{2**22 + 12345}.abcdef.tmp"
     live = cache / f".train-y.safetensors.{host}.{os.getpid()}.abcdef.tmp"
@@ -152,3 +153,20 @@ def test_the_cache_keeps_the_pixel_histogram_that_mean_and_std_come_from(pics):
     assert data.train.histogram.sum() == 3 * 47 * 32 * 32  # the skipped image is not counted
     measured = channel_stats(data.train.images)  # from the images themselves
     assert stats_of(data.train.histogram) == measured and data.mean == measured[0]
+
+
+def test_a_cache_an_earlier_version_wrote_beside_the_data_is_still_used(tmp_path, monkeypatch):
+    write_image_folder(tmp_path, {"train": {"a": 5, "b": 5}, "val": {"a": 2, "b": 2}})
+    first = load_dataset(folder_cfg(tmp_path))
+    beside = tmp_path / data_cache.FOLDER_CACHE
+    beside.mkdir()
+    for entry in decoded_cache().glob("*.safetensors"):  # <split>-<tag>-<key>: 0.1.x's name
+        split, _, key = entry.name.split("-", 2)
+        entry.rename(beside / f"{split}-{key}")
+    calls = []
+    real = data_cache.decode_chunks
+    monkeypatch.setattr(data_cache, "decode_chunks",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    again = load_dataset(folder_cfg(tmp_path))
+    assert calls == [] and torch.equal(first.train.images, again.train.images)  # a hit
+    assert list(decoded_cache().glob("*.safetensors")) == []  # nothing decoded anew

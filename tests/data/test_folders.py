@@ -37,7 +37,7 @@ def test_folder_any_size_is_resized_and_test_is_an_alias_of_val(tmp_path):
 
 def test_val_fraction_holds_out_each_file_by_a_stable_hash_of_its_path(tmp_path):
     write_image_folder(tmp_path, {"train": {"a": 40, "b": 20, "c": 2}})
-    with pytest.raises(UserError, match="no val/ or test/ folder.*--data.val-fraction"):
+    with pytest.raises(UserError, match="no val/, validation/ or test/ folder.*--data.val-fr"):
         load_dataset(folder_cfg(tmp_path))
     data = load_dataset(folder_cfg(tmp_path, val_fraction=0.25))
     held = set(data.val.files)
@@ -65,8 +65,8 @@ def test_val_fraction_holds_out_each_file_by_a_stable_hash_of_its_path(tmp_path)
     (lambda r: (r / "train").mkdir(parents=True), "holds no class folders"),
     (lambda r: None, "has no train/ folder"),
     (lambda r: write_image_folder(r, {"x": {"cats": 1, "dogs": 1}}),  # ImageFolder layout
-     r"holds class folders \(cats, dogs\) but no train/ folder; move them into .*/train/ and "
-     r"hold out part of them with --data.val-fraction 0.1"),
+     r"holds class folders \(cats, dogs\) and no held-out split; hold out part of them with "
+     r"--data.val-fraction 0.1"),
     (lambda r: (write_image_folder(r, {"train": {"a": 2}, "val": {"a": 1}}),
                 (r / "train" / "b").mkdir()), r"class folder .*train/b holds no images"),
     (lambda r: write_image_folder(r, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "c": 1}}),
@@ -94,3 +94,28 @@ def test_skip_bad_images_leaves_them_out_and_says_how_many(tmp_path):
     assert data.train.labels.tolist() == [0, 0, 1, 1, 1]
     (note,) = data.notes
     assert "skipped 2 image(s)" in note and "0001.png" in note
+
+
+def test_class_folders_at_the_root_hold_out_a_stable_share(tmp_path):
+    """torchvision's ImageFolder layout, root/<class>/<image>: with --data.val-fraction it
+    trains (it was refused), and adding images moves only those between the splits."""
+    write_image_folder(tmp_path / "x", {"y": {"cat": 30, "dog": 30}})
+    root = tmp_path / "x" / "y"
+    data = load_dataset(folder_cfg(root, val_fraction=0.2))
+    assert data.classes == ["cat", "dog"] and all(f.split("/")[0] in data.classes
+                                                  for f in data.val.files)
+    assert len(data.val.files) + len(data.train.files) == 60
+    write_image_folder(tmp_path / "more", {"y": {"cat": 40}}, seed=9)  # 10 new cats
+    for i in range(30, 40):
+        (tmp_path / "more" / "y" / "cat" / f"{i:04d}.png").rename(root / "cat" / f"{i:04d}.png")
+    grown = load_dataset(folder_cfg(root, val_fraction=0.2))
+    new = {f"cat/{i:04d}.png" for i in range(30, 40)}
+    assert set(grown.val.files) - new == set(data.val.files)  # the old files stay where they were
+    assert set(grown.train.files) - new == set(data.train.files)
+
+
+def test_timms_validation_folder_is_the_held_out_split(tmp_path):
+    write_image_folder(tmp_path, {"train": {"a": 4, "b": 4}, "validation": {"a": 2, "b": 1}})
+    data = load_dataset(folder_cfg(tmp_path))
+    assert sorted(data.val.files) == ["validation/a/0000.png", "validation/a/0001.png",
+                                      "validation/b/0000.png"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cifar_files import write_image_folder
 from PIL import Image
-from support import folder_args, folder_cfg, save_sideways, small_run_args
+from support import decoded_cache, folder_args, folder_cfg, save_sideways, small_run_args
 
 from convnext_cifar import cli
 from convnext_cifar.config import DataConfig
@@ -172,7 +172,7 @@ def test_two_runs_filling_and_pruning_one_cache_both_finish(tmp_path):
                               text=True) for _ in range(2)]
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    entries = list((data / data_cache.FOLDER_CACHE).glob("train-*.safetensors"))
+    entries = list(decoded_cache().glob("train-*.safetensors"))
     assert len(entries) == data_cache.KEEP_CACHES
 
 
@@ -189,7 +189,8 @@ def test_a_read_only_dataset_caches_in_the_cache_dir(tmp_path, monkeypatch, caps
     monkeypatch.setattr(data_cache, "atomic_writer", read_only)
     work = tmp_path / "run"
     assert cli.main(folder_args(data, work, "--sched.epochs", "1")) == 0
-    assert "could not cache the decoded images" in capsys.readouterr().err
+    assert "could not cache" not in capsys.readouterr().err  # the user's cache: not the data's
+    assert len(list(decoded_cache().glob("*.safetensors"))) == 2
     cache = tmp_path / "cache"
     assert cli.main(folder_args(data, tmp_path / "run2", "--sched.epochs", "1",
                                 "--data.cache-dir", str(cache))) == 0
@@ -261,13 +262,11 @@ def test_names_from_other_systems_train_evaluate_and_predict_losslessly(odd_name
 @pytest.mark.parametrize("header", [b"[1, 2]", b'{"__metadata__": 5}', b"\xff" * 40])
 def test_a_damaged_cache_header_is_decoded_again(tmp_path, capsys, header):
     """A header that is JSON of another shape raised AttributeError instead of a cache miss."""
-    from convnext_cifar.data.cache import FOLDER_CACHE
-
     data = write_image_folder(tmp_path / "d", {"train": {"a": 6, "b": 6}, "val": {"a": 2,
                                                                                  "b": 2}})
     args = ("--sched.epochs", "1", "--data.batch-size", "4")
     assert cli.main(folder_args(data, tmp_path / "one", *args)) == 0
-    for entry in (data / FOLDER_CACHE).glob("*.safetensors"):
+    for entry in decoded_cache().glob("*.safetensors"):
         entry.write_bytes(len(header).to_bytes(8, "little") + header + entry.read_bytes()[8:])
     capsys.readouterr()
     assert cli.main(folder_args(data, tmp_path / "two", *args)) == 0
@@ -283,3 +282,22 @@ def test_disk_placement_without_a_writable_cache_dir_is_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("convnext-cifar: error: invalid --data.placement 'disk': these images "
                           "have no decode cache to read from")
+
+
+@pytest.mark.parametrize("layout", ["class folders at the root", "train and validation"])
+def test_the_layouts_other_tools_read_train_and_evaluate(tmp_path, capsys, layout):
+    if layout == "class folders at the root":  # torchvision's ImageFolder
+        data = write_image_folder(tmp_path / "d", {"x": {"cat": 12, "dog": 12}}) / "x"
+        extra = ("--data.val-fraction", "0.25")
+    else:  # timm's split name
+        data = write_image_folder(tmp_path / "d", {"train": {"cat": 9, "dog": 9},
+                                                  "validation": {"cat": 3, "dog": 3}})
+        extra = ()
+    work = tmp_path / "run"
+    assert cli.main(folder_args(data, work, "--sched.epochs", "1", *extra)) == 0
+    held = (work / "val_files.txt").read_text().split()
+    assert held and all(p.startswith("validation/") for p in held) == (not extra)
+    capsys.readouterr()
+    assert cli.main(["eval", str(work), "--json", "--compile", "off"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == len(held)
+    assert not (data / ".convnext-cifar-cache").exists()  # the user's cache holds the decoded

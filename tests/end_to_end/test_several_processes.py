@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from support import small_run_args
+from support import decoded_cache, small_run_args
 
 from convnext_cifar import cli
 from convnext_cifar.outputs.workdir import find_states
@@ -188,7 +188,7 @@ def test_two_processes_on_an_image_folder_train_like_one(tmp_path):
             "--log-interval", "2")
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli.main(small_run_args(root, one, *args)) == 0
-    (root / ".convnext-cifar-cache").rename(tmp_path / "cache-of-one")  # rank 0 decodes again
+    decoded_cache().rename(tmp_path / "cache-of-one")  # rank 0 decodes again
     out = torchrun(*small_run_args(root, two, *args))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count("decoding 100 images") == 1  # rank 0 decoded, rank 1 read the cache
