@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class Figure:
     name: str  # file stem: report-<name>.png
     alt: str  # what it shows, the <img> alt text
     png: bytes
+    series: list[tuple[str, str]] | None = None  # (legend label, colour) per line, in the page
 
 
 def pyplot():
@@ -108,12 +110,36 @@ def read_run(run_dir: Path) -> RunData:
     return RunData(run_dir, summary, cfg, read_records(run_dir / METRICS_FILE))
 
 
-def differing_from_defaults(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """{option: (default, this run's value)} for every option the run changed."""
+def differing_from_defaults(cfg: TrainConfig, run_dir: Path | None = None
+                            ) -> dict[str, tuple[Any, Any]]:
+    """{option: (default, this run's value)} for every option the run changed; a path shown
+    relative to `run_dir` (the page is meant to be shared)."""
     default = flatten(to_dict(next(iter(PRESETS.values()))()))
     mine = flatten(to_dict(cfg))
-    return {k: (default.get(k), v) for k, v in mine.items()
+    return {k: (default.get(k), relative(v, run_dir)) for k, v in mine.items()
             if k not in ("name", "work_dir") and default.get(k) != v}
+
+
+PATH_OPTIONS = ("data.root", "data.cache_dir", "model.pretrained")
+
+
+def relative(value: Any, run_dir: Path | None) -> Any:
+    """An absolute path `value` as seen from `run_dir` (`../data/cifar`); anything else as is."""
+    if run_dir is None or not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    return os.path.relpath(value, run_dir)
+
+
+def run_labels(runs: list[RunData]) -> list[str]:
+    """Each run by its work dir's folder and the options that differ between the runs (the
+    first three): `run2 (ema.decay="auto", optim.lr=0.002)`; runs of one name stay apart."""
+    differing = compare([r.summary for r in runs]) if len(runs) > 1 else []
+    labels = []
+    for run in runs:
+        pairs = [f"{k}={json.dumps(relative(run.summary['config'].get(k), run.run_dir))}"
+                 for k in differing[:3]] + (["..."] if len(differing) > 3 else [])
+        labels.append(readable(run.run_dir.name) + (f" ({', '.join(pairs)})" if pairs else ""))
+    return labels
 
 
 # ---- learning curves ----------------------------------------------------------------------------
@@ -130,6 +156,82 @@ CURVES = [  # name, alt, [(record kind, key, label)], y label
     ("throughput", "training throughput per log window",
      [("train", "img_per_s", "images/s")], "images/s"),
 ]
+
+
+COMPARED = [  # one chart per metric on the comparison page: name, record kind, key, y label
+    ("train_loss", "train", "loss", "training loss"),
+    ("val_loss", "val", "val_loss", "validation loss"),
+    *((name, "val", name, f"{label} %") for name, label in METRICS.items()),
+    (ema("top1"), "val", ema("top1"), f"EMA {METRICS['top1']} %"),
+    ("lr", "train", "lr", "learning rate"),
+    ("grad_norm", "train", "grad_norm", "gradient norm"),
+    ("throughput", "train", "img_per_s", "images/s"),
+]
+
+
+def colour(i: int) -> str:
+    """Run i's colour, the same in every chart of the page (matplotlib's tab10, as hex)."""
+    from matplotlib.colors import to_hex
+
+    return to_hex(f"C{i % 10}")
+
+
+def comparison_figures(runs: list[RunData], labels: list[str]) -> list[Figure]:
+    """One chart per metric with the runs overlaid, each run one colour in every chart and
+    named once in each legend (a metric no run recorded is left out)."""
+    plt = pyplot()
+    figures = []
+    for name, kind, key, ylabel in COMPARED:
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        series = []
+        for i, run in enumerate(runs):
+            rows = [r for r in (run.train if kind == "train" else run.val)
+                    if isinstance(r.get(key), (int, float))]
+            if rows:
+                xs = [run.epoch_of(r["step"]) if kind == "train" else r["epoch"] for r in rows]
+                ax.plot(xs, [r[key] for r in rows], color=colour(i), label=labels[i],
+                        marker="o" if kind == "val" else None, markersize=3, linewidth=1.2)
+                series.append((labels[i], colour(i)))
+        if not series:
+            plt.close(fig)
+            continue
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        figures.append(Figure(name, f"{ylabel} per epoch, {len(series)} runs overlaid: "
+                              + "; ".join(label for label, _ in series), _png(fig), series))
+    return figures
+
+
+def values_table(runs: list[RunData], labels: list[str]) -> str:
+    """Per run, each validation metric's final value and its best (epoch)."""
+    keys = [k for k in ("top1", *(m for m in METRICS if m != "top1"), ema("top1"), "val_loss")
+            if any(isinstance(r.get(k), (int, float)) for run in runs for r in run.val)]
+    rows = []
+    for run, label in zip(runs, labels):
+        row: list[Any] = [label]
+        for k in keys:
+            val = [r for r in run.val if isinstance(r.get(k), (int, float))]
+            if not val:
+                row.append("-")
+                continue
+            best = (min if k == "val_loss" else max)(val, key=lambda r: r[k])
+            row.append(f"{val[-1][k]:.2f} / {best[k]:.2f} ({best['epoch']})")
+        rows.append(row)
+    return _table(["run", *(f"{k}: final / best (epoch)" for k in keys)], rows)
+
+
+def ema_lag(run: RunData) -> str:
+    """How the EMA weights' top-1 stood against the raw weights' ('' without EMA)."""
+    pairs = [(r["epoch"], r[ema("top1")] - r["top1"]) for r in run.val
+             if isinstance(r.get(ema("top1")), (int, float))]
+    if not pairs:
+        return ""
+    low = min(pairs, key=lambda p: p[1])
+    return (f"EMA weights against the raw weights, top-1: {pairs[-1][1]:+.2f} points at the last "
+            f"validation (epoch {pairs[-1][0]}), {sum(d for _, d in pairs) / len(pairs):+.2f} on "
+            f"average over {len(pairs)} validation(s), {low[1]:+.2f} at its lowest (epoch "
+            f"{low[0]}); below 0 the average still lags the weights it follows.")
 
 
 def curve_figures(runs: list[RunData]) -> list[Figure]:
@@ -270,6 +372,19 @@ def _grid(images: torch.Tensor, titles: list[str], name: str, alt: str) -> Figur
     return Figure(name, alt, _png(fig))
 
 
+def top_confusions(held: HeldOut, count: int = 10) -> list[str]:
+    """The most frequent mistakes as lines, by share of the true class: 'cat → dog 25 % (12 of
+    48)'."""
+    counts = held.confusion()
+    totals = counts.sum(1)
+    cells = [(float(counts[i, j]) / max(int(totals[i]), 1), i, j)
+             for i in range(len(held.classes)) for j in range(len(held.classes))
+             if i != j and counts[i, j] > 0]
+    cells.sort(key=lambda c: (-c[0], c[1], c[2]))
+    return [f"{held.classes[i]} → {held.classes[j]} {100 * share:.0f} % ({int(counts[i, j])} of "
+            f"{int(totals[i])})" for share, i, j in cells[:count]]
+
+
 def mistakes_figure(held: HeldOut) -> Figure | None:
     picked = held.mistakes()
     if not picked:
@@ -307,8 +422,19 @@ def preview_figure(cfg: TrainConfig, data: Dataset) -> Figure:
             titles.append("\n".join(f"{data.classes[int(i)]} {float(v):.2f}"
                                     for v, i in zip(top.values, top.indices) if v > 0.05))
     return _grid(pixels, titles, "augmentation", "the first training batch as the model "
-                 "receives it: the run's crop, flip, RandAugment, erasing and MixUp/CutMix, "
-                 "same seed")
+                 f"receives it ({augmentation_said(cfg)}), same seed")
+
+
+def augmentation_said(cfg: TrainConfig) -> str:
+    """What the run's augmentation does, naming only what is on."""
+    d, a = cfg.data, cfg.aug
+    done = ([f"random crop after {d.padding} px of zero padding"] if d.padding else []) + (
+        [f"horizontal flip p {d.flip_prob:g}"] if d.flip_prob else []) + (
+        [f"RandAugment {a.randaugment}"] if a.randaugment else []) + (
+        [f"random erasing p {a.erasing_prob:g}"] if a.erasing_prob else []) + (
+        [f"MixUp alpha {a.mixup_alpha:g}"] if a.mixup_alpha else []) + (
+        [f"CutMix alpha {a.cutmix_alpha:g}"] if a.cutmix_alpha else [])
+    return ", ".join(done) or "no augmentation"
 
 
 # ---- the page -----------------------------------------------------------------------------------
@@ -329,8 +455,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def _figure(fig: Figure) -> str:
     data = base64.b64encode(fig.png).decode()
     alt = html.escape(fig.alt)
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{alt}">'
-            f"<figcaption>{alt}</figcaption></figure>")
+    series = (f" data-series='{html.escape(json.dumps(fig.series), quote=True)}'"
+              if fig.series else "")
+    return (f'<figure id="{fig.name}"{series}><img src="data:image/png;base64,{data}" '
+            f'alt="{alt}"><figcaption>{alt}</figcaption></figure>')
 
 
 def single_run_page(run: RunData, device: str, batch_size: int | None,
@@ -340,13 +468,15 @@ def single_run_page(run: RunData, device: str, batch_size: int | None,
         ["status", "best top-1 (epoch)", "epochs", "wall time", "model", "dataset"],
         [[s["status"], run_best(s), f"{s['epochs_done']}/{s['epochs']}",
           wall_clock(s["wall_s"]), s["model"], s["dataset"]]])]
-    changed = differing_from_defaults(run.cfg)
+    changed = differing_from_defaults(run.cfg, run.run_dir)
     parts.append("<h2>Options that differ from the defaults</h2>" + (_table(
         ["option", "default", "this run"],
         [[k, json.dumps(d), json.dumps(v)] for k, (d, v) in changed.items()])
         if changed else "<p>none</p>"))
     figures = curve_figures([run])
-    parts.append("<h2>Learning curves</h2>" + "".join(_figure(f) for f in figures))
+    lag = ema_lag(run)
+    parts.append("<h2>Learning curves</h2>" + "".join(_figure(f) for f in figures)
+                 + (f"<p>{html.escape(lag)}</p>" if lag else ""))
     found = held_out(run, device, batch_size, data_root)
     if found is None:
         parts.append("<p>No best checkpoint yet: the held-out figures come after the first "
@@ -355,8 +485,12 @@ def single_run_page(run: RunData, device: str, batch_size: int | None,
     held, data = found
     shown = [confusion_figure(held), per_class_figure(held)]
     wrong = mistakes_figure(held)
+    confused = top_confusions(held)
     parts.append("<h2>Best checkpoint on the held-out images</h2>"
-                 + f"<p>{html.escape(held.about)}</p>" + "".join(_figure(f) for f in shown))
+                 + f"<p>{html.escape(held.about)}</p>" + "".join(_figure(f) for f in shown)
+                 + ("<h3>Most frequent confusions</h3><ul>" + "".join(
+                     f"<li>{html.escape(c)}</li>" for c in confused) + "</ul>" if confused
+                    else ""))
     parts.append("<h2>Most confident mistakes</h2>" + (_figure(wrong) if wrong else
                                                         "<p>No held-out image is wrong.</p>"))
     preview = preview_figure(run.cfg, data)
@@ -365,15 +499,22 @@ def single_run_page(run: RunData, device: str, batch_size: int | None,
 
 
 def comparison_page(runs: list[RunData]) -> tuple[str, list[Figure]]:
-    rows = [r.summary for r in runs]
-    differing = compare(rows)
-    table = _table(["name", "status", "best top-1 (epoch)", "epochs", "wall time", *differing],
-                   [[r["name"], r["status"], run_best(r), f"{r['epochs_done']}/{r['epochs']}",
-                     wall_clock(r["wall_s"]), *(json.dumps(r["config"].get(k))
-                                                for k in differing)] for r in rows])
-    figures = curve_figures(runs)
-    return (f"<h1>{len(runs)} runs</h1>{table}<h2>Learning curves</h2>"
-            + "".join(_figure(f) for f in figures), figures)
+    """The runs' table (status, best, their differing options), each metric's final and best
+    value, and one chart per metric with the runs overlaid, one colour per run throughout."""
+    labels = run_labels(runs)
+    differing = compare([r.summary for r in runs])
+    table = _table(["run", "status", "best (epoch)", "epochs", "wall time", *differing],
+                   [[label, r.summary["status"], run_best(r.summary, named=True),
+                     f"{r.summary['epochs_done']}/{r.summary['epochs']}",
+                     wall_clock(r.summary["wall_s"]),
+                     *(json.dumps(relative(r.summary["config"].get(k), r.run_dir))
+                       for k in differing)] for r, label in zip(runs, labels)])
+    figures = comparison_figures(runs, labels)
+    lags = [f"{label}: {lag}" for run, label in zip(runs, labels) if (lag := ema_lag(run))]
+    return (f"<h1>{len(runs)} runs</h1>{table}<h2>Final and best values</h2>"
+            f"{values_table(runs, labels)}<h2>Learning curves</h2>"
+            + "".join(_figure(f) for f in figures)
+            + "".join(f"<p>{html.escape(lag)}</p>" for lag in lags), figures)
 
 
 def write_report(run_dirs: list[Path], out: Path | None = None, device: str = "cpu",

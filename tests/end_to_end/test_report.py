@@ -2,7 +2,9 @@
 opened in a real headless Chromium (slow)."""
 
 import base64
+import html
 import io
+import json
 import os
 import re
 import sys
@@ -40,16 +42,44 @@ def test_the_report_of_a_run_is_one_page_with_every_figure_inline_and_beside(run
         assert any((run_dir / name).read_bytes() == png for name in beside)
     assert "optim.lr" in text and "aug.randaugment" in text  # options changed from defaults
     assert "finished" in text
+    caption = next(alt for _, alt in shown if "as the model receives it" in alt)
+    assert "RandAugment rand-m9-n2" in caption and "horizontal flip p 0.5" in caption
+    assert "MixUp" not in caption and "erasing" not in caption  # only what the run did
+    assert "Most frequent confusions" in text and re.search(r"<li>\w+ → \w+ \d+ % \(\d+ of "
+                                                            r"\d+\)</li>", text)
+    assert str(run_dir.parent.parent) not in text.split("Learning curves")[0]  # relative paths
+    assert "EMA weights against" not in text  # no EMA in this run
+
+
+def series_of(page_text):
+    """{figure id: [(label, colour), ...]} from the comparison page's figures."""
+    return {name: json.loads(html.unescape(series)) for name, series in re.findall(
+        r"<figure id=\"([^\"]+)\" data-series='([^']+)'>", page_text)}
 
 
 def test_a_report_compares_several_runs(run_dir, cifar_root, tmp_path, capsys):
     other = tmp_path / "other"
-    assert cli.main(small_run_args(cifar_root, other, *FEW, "--seed", "3")) == 0
+    assert cli.main(small_run_args(cifar_root, other, *FEW, "--seed", "3", "--ema.decay",
+                                   "0.9")) == 0
     out = tmp_path / "cmp" / "both.html"
     assert cli.main(["report", str(run_dir), str(other), "--out", str(out)]) == 0
     text = out.read_text()
     assert "2 runs" in text and "seed" in text and "optim.lr" in text
-    assert len(images_of(text)) == 5 and (tmp_path / "cmp" / "both-loss.png").exists()
+    series = series_of(text)
+    assert set(series) >= {"train_loss", "val_loss", "top1", "lr", "ema_top1"}
+    assert len(images_of(text)) == len(series) and (tmp_path / "cmp" / "both-top1.png").exists()
+    colours = {}
+    for name, lines in series.items():  # one line a run, its label once, one colour throughout
+        labels = [label for label, _ in lines]
+        assert len(labels) == len(set(labels)), (name, labels)
+        for label, hexcolour in lines:
+            assert colours.setdefault(label, hexcolour) == hexcolour, (name, label)
+    assert len(colours) == 2 and len(set(colours.values())) == 2
+    assert [label.split(" (")[0] for label in colours] == ["run", "other"]  # by folder
+    assert len(series["top1"]) == 2 and [lab for lab, _ in series["ema_top1"]] == [
+        lab for lab in colours if lab.startswith("other")]  # only the run that had EMA
+    assert "top1: final / best (epoch)" in text and "EMA weights against the raw weights" in text
+    assert str(cifar_root) not in text  # paths as seen from the work dir
 
 
 @pytest.mark.slow  # a training each; the CIFAR-10 report runs in the fast suite
@@ -84,7 +114,7 @@ def test_report_errors_are_one_line(tmp_path, run_dir, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_the_report_opens_in_a_real_headless_chromium(run_dir, tmp_path):
+def test_the_report_opens_in_a_real_headless_chromium(run_dir, cifar_root, tmp_path):
     """Every image loads and the console stays clean, in a system Chromium (selenium)."""
     import shutil
 
@@ -111,6 +141,22 @@ def test_the_report_opens_in_a_real_headless_chromium(run_dir, tmp_path):
         assert all(alt for alt, _, _ in loaded)
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []
+        # the comparison page: each run one colour in every chart, named once per legend
+        other = tmp_path / "other"
+        assert cli.main(small_run_args(cifar_root, other, *FEW, "--seed", "3")) == 0
+        assert cli.main(["report", str(run_dir), str(other), "--out",
+                         str(tmp_path / "both.html")]) == 0
+        browser.get((tmp_path / "both.html").as_uri())
+        charts = browser.execute_script(
+            "return Array.from(document.querySelectorAll('figure[data-series]')).map(f => "
+            "[JSON.parse(f.dataset.series), f.querySelector('img').naturalWidth])")
+        assert len(charts) >= 7 and all(width > 100 for _, width in charts)
+        colours = {}
+        for lines, _ in charts:
+            assert len({label for label, _ in lines}) == len(lines) == 2
+            for label, colour in lines:
+                assert colours.setdefault(label, colour) == colour
+        assert len(set(colours.values())) == 2
     finally:
         browser.quit()
 

@@ -63,3 +63,36 @@ def test_the_preview_is_the_loaders_first_batch(cifar_root, tmp_path):
     assert torch.equal(x, real_x[:32])
     assert torch.equal(y, real_y[:32]) and y.ndim == 2  # MixUp/CutMix: soft targets
     assert cfg.aug.randaugment and cfg.aug.erasing_prob > 0  # the recipe's augmentation
+
+
+def test_the_page_says_only_what_the_run_did_and_where_it_stands():
+    from pathlib import Path
+
+    from convnext_cifar.config import AugConfig, DataConfig, TrainConfig
+
+    plain = TrainConfig(data=DataConfig(padding=0, flip_prob=0.0))
+    assert outputs_report.augmentation_said(plain) == "no augmentation"
+    mixed = TrainConfig(aug=AugConfig(mixup_alpha=0.8, erasing_prob=0.25))
+    assert outputs_report.augmentation_said(mixed) == (
+        "random crop after 4 px of zero padding, horizontal flip p 0.5, random erasing p 0.25, "
+        "MixUp alpha 0.8")
+    assert outputs_report.relative("/data/cifar", Path("/data/runs/a")) == "../../cifar"
+    assert outputs_report.relative("none", Path("/data/runs/a")) == "none"
+    held = outputs_report.HeldOut(["cat", "dog", "eel"], torch.zeros(4, 3, 2, 2),
+                                  torch.tensor([0, 0, 0, 1]),
+                                  torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 0]]))
+    assert outputs_report.top_confusions(held) == ["cat → dog 33 % (1 of 3)",
+                                                   "cat → eel 33 % (1 of 3)"]
+
+
+def test_the_ema_lag_is_said_only_with_an_ema():
+    from pathlib import Path
+
+    run = outputs_report.RunData(Path("r"), {}, None, [
+        {"epoch": 1, "top1": 50.0, "ema_top1": 40.0}, {"epoch": 2, "top1": 60.0,
+                                                      "ema_top1": 59.0}])
+    assert outputs_report.ema_lag(run).startswith(
+        "EMA weights against the raw weights, top-1: -1.00 points at the last validation "
+        "(epoch 2), -5.50 on average over 2 validation(s), -10.00 at its lowest (epoch 1)")
+    run.records = [{"epoch": 1, "top1": 50.0}]
+    assert outputs_report.ema_lag(run) == ""
