@@ -21,16 +21,22 @@ from convnext_cifar.data.kinds import load_dataset
 from convnext_cifar.errors import UserError
 
 
+def _count_decodes(monkeypatch) -> list:
+    """The calls to the cache's decoder from now on (a cache hit makes none)."""
+    calls = []
+    real = data_cache.decode_chunks
+    monkeypatch.setattr(data_cache, "decode_chunks",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
 def test_the_cache_hits_and_misses_when_a_file_changes(tmp_path, monkeypatch):
     write_image_folder(tmp_path, {"train": {"a": 5, "b": 5}, "val": {"a": 2, "b": 2}})
     first = load_dataset(folder_cfg(tmp_path))
     cache = sorted(p.name for p in decoded_cache().iterdir())  # the user's cache, not the data's
     assert not (tmp_path / data_cache.FOLDER_CACHE).exists()
     assert [n.split("-")[0] for n in cache] == ["train", "val"]
-    calls = []
-    real = data_cache.decode_chunks
-    monkeypatch.setattr(data_cache, "decode_chunks",
-                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    calls = _count_decodes(monkeypatch)
     second = load_dataset(folder_cfg(tmp_path))
     assert calls == [] and torch.equal(first.train.images, second.train.images)  # a hit
     changed = tmp_path / "train" / "b" / "0002.png"
@@ -163,10 +169,7 @@ def test_a_cache_an_earlier_version_wrote_beside_the_data_is_still_used(tmp_path
     for entry in decoded_cache().glob("*.safetensors"):  # <split>-<tag>-<key>: 0.1.x's name
         split, _, key = entry.name.split("-", 2)
         entry.rename(beside / f"{split}-{key}")
-    calls = []
-    real = data_cache.decode_chunks
-    monkeypatch.setattr(data_cache, "decode_chunks",
-                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    calls = _count_decodes(monkeypatch)
     again = load_dataset(folder_cfg(tmp_path))
     assert calls == [] and torch.equal(first.train.images, again.train.images)  # a hit
     assert list(decoded_cache().glob("*.safetensors")) == []  # nothing decoded anew
