@@ -387,8 +387,13 @@ class LogConfig:
     """Also write every metrics.jsonl record as TensorBoard scalars under WORK_DIR/tb/."""
     mlflow: str = ""
     """MLflow tracking URI (e.g. sqlite:///mlflow.db or http://host:5000); empty: off."""
+    wandb: str = ""
+    """Weights & Biases project (wandb extra; WANDB_MODE=offline needs no network); empty: off."""
 
     def __post_init__(self) -> None:
+        _check(not set(self.wandb) & set("/\\#?%: ") and len(self.wandb) <= 128, "log.wandb",
+               self.wandb, "a W&B project name: at most 128 characters, none of / \\ # ? % : "
+               "or spaces")
         # a user and password in the URI go to MLflow's own variables for this process and
         # into no file, log line, param or report: the config holds the URI without them
         uri, user, password = credentials(self.mlflow)

@@ -239,3 +239,37 @@ def atto_checkpoint(path: Path, classes=("a", "b", "c"), **config) -> Path:
     save_weights(path, model.state_dict(), cfg, list(classes), 1, {"top1": 50.0},
                  {"device": "cpu"}, identity=None)
     return path
+
+
+def wandb_offline_records(work_dir: Path) -> list:
+    """Every record of every offline W&B run under WORK_DIR/wandb/, in the order written: the
+    .wandb files read as the LevelDB-style log they are (7-byte file header, then 32 KiB
+    blocks of chunks: crc32c 4, length 2, type 1; FULL=1 FIRST=2 MIDDLE=3 LAST=4), each record
+    a `wandb_internal_pb2.Record`."""
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(Path(work_dir, "wandb").glob("offline-run-*/run-*.wandb")):
+        data, at, record = path.read_bytes(), 7, b""
+        while at + 7 <= len(data):
+            if 32768 - at % 32768 < 7:  # a block's tail too short for a header: padding
+                at += 32768 - at % 32768
+                continue
+            length, kind = int.from_bytes(data[at + 4:at + 6], "little"), data[at + 6]
+            if length == 0 and kind == 0:
+                break
+            record += data[at + 7:at + 7 + length]
+            at += 7 + length
+            if kind in (1, 4):  # a whole record
+                parsed = wandb_internal_pb2.Record()
+                parsed.ParseFromString(record)
+                records.append(parsed)
+                record = b""
+    return records
+
+
+def wandb_offline_history(work_dir: Path) -> list[dict]:
+    """The metrics rows (history records) of the offline W&B runs under WORK_DIR/wandb/."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+             for item in r.history.item} for r in wandb_offline_records(work_dir)
+            if r.WhichOneof("record_type") == "history"]

@@ -107,3 +107,12 @@ def test_a_password_in_the_mlflow_uri_goes_to_mlflows_variables_not_the_config(m
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "S3CRET"
     assert "S3CRET" not in config_json(TrainConfig(log=log))
+
+
+@pytest.mark.parametrize("project", ["team/proj", "a b", "x" * 129, "what?"])
+def test_a_wandb_project_that_wandb_refuses_is_refused_when_the_config_is_built(project):
+    from convnext_cifar.config import LogConfig
+
+    with pytest.raises(UserError, match="invalid --log.wandb .*a W&B project name"):
+        LogConfig(wandb=project)
+    assert LogConfig(wandb="convnext-cifar_runs.1").wandb == "convnext-cifar_runs.1"

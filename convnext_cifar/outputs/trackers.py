@@ -1,13 +1,16 @@
 """The trackers beside metrics.jsonl, each a `metrics_log.Sink`: TensorBoard
-(`--log.tensorboard`) and MLflow (`--log.mlflow URI`). A tracker is one class here and one entry
-in `trackers_for`. Both take the finished run's report: TensorBoard its figures as images and
-the hparams with the final metrics, MLflow the best checkpoint and the report as artifacts.
+(`--log.tensorboard`), MLflow (`--log.mlflow URI`) and Weights & Biases (`--log.wandb PROJECT`).
+A tracker is one class here and one entry in `trackers_for`. All take the finished run's report:
+TensorBoard its figures as images and the hparams with the final metrics, MLflow and W&B the best
+checkpoint and the report as artifacts.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from urllib.parse import urlsplit
 
 from convnext_cifar.config import TrainConfig, flatten, to_dict
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import first_line
+from convnext_cifar.files import first_line, write_file
 from convnext_cifar.metrics import TIMINGS
 from convnext_cifar.network import reachable
 from convnext_cifar.outputs.metrics_log import Sink
@@ -30,7 +33,8 @@ PROBE_SECONDS = 3.0
 def trackers_for(cfg: TrainConfig) -> list[Sink]:
     """The trackers `cfg.log` turns on, in the order they receive each record."""
     return ([TensorBoardSink(cfg.run_dir / "tb", cfg)] if cfg.log.tensorboard else []) + (
-        [MlflowSink(cfg.log.mlflow, cfg)] if cfg.log.mlflow else [])
+        [MlflowSink(cfg.log.mlflow, cfg)] if cfg.log.mlflow else []) + (
+        [WandbSink(cfg.log.wandb, cfg)] if cfg.log.wandb else [])
 
 
 def tracker_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -223,6 +227,145 @@ class MlflowSink(Sink):
             warn(f"MLflow at {self.uri} failed ({first_line(e, sentence=False)}); the run goes on "
                  "without it")
             self.client = None
+
+
+WANDB_STEP = "trainer/step"  # the x axis of every W&B metric: the optimizer step
+WANDB_RUN_FILE = "wandb-run.json"  # in the work dir: the W&B run and the last step it holds
+
+
+class WandbSink(Sink):
+    """One W&B run per training run (project `--log.wandb`): the flattened config, every record
+    as metrics at its optimizer step (`trainer/step`; names as TensorBoard and MLflow have them),
+    sent once the training state that saw it is on disk; the best checkpoint and the report as
+    artifacts. The W&B run id is this sink's state, so a resumed run continues the same W&B run
+    and sends what followed that state once; a resume from an older state (a rollback) starts a
+    new W&B run, noted with the old id. WANDB_MODE=offline (or WANDB_MODE=disabled) is honoured:
+    offline runs go to WORK_DIR/wandb/ for a later `wandb sync`. A service that cannot be
+    reached, or any W&B error, is one line and the run goes on untracked."""
+
+    state_name = "wandb"
+    takes_report = True
+
+    def __init__(self, project: str, cfg: TrainConfig):
+        try:
+            import wandb  # noqa: F401 - present: the extra is installed
+        except ImportError:
+            raise UserError("--log.wandb needs the wandb extra: pip install "
+                            "'convnext-cifar[wandb]'") from None
+        self.project, self.cfg = project, cfg
+        self.run: Any = None
+        self.run_id = ""
+        self.pending: list[tuple[dict[str, Any], int]] = []
+        self.sealed: list[tuple[dict[str, Any], int]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = str(state.get("run_id", ""))
+
+    def open(self, step: int, resumed: bool = False) -> None:
+        import os
+
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE", "online")
+        base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        if mode not in ("offline", "dryrun", "disabled") and not reachable(base, PROBE_SECONDS):
+            warn(f"Weights & Biases at {base} cannot be reached; this run is not tracked there "
+                 "(metrics.jsonl has everything; WANDB_MODE=offline logs without network)")
+            return
+        marker = self.cfg.run_dir / WANDB_RUN_FILE
+        held = _read_marker(marker)
+        notes = {}
+        if self.run_id and held.get("id") == self.run_id and held.get("step", -1) > step:
+            print(f"note: W&B run {self.run_id} went on past step {step}; the resumed line "
+                  "continues in a new W&B run", file=sys.stderr)
+            notes["rolled_back_from"] = self.run_id
+            self.run_id = ""
+        self.run_id = self.run_id or secrets.token_hex(4)  # W&B's own shape: 8 of [0-9a-z]
+        try:
+            self.run = wandb.init(
+                project=self.project, name=self.cfg.run_name, id=self.run_id, resume="allow",
+                dir=str(self.cfg.run_dir), config={**flatten(to_dict(self.cfg)), **notes},
+                settings=wandb.Settings(silent=True, console="off"))
+            self.run.define_metric(WANDB_STEP)
+            self.run.define_metric("*", step_metric=WANDB_STEP)
+        except Exception as e:  # noqa: BLE001 - any W&B error: the run goes on untracked
+            warn(f"Weights & Biases is not usable ({first_line(e, sentence=False)}); this run is "
+                 "not tracked there (metrics.jsonl has everything)")
+            self.run = None
+
+    def add(self, record: dict[str, Any], step: int | None) -> None:
+        if self.run is not None:
+            self.pending.append((record, int(step or 0)))
+
+    def seal(self) -> None:
+        self.sealed += self.pending
+        self.pending = []
+
+    def commit(self) -> None:
+        """Send the records the state now on disk has seen; note the last step sent."""
+        if self.run is None or not self.sealed:
+            self.sealed.clear()
+            return
+        sent, self.sealed = self.sealed, []
+
+        def send() -> None:
+            for record, step in sent:
+                self.run.log({**tracker_metrics(record), WANDB_STEP: step})
+            write_file(self.cfg.run_dir / WANDB_RUN_FILE, json.dumps(
+                {"id": self.run_id, "step": sent[-1][1]}).encode())
+
+        self._guard(send)
+
+    def publish(self, report: Path | None) -> None:
+        """The best checkpoint (a model artifact) and the report with its figures."""
+        if self.run is None:
+            return
+        import wandb
+
+        def send() -> None:
+            best = self.cfg.run_dir / BEST_FILE
+            if best.exists():
+                model = wandb.Artifact(f"{self.run_id}-best", type="model")
+                model.add_file(str(best))
+                self.run.log_artifact(model)
+            if report is not None:
+                page = wandb.Artifact(f"{self.run_id}-report", type="report")
+                for path in sorted(report.parent.glob(f"{report.stem}*")):
+                    page.add_file(str(path))
+                self.run.log_artifact(page)
+
+        self._guard(send)
+
+    def close(self, outcome: str) -> None:
+        """End the W&B run: exit code 0 when finished, 1 otherwise (it may still resume)."""
+        if self.run is None:
+            return
+        self.seal()
+        self.commit()
+        run, self.run = self.run, None
+        try:
+            run.finish(exit_code=0 if outcome == "finished" else 1)
+        except Exception as e:  # noqa: BLE001 - the run's own files are complete
+            warn(f"Weights & Biases failed to close its run ({first_line(e, sentence=False)})")
+
+    def _guard(self, send) -> None:
+        try:
+            send()
+        except Exception as e:  # noqa: BLE001 - a tracking failure never ends the training
+            warn(f"Weights & Biases failed ({first_line(e, sentence=False)}); the run goes on "
+                 "without it")
+            self.run = None
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return held if isinstance(held, dict) else {}
 
 
 def _tensorboard_images(writer: Any, page: Path) -> None:

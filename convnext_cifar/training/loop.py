@@ -127,7 +127,8 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
         "scaler": run.step_fn.scaler, "rng": GlobalRng(rt.device, dist), "loader": run.loader,
         "window": window, "guard": guard, **log.stateful(),
         "dataset": DatasetRecord(run.data.identity),
-        **({"ema": run.ema} if run.ema is not None else {})}, optional=("dataset", "tracking"))
+        **({"ema": run.ema} if run.ema is not None else {})},
+        optional=("dataset", "tracking", "wandb"))
     _start_or_resume(state, found, log, progress)
     try:
         _epochs(run, state, log, progress, window, guard, on_validation)

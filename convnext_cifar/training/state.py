@@ -331,7 +331,7 @@ def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
 
 # Options that may differ between a run and its resumption: where and how fast, not what.
 RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "compile_mode",
-                     "deterministic", "channels_last", "log.tensorboard", "log.mlflow",
+                     "deterministic", "channels_last", "log.tensorboard", "log.mlflow", "log.wandb",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
                      "keep_last", "keep_states", "keep_set_aside", "data.root", "data.download",
                      "data.eval_batch_size", "data.workers", "data.decode_processes",

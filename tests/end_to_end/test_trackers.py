@@ -16,6 +16,8 @@ from support import (
     signal_at_step,
     small_run_args,
     timeless_records,
+    wandb_offline_history,
+    wandb_offline_records,
 )
 
 from convnext_cifar import cli
@@ -61,6 +63,60 @@ def test_mlflow_gets_params_metrics_and_artifacts_across_a_sigterm(cifar_root, t
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"best.safetensors", "report.html", "report-confusion.png"} <= artifacts
     assert (tmp_path / "mlruns").is_dir()  # where the artifacts went, not the repository
+
+
+def test_wandb_offline_records_equal_metrics_jsonl_across_a_sigterm_and_resume(
+        cifar_root, tmp_path, monkeypatch, capsys):
+    """Point for point: every metrics.jsonl record once in the offline W&B run (two offline
+    run folders of one run id), at its optimizer step, with the config and the artifacts."""
+    from convnext_cifar.outputs.trackers import WANDB_STEP, tracker_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    work = tmp_path / "run"
+    args = small_run_args(cifar_root, work, "--sched.epochs", "2", "--sched.warmup-epochs", "0",
+                          "--data.limit-train", "100", "--data.limit-val", "60",
+                          "--log-interval", "1", "--log.wandb", "convnext-cifar-test")
+    restore = signal_at_step(monkeypatch, 3)  # mid-epoch 2: after the state of epoch 1
+    assert cli.main(args) == 143
+    restore()
+    assert cli.main(args + ["--resume", "auto"]) == 0
+    runs = sorted((work / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one run id
+    rows = wandb_offline_history(work)
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    wall = ("train/img_per_s", "time/train_s", "time/validate_s", "time/state_s")
+    expected, step = [], 0
+    for r in records:  # a validation is at the step its epoch ended on
+        step = r.get("step", step)
+        expected.append((step, {k: v for k, v in tracker_metrics(r).items() if k not in wall}))
+    got = [(row[WANDB_STEP], {k: v for k, v in row.items() if not k.startswith("_")
+                              and k != WANDB_STEP and k not in wall}) for row in rows]
+    assert len(got) == len(expected) == 6  # 4 log windows and 2 validations, none twice
+    for (step, metrics), (want_step, want) in zip(got, expected):
+        assert step == want_step and metrics.keys() == want.keys()
+        assert [metrics[k] for k in sorted(want)] == pytest.approx([want[k] for k in sorted(want)])
+    assert "Weights & Biases" not in capsys.readouterr().err  # no warning on the way
+    assert json.loads((work / "wandb-run.json").read_text())["step"] == 4
+    records = wandb_offline_records(work)
+    config = {i.key: json.loads(i.value_json) for r in records
+              if r.WhichOneof("record_type") == "run" for i in r.run.config.update}
+    assert config["optim.lr"] == 0.004 and config["data.batch_size"] == 50
+    artifacts = {(r.artifact.type, r.artifact.name.split("-", 1)[1]) for r in records
+                 if r.WhichOneof("record_type") == "artifact"}
+    assert artifacts == {("model", "best"), ("report", "report")}
+
+
+def test_an_unreachable_wandb_is_one_line_and_the_run_goes_on(cifar_root, tmp_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    work = tmp_path / "run"
+    assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "1", "--data.limit-train",
+                                   "50", "--data.limit-val", "50", "--sched.warmup-epochs", "0",
+                                   "--log.wandb", "p")) == 0
+    err = capsys.readouterr().err
+    assert err.count("Weights & Biases") == 1 and "cannot be reached" in err
+    assert (work / "best.safetensors").exists() and not (work / "wandb").exists()
 
 
 def test_an_unreachable_tracking_server_is_one_line_and_the_run_goes_on(cifar_root, tmp_path,
