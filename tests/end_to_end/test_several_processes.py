@@ -119,8 +119,8 @@ def test_only_rank_0_writes(double):
     work, out = double
     names = sorted(p.name for p in work.iterdir())
     assert names == [".lock", "best.safetensors", "config.json", "epoch_1.safetensors",
-                     "epoch_2.safetensors", "metrics.jsonl", "state_00000004.pt",
-                     "state_00000008.pt", "status.json"]
+                     "epoch_2.safetensors", "metrics.jsonl", "state_00000008.pt",  # the last
+                     "status.json", "train.log"]  # rank 0's console
     steps = [r["step"] for r in metric_records(work) if "step" in r]
     assert steps == [2, 4, 6, 8]  # each log point once, not once per rank
     assert out.stdout.count("done: best top1") == 1

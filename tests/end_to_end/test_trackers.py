@@ -106,6 +106,22 @@ def test_wandb_offline_records_equal_metrics_jsonl_across_a_sigterm_and_resume(
     assert artifacts == {("model", "best"), ("report", "report")}
 
 
+def test_a_rollback_continues_in_a_new_wandb_run(cifar_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    work = tmp_path / "run"
+    args = small_run_args(cifar_root, work, "--sched.epochs", "2", "--sched.warmup-epochs", "0",
+                          "--data.limit-train", "100", "--data.limit-val", "60",
+                          "--log.wandb", "p", "--keep-states")
+    assert cli.main(args) == 0
+    first = json.loads((work / "wandb-run.json").read_text())
+    assert cli.main(args + ["--resume", str(work / "state_00000002.pt")]) == 0  # epoch 1's
+    assert f"W&B run {first['id']} went on past step 2" in capsys.readouterr().err
+    second = json.loads((work / "wandb-run.json").read_text())
+    assert second["id"] != first["id"] and second["step"] == 4
+    runs = {r.name.rsplit("-", 1)[1] for r in (work / "wandb").glob("offline-run-*")}
+    assert runs == {first["id"], second["id"]}
+
+
 def test_an_unreachable_wandb_is_one_line_and_the_run_goes_on(cifar_root, tmp_path, monkeypatch,
                                                              capsys):
     monkeypatch.setenv("WANDB_MODE", "online")
