@@ -42,13 +42,22 @@ def test_every_package_the_code_imports_is_declared():
                 for d in project["dependencies"]}
     for extra in project["optional-dependencies"].values():
         declared |= {re.split(r"[<>=\[ ]", d)[0].lower().replace("_", "-") for d in extra}
-    imported = set().union(*(_imports(p) for p in (ROOT / "convnext_cifar").glob("*.py")))
+    imported = set().union(*(_imports(p) for p in (ROOT / "convnext_cifar").rglob("*.py")))
     third_party = {m for m in imported - STDLIB if m not in ("convnext_cifar", "__future__")}
     missing = {m for m in third_party
                if DISTRIBUTIONS.get(m, m).lower().replace("_", "-") not in declared}
     assert not missing
     assert {"numpy", "pillow", "huggingface-hub"} <= declared
     assert "version" in project["dynamic"] and "version" not in project
+    assert {"wandb", "mlflow-skinny", "optuna", "matplotlib"} <= declared  # the folders' imports
+
+
+def test_the_all_extra_holds_every_feature_extra():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    (everything,) = extras["all"]
+    named = set(re.search(r"\[(.*)\]", everything)[1].split(","))
+    assert named == set(extras) - {"all", "test"}
 
 
 def test_a_licence_file_matches_the_declared_licence():
