@@ -93,7 +93,40 @@ class TensorBoardSink(Sink):
             self.writer.close()
 
 
-class MlflowSink(Sink):
+class HeldBackSink(Sink):
+    """A tracker that sends a record only once the training state that saw it is on disk: a
+    resumed run then never sends a point twice. `live` says whether it is sending at all."""
+
+    def __init__(self) -> None:
+        self.run_id = ""  # the tracker's run: restored from a state, or set by `open`
+        self.pending: list[tuple[dict[str, Any], int]] = []  # since the last state was taken
+        self.sealed: list[tuple[dict[str, Any], int]] = []  # seen by a state not yet on disk
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = str(state.get("run_id", ""))
+
+    @property
+    def live(self) -> bool:
+        return False
+
+    def add(self, record: dict[str, Any], step: int | None) -> None:
+        if self.live:
+            self.pending.append((record, int(step or 0)))
+
+    def seal(self) -> None:
+        self.sealed += self.pending
+        self.pending = []
+
+    def take(self) -> list[tuple[dict[str, Any], int]]:
+        """The records the state now on disk has seen, to send ([] when not live)."""
+        sent, self.sealed = self.sealed, []
+        return sent if self.live else []
+
+
+class MlflowSink(HeldBackSink):
     """One MLflow run per training run: the flattened config as params (`optim.lr`), every
     record as metrics at its step (train/loss, val/top1, ... as in TensorBoard), sent when a
     training state is written, so MLflow never holds more than the newest state has seen;
@@ -113,18 +146,14 @@ class MlflowSink(Sink):
                             "'convnext-cifar[mlflow]'") from None
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about its tables
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        super().__init__()
         self.uri, self.cfg = uri, cfg
         self.client_class = MlflowClient
         self.client: Any = None
-        self.run_id = ""  # restored from a state, or set by `open`
-        self.pending: list[tuple[dict[str, Any], int]] = []  # since the last state was taken
-        self.sealed: list[tuple[dict[str, Any], int]] = []  # seen by a state not yet on disk
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.run_id = str(state.get("run_id", ""))
+    @property
+    def live(self) -> bool:
+        return self.client is not None
 
     def open(self, step: int, resumed: bool = False) -> None:
         """Continue the run id the state gave (resumed at optimizer step `step`), or start a
@@ -176,27 +205,18 @@ class MlflowSink(Sink):
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
-    def add(self, record: dict[str, Any], step: int | None) -> None:
-        if self.client is not None:
-            self.pending.append((record, int(step or 0)))
-
-    def seal(self) -> None:
-        self.sealed += self.pending
-        self.pending = []
-
     def commit(self) -> None:
         """Send the records the state now on disk has seen."""
-        if self.client is None or not self.sealed:
-            self.sealed.clear()
+        sent = self.take()
+        if not sent:
             return
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name, value, now, step) for record, step in self.sealed
+        metrics = [Metric(name, value, now, step) for record, step in sent
                    for name, value in tracker_metrics(record).items()]
-        self.sealed.clear()
         self._guard(lambda: [self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
                              for i in range(0, len(metrics), 900)])
 
@@ -233,7 +253,7 @@ WANDB_STEP = "trainer/step"  # the x axis of every W&B metric: the optimizer ste
 WANDB_RUN_FILE = "wandb-run.json"  # in the work dir: the W&B run and the last step it holds
 
 
-class WandbSink(Sink):
+class WandbSink(HeldBackSink):
     """One W&B run per training run (project `--log.wandb`): the flattened config, every record
     as metrics at its optimizer step (`trainer/step`; names as TensorBoard and MLflow have them),
     sent once the training state that saw it is on disk; the best checkpoint and the report as
@@ -252,17 +272,13 @@ class WandbSink(Sink):
         except ImportError:
             raise UserError("--log.wandb needs the wandb extra: pip install "
                             "'convnext-cifar[wandb]'") from None
+        super().__init__()
         self.project, self.cfg = project, cfg
         self.run: Any = None
-        self.run_id = ""
-        self.pending: list[tuple[dict[str, Any], int]] = []
-        self.sealed: list[tuple[dict[str, Any], int]] = []
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.run_id = str(state.get("run_id", ""))
+    @property
+    def live(self) -> bool:
+        return self.run is not None
 
     def open(self, step: int, resumed: bool = False) -> None:
         import os
@@ -296,20 +312,11 @@ class WandbSink(Sink):
                  "not tracked there (metrics.jsonl has everything)")
             self.run = None
 
-    def add(self, record: dict[str, Any], step: int | None) -> None:
-        if self.run is not None:
-            self.pending.append((record, int(step or 0)))
-
-    def seal(self) -> None:
-        self.sealed += self.pending
-        self.pending = []
-
     def commit(self) -> None:
         """Send the records the state now on disk has seen; note the last step sent."""
-        if self.run is None or not self.sealed:
-            self.sealed.clear()
+        sent = self.take()
+        if not sent:
             return
-        sent, self.sealed = self.sealed, []
 
         def send() -> None:
             for record, step in sent:

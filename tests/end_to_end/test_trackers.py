@@ -122,28 +122,19 @@ def test_a_rollback_continues_in_a_new_wandb_run(cifar_root, tmp_path, monkeypat
     assert runs == {first["id"], second["id"]}
 
 
-def test_an_unreachable_wandb_is_one_line_and_the_run_goes_on(cifar_root, tmp_path, monkeypatch,
-                                                             capsys):
+@pytest.mark.parametrize("option, name", [(("--log.mlflow", "http://127.0.0.1:9"), "MLflow"),
+                                          (("--log.wandb", "p"), "Weights & Biases")])
+def test_an_unreachable_tracker_is_one_line_and_the_run_goes_on(cifar_root, tmp_path,
+                                                                monkeypatch, capsys, option, name):
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     work = tmp_path / "run"
     assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "1", "--data.limit-train",
                                    "50", "--data.limit-val", "50", "--sched.warmup-epochs", "0",
-                                   "--log.wandb", "p")) == 0
+                                   *option)) == 0
     err = capsys.readouterr().err
-    assert err.count("Weights & Biases") == 1 and "cannot be reached" in err
+    assert err.count(name) == 1 and "cannot be reached" in err
     assert (work / "best.safetensors").exists() and not (work / "wandb").exists()
-
-
-def test_an_unreachable_tracking_server_is_one_line_and_the_run_goes_on(cifar_root, tmp_path,
-                                                                        capsys):
-    work = tmp_path / "run"
-    assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "1", "--data.limit-train",
-                                   "50", "--data.limit-val", "50", "--sched.warmup-epochs", "0",
-                                   "--log.mlflow", "http://127.0.0.1:9")) == 0
-    err = capsys.readouterr().err
-    assert err.count("MLflow") == 1 and "cannot be reached" in err
-    assert (work / "best.safetensors").exists()
 
 
 def test_tensorboard_gets_the_report_images_and_the_hparams(cifar_root, tmp_path):
