@@ -295,6 +295,9 @@ def _take_over(study, work_dir: Path):
             held.enter_context(WorkDirLock(folder, TRIAL_LOCK))
         except UserError:
             continue  # a live process runs it (or its folder went since the check: next time)
+        if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:  # noqa: SLF001
+            held.close()  # its process finished it after the list above was read: not ours
+            continue
         return trial, held
     return None
 

@@ -56,3 +56,21 @@ def test_an_int_range_is_checked_at_every_value_it_holds():
     assert parse_space(("optim.accum_steps=int(1,2)",), TrainConfig())[0].values == (1, 2)
     with pytest.raises(UserError, match="optim.accum_steps: 3: "):  # both ends divide 128
         parse_space(("optim.accum_steps=int(2,4)",), TrainConfig())
+
+
+def test_a_trial_finished_after_the_list_was_read_is_not_taken_over(tmp_path, monkeypatch):
+    """Two processes: one lists trial 0 as RUNNING, the other finishes it and frees its lock;
+    the first must not resume a COMPLETE trial (it did, and counted it twice)."""
+    import socket
+
+    optuna = pytest.importorskip("optuna")
+    from convnext_cifar.tune import _take_over
+
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr("host", socket.gethostname())
+    (tmp_path / "trial-0").mkdir()
+    stale = study.get_trials(deepcopy=True)  # RUNNING, as the first process read it
+    study.tell(trial, 50.0)
+    monkeypatch.setattr(study, "get_trials", lambda *a, **k: stale)
+    assert _take_over(study, tmp_path) is None
