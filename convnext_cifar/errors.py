@@ -1,6 +1,12 @@
 """The one exception type for mistakes a user can fix; cli.py makes it one line and exit 2."""
 
 
+def install_extra(extra: str) -> str:
+    """How to add an optional extra, from the clone the Quickstart installs (the package's
+    extras are named after the dot there; `all` holds every feature)."""
+    return f"pip install '.[{extra}]' from the project's clone"
+
+
 class UserError(Exception):
     """A request that cannot be done; the message says what is wrong and what to do."""
 

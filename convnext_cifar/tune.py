@@ -35,7 +35,7 @@ from convnext_cifar.config import (
     type_name,
     with_options,
 )
-from convnext_cifar.errors import Pruned, TrainingDiverged, UserError
+from convnext_cifar.errors import Pruned, TrainingDiverged, UserError, install_extra
 from convnext_cifar.files import first_line, write_file
 from convnext_cifar.model.build import check_pretrained
 from convnext_cifar.network import masked
@@ -43,7 +43,7 @@ from convnext_cifar.outputs.metrics_log import read_records
 from convnext_cifar.outputs.workdir import CONFIG_FILE, METRICS_FILE, FileLock, WorkDirLock
 from convnext_cifar.training.loop import fit, preflight
 
-EXTRA = "pip install 'convnext-cifar[tune]'"
+EXTRA = install_extra("tune")
 TRIAL_LOCK = ".tune-lock"  # in each trial folder, held by the process running it
 SPEC = re.compile(r"^(log|uniform|int|choice)\((.*)\)$")
 

@@ -27,7 +27,7 @@ from convnext_cifar.config import TrainConfig, flatten, from_dict, to_dict
 from convnext_cifar.data.dataset import Dataset
 from convnext_cifar.data.loader import training_loader
 from convnext_cifar.distributed import Dist
-from convnext_cifar.errors import UserError
+from convnext_cifar.errors import UserError, install_extra
 from convnext_cifar.files import parse_json, readable, write_file
 from convnext_cifar.metrics import METRICS, ema
 from convnext_cifar.outputs.console import run_best, wall_clock
@@ -38,7 +38,7 @@ from convnext_cifar.presets import PRESETS
 from convnext_cifar.terminal import warn
 from convnext_cifar.use.evaluate import load_held_out, load_model
 
-EXTRA = "pip install 'convnext-cifar[report]'"
+EXTRA = install_extra("report")
 GALLERY = 24  # most confident mistakes shown
 PREVIEW = 32  # training images shown
 

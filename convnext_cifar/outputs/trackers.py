@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from convnext_cifar.config import TrainConfig, flatten, to_dict
-from convnext_cifar.errors import UserError
+from convnext_cifar.errors import UserError, install_extra
 from convnext_cifar.files import first_line, write_file
 from convnext_cifar.metrics import TIMINGS
 from convnext_cifar.network import reachable
@@ -73,8 +73,8 @@ class TensorBoardSink(Sink):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("--log.tensorboard needs the tensorboard extra: pip install "
-                            "'convnext-cifar[tensorboard]'") from None
+            raise UserError("--log.tensorboard needs the tensorboard extra: "
+                            + install_extra("tensorboard")) from None
         self.writer = SummaryWriter(str(self.folder), purge_step=step + 1 if resumed else None)
 
     def add(self, record: dict[str, Any], step: int) -> None:
@@ -142,8 +142,8 @@ class MlflowSink(HeldBackSink):
         try:
             from mlflow import MlflowClient
         except ImportError:
-            raise UserError("--log.mlflow needs the mlflow extra: pip install "
-                            "'convnext-cifar[mlflow]'") from None
+            raise UserError("--log.mlflow needs the mlflow extra: "
+                            + install_extra("mlflow")) from None
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about its tables
         logging.getLogger("alembic").setLevel(logging.WARNING)
         super().__init__()
@@ -270,8 +270,8 @@ class WandbSink(HeldBackSink):
         try:
             import wandb  # noqa: F401 - present: the extra is installed
         except ImportError:
-            raise UserError("--log.wandb needs the wandb extra: pip install "
-                            "'convnext-cifar[wandb]'") from None
+            raise UserError("--log.wandb needs the wandb extra: "
+                            + install_extra("wandb")) from None
         super().__init__()
         self.project, self.cfg = project, cfg
         self.run: Any = None

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from convnext_cifar.data.loader import Normalize
-from convnext_cifar.errors import UserError
+from convnext_cifar.errors import UserError, install_extra
 from convnext_cifar.files import file_hash, write_file
 from convnext_cifar.runtime import Runtime
 from convnext_cifar.use.evaluate import load_model
@@ -74,8 +74,8 @@ def _require_onnx() -> None:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
-        raise UserError("ONNX export needs the export extra: pip install "
-                        "'convnext-cifar[export]' (onnx, onnxscript, onnxruntime)") from None
+        raise UserError("ONNX export needs the export extra (onnx, onnxscript, onnxruntime): "
+                        + install_extra("export")) from None
 
 
 def _write_onnx(model, example, batch, metadata, out: Path) -> None:

@@ -236,7 +236,7 @@ def test_export_without_the_extra_names_it(trained, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     out = tmp_path / "m.onnx"
     assert cli.main(["export", str(trained / "best.safetensors"), str(out)]) == 2
-    assert "pip install 'convnext-cifar[export]'" in capsys.readouterr().err
+    assert "pip install '.[export]' from the project's clone" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
