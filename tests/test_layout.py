@@ -1,6 +1,6 @@
 """The house rules of the package's layout, checked on the source and in fresh processes: layers
 that import one way (no cycle, no upward import, inside functions too), one home per concern,
-a test file per module, and a README that names every module."""
+a test file per module, and a layout in the docs (docs/internals.md) that names every module."""
 
 import ast
 import json
@@ -186,10 +186,10 @@ def test_no_test_file_imports_another():
     assert found == []
 
 
-def test_the_readme_layout_names_every_module():
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Layout"):]
-    section = section[:section.index("\n### ", 1)]
+def test_the_docs_layout_names_every_module():
+    text = (ROOT / "docs" / "internals.md").read_text()
+    section = text[text.index("## Layout"):]
+    section = section[:section.index("\n## ", 1)]
     missing = [str(p.relative_to(PACKAGE)) for p in MODULES.values()
                if p.name != "__init__.py" and not re.search(
                    rf"(?<![\w/]){re.escape(p.name)}(?![\w.])", section)]
