@@ -57,7 +57,7 @@ def test_the_all_extra_holds_every_feature_extra():
         "optional-dependencies"]
     (everything,) = extras["all"]
     named = set(re.search(r"\[(.*)\]", everything)[1].split(","))
-    assert named == set(extras) - {"all", "test"}
+    assert named == set(extras) - {"all", "test", "docs"}  # docs: the site, not a feature
 
 
 def test_a_licence_file_matches_the_declared_licence():
@@ -86,8 +86,8 @@ def test_no_private_internals_without_a_fallback(monkeypatch):
 def test_the_readme_reads_in_a_newcomers_order():
     text = (ROOT / "README.md").read_text()
     headings = [h for h in re.findall(r"^## (.+)$", text, re.M)]
-    order = ["Quickstart", "Results", "Your own images", "Common tasks", "Coming from timm",
-             "FAQ", "Internals"]
+    order = ["Quickstart", "Install", "Results", "Your own images", "Common tasks",
+             "Documentation", "License"]
     found = [next(i for i, h in enumerate(headings) if h.startswith(o)) for o in order]
     assert found == sorted(found), headings
     quickstart = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
@@ -95,6 +95,15 @@ def test_the_readme_reads_in_a_newcomers_order():
     ci = (ROOT / ".ci" / "run").read_text()
     test_command = re.findall(r"```bash\n(.+?)\n```", quickstart, re.S)[1].strip()
     assert test_command in ci
+
+
+def test_the_readme_stays_a_short_entry_point():
+    """At most ~300 lines: what it is, the Quickstart, install, results, the common tasks;
+    the rest lives in the docs site, linked from it."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    for page in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (ROOT / page).exists(), page
 
 
 @pytest.mark.slow
