@@ -103,3 +103,55 @@ def test_the_state_write_benchmark_measures_what_the_loop_waits_for(tmp_path):
     assert len(result["blocked_s"]) == len(result["on_disk_s"]) == 2
     assert all(0 < b <= d for b, d in zip(result["blocked_s"], result["on_disk_s"]))
     assert list(tmp_path.iterdir()) == []  # its temporary work dir is gone
+
+
+def _seed_config() -> dict:
+    """benchmarks/mmpretrain_seed_config.py as MMEngine reads it: a file of plain assignments."""
+    from benchmarks.mmpretrain import CONFIG
+
+    values: dict = {}
+    exec(compile(CONFIG.read_text(), str(CONFIG), "exec"), {}, values)  # noqa: S102 (our file)
+    return values
+
+
+def test_the_mmpretrain_seed_config_is_the_reference_experiment():
+    """What MMPretrain runs beside us is the experiment `train` runs by default."""
+    from convnext_cifar.presets import PRESETS
+
+    cfg, seed = PRESETS["cifar10"](), _seed_config()
+    assert seed["_base_"] == ["_base_/models/convnext_v2/tiny.py",
+                              "_base_/datasets/cifar10_bs16.py",
+                              "_base_/schedules/cifar10_bs128.py", "_base_/default_runtime.py"]
+    assert seed["model"]["head"]["num_classes"] == 10
+    assert seed["model"]["train_cfg"] == {"_delete_": True}  # no MixUp/CutMix
+    assert seed["model"]["backbone"]["init_cfg"]["prefix"] == "backbone."
+    assert seed["train_dataloader"]["batch_size"] == cfg.data.batch_size
+    optimizer = seed["optim_wrapper"]["optimizer"]
+    assert (optimizer["type"], optimizer["lr"], optimizer["weight_decay"]) == (
+        "AdamW", cfg.optim.lr, cfg.optim.weight_decay)
+    assert tuple(optimizer["betas"]) == cfg.optim.betas
+    assert seed["optim_wrapper"]["clip_grad"]["max_norm"] == cfg.optim.clip_grad_norm
+    paramwise = seed["optim_wrapper"]["paramwise_cfg"]  # no decay on norms, biases and GRN
+    assert paramwise["norm_decay_mult"] == paramwise["bias_decay_mult"] == 0.0
+    assert {k: v["decay_mult"] for k, v in paramwise["custom_keys"].items()} == {
+        ".gamma": 0.0, ".beta": 0.0}
+    warmup, cosine = seed["param_scheduler"]
+    assert (warmup["start_factor"], warmup["end"]) == (cfg.sched.start_factor,
+                                                       cfg.sched.warmup_epochs)
+    assert (cosine["begin"], cosine["end"], cosine["eta_min"]) == (
+        cfg.sched.warmup_epochs, cfg.sched.epochs, cfg.sched.min_lr)
+    assert seed["train_cfg"] == {"by_epoch": True, "max_epochs": cfg.sched.epochs,
+                                 "val_interval": cfg.val_interval}
+    assert seed["default_hooks"]["logger"]["interval"] == cfg.log_interval
+    assert seed["default_hooks"]["checkpoint"]["interval"] == cfg.ckpt_interval
+    assert seed["randomness"]["seed"] == cfg.seed
+
+
+def test_the_mmpretrain_benchmark_without_mmpretrain_says_how_to_install(tmp_path):
+    script = ("import runpy, sys; sys.modules['mmpretrain'] = None  # not importable\n"
+              f"sys.argv = ['mmpretrain', '--generate', {str(tmp_path)!r}]\n"
+              "runpy.run_module('benchmarks.mmpretrain', run_name='__main__', alter_sys=True)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "pip install mmengine==0.10.7" in proc.stderr and not list(tmp_path.iterdir())
