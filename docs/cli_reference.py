@@ -83,7 +83,8 @@ def command_markdown(name: str, parser: argparse.ArgumentParser, doc: str) -> st
         if section:
             lines += [f"### `{name}`: `--{section}.*`", ""]
         lines += ["| option | type | default | what it does |", "| --- | --- | --- | --- |"]
-        lines += [f"| {_code(n)} | {_code(k)} | {_code(d)} | {_prose(h)} |" for n, k, d, h in rows]
+        lines += [f"| {'<br>'.join(map(_code, n.split(' / ')))} | {_code(k.replace(',', ', '))} "
+                  f"| {_code(d)} | {_prose(h)} |" for n, k, d, h in rows]
         lines.append("")
     return "\n".join(lines)
 
