@@ -370,6 +370,33 @@ class EmaConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation: learn from a trained teacher that sees every training batch."""
+
+    teacher: str = ""
+    """Teacher checkpoint of this project (.safetensors, or a work dir: its best); empty: off."""
+    alpha: float = 0.5
+    """Weight of the distillation term; the usual loss (smoothing, mixed targets) gets 1-alpha."""
+    temperature: float = 1.0
+    """Softening temperature T of soft distillation (KL of softmax(z/T), times T^2)."""
+    kind: Literal["soft", "hard"] = "soft"
+    """soft: KL to the teacher's softened probabilities; hard: CE to its top class (DeiT)."""
+    image_size: int = 0
+    """The teacher's input size: each augmented batch is resized to it (0: the teacher's own)."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.alpha <= 1, "distill.alpha", self.alpha, "must be in [0, 1]")
+        _check(0 < self.temperature <= 100, "distill.temperature", self.temperature,
+               "must be in (0, 100]")
+        _check(self.image_size == 0 or 16 <= self.image_size <= 1024, "distill.image_size",
+               self.image_size, "must be 0 (the teacher's own size) or in [16, 1024]")
+
+    @property
+    def on(self) -> bool:
+        return bool(self.teacher)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """How validation (and `eval`) computes its predictions."""
 
@@ -447,6 +474,8 @@ class TrainConfig:
     """Training loss."""
     ema: EmaConfig = field(default_factory=EmaConfig)
     """EMA of the weights."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation from a teacher."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Validation."""
     log: LogConfig = field(default_factory=LogConfig)

@@ -25,6 +25,18 @@ TUNE_METRICS = ("top1", "ema_top1")
 """The metrics a tuning study may maximise (--tune.metric); the first is the default."""
 
 
+AGREEMENT = "agreement"
+"""With a distillation teacher: % of held-out images whose top class is the teacher's."""
+TEACHER_KL = "teacher_kl"
+"""With a distillation teacher: mean KL(teacher || student) of the held-out predictions (nats)."""
+TEACHER_TOP1 = "teacher_top1"
+"""With a distillation teacher: the teacher's own held-out top-1, measured once, in each record."""
+DISTILLATION: dict[str, str] = {AGREEMENT: "agreement with the teacher",
+                                TEACHER_KL: "KL(teacher || student)",
+                                TEACHER_TOP1: "teacher top-1"}
+"""The distillation metrics of a validation record and the label figures give them."""
+
+
 TIMINGS = ("img_per_s", "train_s", "validate_s", "state_s")
 """Wall-clock measurements in records (they differ between identical runs): a log window's
 img/s; a validation record's seconds of the epoch's training, of the validation itself (best

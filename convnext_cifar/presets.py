@@ -22,6 +22,7 @@ from convnext_cifar.config import (
     AugConfig,
     DataConfig,
     DatasetName,
+    DistillConfig,
     EmaConfig,
     ModelConfig,
     OptimConfig,
@@ -133,7 +134,26 @@ class CIFAR100FineTune(CIFAR10FineTune):
     data: DataConfig = field(default_factory=lambda: CIFAR100Data(batch_size=128))
 
 
+@dataclass(frozen=True)
+class CIFAR10DistilAtto(CIFAR10FineTune):
+    """The reference experiment for ConvNeXt-V2-Atto (FCMAE), learning from the reference run's
+    best Tiny: train that first (plain `train`, work dir work_dirs/convnextv2-tiny_cifar10).
+
+    The student: atto from its FCMAE weights, drop-path 0.1 (a model 7.5x smaller than Tiny).
+    The teacher sees every augmented batch (soft distillation, alpha 0.5, temperature 1: the
+    "consistent teacher" setting); the rest is the reference's recipe and schedule.
+    """
+
+    name: str = "{model}_{dataset}-distilled"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        name="convnextv2_atto", pretrained="convnextv2_atto.fcmae", drop_path_rate=0.1,
+        label_smoothing=0.2))
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(
+        teacher="work_dirs/convnextv2-tiny_cifar10", alpha=0.5, temperature=1.0))
+
+
 PRESETS: dict[str, type[TrainConfig]] = {
     "cifar10": CIFAR10FineTune, "smoke": CIFAR10Smoke, "cifar100": CIFAR100FineTune,
-    "cifar10-official-recipe": CIFAR10OfficialRecipe, "cifar10-224": CIFAR10OfficialRecipe224}
+    "cifar10-official-recipe": CIFAR10OfficialRecipe, "cifar10-224": CIFAR10OfficialRecipe224,
+    "cifar10-distil-atto": CIFAR10DistilAtto}
 """Presets selectable with `train --preset NAME`; the first is the default."""

@@ -4,6 +4,7 @@ says."""
 
 from convnext_cifar.config import DataConfig, ModelConfig, TrainConfig, flatten, to_dict
 from convnext_cifar.presets import (
+    PRESETS,
     CIFAR10Data,
     CIFAR10FineTune,
     CIFAR10Smoke,
@@ -49,3 +50,7 @@ def test_presets_change_only_what_they_say():
         "data.limit_val",
         "sched.epochs", "sched.warmup_epochs", "ckpt_interval", "log_interval"}
     assert isinstance(CIFAR10FineTune().model, ConvNeXtV2Tiny)
+    # the distillation preset: atto (FCMAE) learning from the reference run's work dir
+    assert _diff(CIFAR10FineTune(), PRESETS["cifar10-distil-atto"]()) == {
+        "name", "model.name", "model.pretrained", "model.drop_path_rate", "distill.teacher"}
+    assert PRESETS["cifar10-distil-atto"]().distill.teacher == str(CIFAR10FineTune().run_dir)

@@ -9,7 +9,7 @@ import sys
 from typing import Any, Protocol
 
 from convnext_cifar.files import one_line, readable, spreadsheet_cell
-from convnext_cifar.metrics import METRICS
+from convnext_cifar.metrics import AGREEMENT, METRICS, TEACHER_KL
 from convnext_cifar.outputs.metrics_log import Sink
 from convnext_cifar.terminal import is_terminal, log_line, pause_log, progress_bar, warn
 
@@ -156,8 +156,10 @@ class Progress:
             ema_chosen = f" {metric} {record[f'ema_{metric}']:.2f}" if "ema_top1" in record else ""
         ema = (f"  ema top1 {record['ema_top1']:.2f} top5 {record['ema_top5']:.2f}{ema_chosen}"
                if "ema_top1" in record else "")
+        teacher = (f"  agreement {record[AGREEMENT]:.2f} kl {record[TEACHER_KL]:.4f}"
+                   if AGREEMENT in record else "")  # with a distillation teacher
         print(f"epoch {record['epoch']}/{self.epochs} val  loss {record['val_loss']:.4f}  "
-              f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}{chosen}{ema}  "
+              f"top1 {record['top1']:.2f}  top5 {record['top5']:.2f}{chosen}{ema}{teacher}  "
               f"(best {metric} {best:.2f})", flush=True)
 
     def message(self, text: str) -> None:
@@ -272,9 +274,11 @@ def runs_table(rows: list[dict[str, Any]], differing: list[str], width: int) -> 
     labels = [readable(r["run"]) if r["study"] is None else  # a trial: under its study's line
               "  " + readable(r["run"]).removeprefix(readable(r["study"]) + "/") for r in rows]
     label_w = min(max(len(x) for x in ["run", *labels]), room)
+    option = {"model": "model.name", "dataset": "data.dataset", "teacher": "distill.teacher"}
     shared = [f"{k} {v}" for k, v in (("model", rows[0]["model"]),
-                                      ("dataset", rows[0]["dataset"]))
-              if f"{'model.name' if k == 'model' else 'data.dataset'}" not in differing]
+                                      ("dataset", rows[0]["dataset"]),
+                                      ("teacher", rows[0].get("teacher")))
+              if option[k] not in differing and (k != "teacher" or v)]
     lines = [f"{len(rows)} run(s)" + (": " + ", ".join(readable(str(x)) for x in shared)
                                       if shared else "")]
     lines.append(f"{'run':<{label_w}}  " + right.format(*head))
@@ -308,7 +312,7 @@ def wrapped(items: list[str], width: int, indent: str) -> list[str]:
 
 DELIMITED = ("run", "name", "study", "status", "best_metric", "best", "best_epoch", "epochs_done",
              "epochs", "wall_s", "last_top1", "img_per_s", "size_bytes", "set_aside_lines",
-             "set_aside_bytes", "work_dir")
+             "set_aside_bytes", "teacher", "last_agreement", "work_dir")
 
 
 def runs_delimited(rows: list[dict[str, Any]], differing: list[str], csv_output: bool) -> str:

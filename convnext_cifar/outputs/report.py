@@ -29,7 +29,7 @@ from convnext_cifar.data.loader import training_loader
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError, install_extra
 from convnext_cifar.files import parse_json, readable, write_file
-from convnext_cifar.metrics import METRICS, ema
+from convnext_cifar.metrics import AGREEMENT, DISTILLATION, METRICS, TEACHER_KL, TEACHER_TOP1, ema
 from convnext_cifar.outputs.console import run_best, wall_clock
 from convnext_cifar.outputs.metrics_log import read_records
 from convnext_cifar.outputs.runs import compare, summarize
@@ -150,6 +150,13 @@ CURVES = [  # name, alt, [(record kind, key, label)], y label
     ("accuracy", "validation accuracy per epoch",
      [("val", name, label) for name, label in METRICS.items()]
      + [("val", ema("top1"), "EMA " + METRICS["top1"])], "accuracy %"),
+    ("distillation", "agreement with the distillation teacher per epoch: the share of held-out "
+     "images whose top class is the teacher's, beside the teacher's and the student's top-1",
+     [("val", AGREEMENT, DISTILLATION[AGREEMENT]), ("val", TEACHER_TOP1,
+                                                     DISTILLATION[TEACHER_TOP1]),
+      ("val", "top1", "student " + METRICS["top1"])], "%"),
+    ("teacher_kl", "mean KL divergence of the student's held-out predictions from the teacher's",
+     [("val", TEACHER_KL, DISTILLATION[TEACHER_KL])], "nats"),
     ("lr", "learning rate per step", [("train", "lr", "learning rate")], "learning rate"),
     ("grad_norm", "gradient norm per step (before clipping)",
      [("train", "grad_norm", "gradient norm")], "gradient norm"),
@@ -163,6 +170,8 @@ COMPARED = [  # one chart per metric on the comparison page: name, record kind, 
     ("val_loss", "val", "val_loss", "validation loss"),
     *((name, "val", name, f"{label} %") for name, label in METRICS.items()),
     (ema("top1"), "val", ema("top1"), f"EMA {METRICS['top1']} %"),
+    (AGREEMENT, "val", AGREEMENT, f"{DISTILLATION[AGREEMENT]} %"),
+    (TEACHER_KL, "val", TEACHER_KL, f"{DISTILLATION[TEACHER_KL]} (nats)"),
     ("lr", "train", "lr", "learning rate"),
     ("grad_norm", "train", "grad_norm", "gradient norm"),
     ("throughput", "train", "img_per_s", "images/s"),
@@ -240,6 +249,9 @@ def curve_figures(runs: list[RunData]) -> list[Figure]:
     plt = pyplot()
     figures = []
     for name, alt, series, ylabel in CURVES:
+        if series[0][1] in DISTILLATION and not any(
+                isinstance(r.get(series[0][1]), (int, float)) for run in runs for r in run.val):
+            continue  # no teacher: no distillation figure (its student top-1 would still draw)
         fig, ax = plt.subplots(figsize=(7, 3.6))
         drawn, labels = 0, []
         for run in runs:

@@ -15,6 +15,7 @@ from typing import Any
 
 from convnext_cifar.config import flatten
 from convnext_cifar.errors import UserError
+from convnext_cifar.metrics import AGREEMENT
 from convnext_cifar.outputs.console import runs_delimited, runs_table
 from convnext_cifar.outputs.metrics_log import read_records, skipped_note
 from convnext_cifar.outputs.workdir import (
@@ -85,6 +86,7 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         "study": run_dir.parent.name if any((run_dir.parent / m).exists() for m in STUDY_MARKERS)
         else None,
         "model": config["model"]["name"], "dataset": config["data"].get("dataset"),
+        "teacher": _teacher(config),
         "epochs_done": status["epoch"] if isinstance(status.get("epoch"), int) else max(
             (r["epoch"] for r in val), default=0),
         "epochs": config["sched"].get("epochs"),
@@ -93,6 +95,8 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         "best_epoch": best["epoch"] if best else None,
         "best_top1": _best_of(best_top1, "top1") if best_top1 else None,
         "last_top1": val[-1]["top1"] if val else None,
+        "last_agreement": val[-1].get(AGREEMENT) if val and _number(val[-1].get(AGREEMENT))
+        else None,
         "img_per_s": train[-1]["img_per_s"] if train and _number(train[-1].get("img_per_s"))
         else None,
         "wall_s": status["elapsed_s"] if _number(status.get("elapsed_s")) else None,
@@ -102,6 +106,12 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         "set_aside_bytes": set_aside_bytes(run_dir),
         "notes": [note] if (note := skipped_note(run_dir / METRICS_FILE, skipped)) else [],
         "config": flatten(config)}
+
+
+def _teacher(config: dict[str, Any]) -> str | None:
+    """The distillation teacher's file name (a work dir's: its folder name), None without one."""
+    teacher = (config.get("distill") or {}).get("teacher")
+    return Path(teacher).name if isinstance(teacher, str) and teacher else None
 
 
 def folder_bytes(folder: Path) -> int:
@@ -160,7 +170,7 @@ def _label(work_dir: Path, folders: list[Path], name: str) -> str:
 
 # ---- choosing and ordering rows (--filter, --sort) -----------------------------------------------
 
-FIELDS = ("run", "name", "study", "status", "model", "dataset", "best_metric")
+FIELDS = ("run", "name", "study", "status", "model", "dataset", "teacher", "best_metric")
 NUMBERS = {"best": "best", "last": "last_top1", "img/s": "img_per_s", "img_per_s": "img_per_s",
            "wall": "wall_s", "size": "size_bytes", "epochs": "epochs_done"}
 HIGHER_FIRST = ("best", "last_top1", "img_per_s")  # the rest sort lowest first

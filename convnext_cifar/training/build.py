@@ -1,6 +1,7 @@
 """What a training run is made of (`Run`), built one way for `train` and the benchmarks: the
 dataset, the model (from its pretrained weights), the module to call (maybe compiled, maybe
-under DDP), the optimizer and the step, the loader, and the EMA of the weights."""
+under DDP), the optimizer and the step, the loader, the EMA of the weights, and the
+distillation teacher."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from convnext_cifar.model.build import build_model
 from convnext_cifar.model.ema import ModelEma, ema_schedule
 from convnext_cifar.model.optim import build_optimizer
 from convnext_cifar.runtime import Runtime, compiled, prepare_model, seed_everything
+from convnext_cifar.training.distill import Teacher, distillation_loss, load_teacher
 from convnext_cifar.training.step import TrainStep, cross_entropy_sum
 
 
@@ -35,6 +37,7 @@ class Run:
     step_fn: TrainStep
     loader: DeviceLoader
     ema: ModelEma | None = None
+    teacher: Teacher | None = None
 
     @property
     def normalize(self) -> Normalize:
@@ -68,14 +71,18 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
         counts = torch.bincount(data.train.labels, minlength=data.num_classes).tolist()
         weights = torch.tensor(cfg.loss.weights(counts), device=rt.device)
     loss_fn = cross_entropy_sum(cfg.model.label_smoothing, weights)
+    loader = training_loader(cfg, data, rt.device, rt.channels_last, dist)
+    rows = cfg.data.batch_size // dist.world // cfg.optim.accum_steps
+    teacher = None
+    if cfg.distill.on:
+        teacher = load_teacher(cfg.distill, rt, data, loader.normalize, rows)
+        loss_fn = distillation_loss(loss_fn, cfg.distill)
     step_fn = TrainStep(train_forward, optimizer, rt, loss_fn,
                         cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, dist.world,
-                        eager=ddp or model,
-                        compiled_rows=cfg.data.batch_size // dist.world // cfg.optim.accum_steps)
-    loader = training_loader(cfg, data, rt.device, rt.channels_last, dist)
+                        eager=ddp or model, compiled_rows=rows, teacher=teacher)
     ema = None
     decay, warmup = ema_schedule(cfg.ema.decay, cfg.ema.warmup_steps,
                                  cfg.sched.epochs * len(loader))
     if decay > 0:
         ema = ModelEma(model, decay, warmup, wrap=lambda m: compiled(m, rt))
-    return Run(cfg, rt, dist, data, model, forward, step_fn, loader, ema)
+    return Run(cfg, rt, dist, data, model, forward, step_fn, loader, ema, teacher)

@@ -27,7 +27,7 @@ from convnext_cifar.config import TrainConfig, flatten, to_dict
 from convnext_cifar.data.kinds import load_dataset, prepare_dataset
 from convnext_cifar.errors import Interrupted, Pruned, TrainingDiverged, UserError
 from convnext_cifar.files import first_line
-from convnext_cifar.metrics import ema
+from convnext_cifar.metrics import TEACHER_TOP1, ema
 from convnext_cifar.model.checkpoints import load_weights, save_weights
 from convnext_cifar.model.ema import ema_lag_warning
 from convnext_cifar.model.optim import lr_at, peak_lr, set_lr
@@ -47,6 +47,7 @@ from convnext_cifar.outputs.workdir import (
 from convnext_cifar.runtime import Runtime, configure_backends, resolve_runtime
 from convnext_cifar.terminal import ConsoleLog, warn
 from convnext_cifar.training.build import Run, build_run
+from convnext_cifar.training.distill import TeacherRecord
 from convnext_cifar.training.signals import StopSignals
 from convnext_cifar.training.state import (
     DatasetRecord,
@@ -112,6 +113,8 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     cfg, rt, dist, steps = run.cfg, run.rt, run.dist, len(run.loader)
     clock = RunClock(cfg.sched.epochs, steps, cfg.data.batch_size, cfg.val_interval)
     progress = Progress(cfg.sched.epochs, live_progress, is_main=dist.is_main, clock=clock)
+    if run.teacher is not None:  # its held-out predictions, once: every validation compares
+        run.teacher.measure(run.data.val, cfg.data.eval_batch_size, dist)
     for line in start_lines(run):
         progress.message(line)
     for note in run.data.notes:
@@ -126,9 +129,9 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
         "run": position, "model": run.model, "optimizer": run.step_fn.optimizer,
         "scaler": run.step_fn.scaler, "rng": GlobalRng(rt.device, dist), "loader": run.loader,
         "window": window, "guard": guard, **log.stateful(),
-        "dataset": DatasetRecord(run.data.identity),
+        "dataset": DatasetRecord(run.data.identity), "teacher": TeacherRecord(run.teacher),
         **({"ema": run.ema} if run.ema is not None else {})},
-        optional=("dataset", "tracking", "wandb"))
+        optional=("dataset", "tracking", "wandb", "teacher"))
     _start_or_resume(state, found, log, progress)
     try:
         _epochs(run, state, log, progress, window, guard, on_validation)
@@ -206,6 +209,12 @@ def start_lines(run: Run) -> list[str]:
                and not (k in ("data.mean", "data.std") and preset.get(k) is None)]  # measured
     if changed:
         lines.append(f"options beside {type(cfg).__name__}'s: " + " ".join(changed))
+    if (teacher := run.teacher) is not None:
+        d = cfg.distill
+        term = f"{d.kind}, alpha {d.alpha}" + (f", T {d.temperature}" if d.kind == "soft" else "")
+        lines.append(f"teacher {teacher.name}: {teacher.loaded.cfg.model.name} at "
+                     f"{teacher.size}x{teacher.size}, held-out top-1 {teacher.top1:.2f}; "
+                     f"distillation {term}")
     return lines
 
 
@@ -325,6 +334,8 @@ def validate(run: Run, position: Position, log: MetricsLog,
     started = time.perf_counter()
     candidates = {"raw": (run.model, _validation_metrics(run, run.forward, run.model))}
     record = {"epoch": position.epoch, **candidates["raw"][1]}
+    if run.teacher is not None:
+        record[TEACHER_TOP1] = run.teacher.top1
     if run.ema is not None:
         candidates["ema"] = (run.ema.module,
                              _validation_metrics(run, run.ema.forward, run.ema.module))
@@ -345,9 +356,10 @@ def validate(run: Run, position: Position, log: MetricsLog,
 
 def _validation_metrics(run: Run, forward: torch.nn.Module, eager: torch.nn.Module
                         ) -> dict[str, float]:
+    reference = run.teacher.held_out_log_probs if run.teacher is not None else None
     return evaluate(forward, run.data.val.images, run.data.val.labels,
                     run.cfg.data.eval_batch_size, run.normalize, run.rt, run.data.num_classes,
-                    run.dist, run.cfg.eval.tta, eager).record()
+                    run.dist, run.cfg.eval.tta, eager, reference).record()
 
 
 def save_weights_of(run: Run, name: str, epoch: int, metrics: dict[str, float],

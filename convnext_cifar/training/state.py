@@ -41,6 +41,7 @@ from convnext_cifar.files import (
 )
 from convnext_cifar.model.build import layout_mismatch
 from convnext_cifar.outputs.workdir import find_states, state_path, state_step
+from convnext_cifar.training.distill import teacher_change
 
 
 class Stateful(Protocol):
@@ -330,7 +331,9 @@ def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
 # ---- finding the state to resume, and what may change -------------------------------------------
 
 # Options that may differ between a run and its resumption: where and how fast, not what.
-RESUMABLE_CHANGES = ("name", "work_dir", "device", "precision", "compile", "compile_mode",
+# (distill.teacher: its path may change, its bytes not: teacher_change checks them)
+RESUMABLE_CHANGES = ("name", "work_dir", "distill.teacher", "device", "precision", "compile",
+                     "compile_mode",
                      "deterministic", "channels_last", "log.tensorboard", "log.mlflow", "log.wandb",
                      "val_interval", "ckpt_interval", "log_interval", "state_interval",
                      "keep_last", "keep_states", "keep_set_aside", "data.root", "data.download",
@@ -421,6 +424,9 @@ def refuse_changes(found: tuple[Path, dict[str, Any]], cfg: TrainConfig,
         raise UserError(f"cannot resume {path}: {cfg.data.root} is not the data the run trained "
                         f"on ({difference}); point --data.root at the run's data, or pass "
                         "--resume-allow-changes to continue on this data")
+    if change := teacher_change(state["components"].get("teacher"), cfg.distill):
+        raise UserError(f"cannot resume {path}: {change}; resume with the run's own teacher "
+                        "(the same file's bytes, at any path), or pass --resume-allow-changes")
     if changes := config_changes(json.loads(state["config"]), cfg):
         raise UserError(f"cannot resume {path}: the config differs in " + ", ".join(changes)
                         + "; resume with the run's own config.json (--config) or pass "

@@ -18,7 +18,7 @@ from convnext_cifar.errors import TrainingDiverged
 from convnext_cifar.outputs.workdir import find_states
 from convnext_cifar.runtime import Runtime
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]  # (logits, target[, teacher logits]) -> summed loss
 
 
 def cross_entropy_sum(label_smoothing: float, weight: torch.Tensor | None = None) -> LossFn:
@@ -52,16 +52,19 @@ class TrainStep:
 
     A compiled `forward` keeps one graph: micro-batches of another size than `compiled_rows`
     (an epoch's last, smaller batch) run through `eager`, the same module uncompiled, instead of
-    costing a cold compile of their own.
+    costing a cold compile of their own. With a `teacher` (distillation) the loss also gets the
+    teacher's logits of each micro-batch, computed from that very input.
     """
 
     def __init__(self, forward: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime,
                  loss_fn: LossFn, clip_grad_norm: float | None, accum_steps: int = 1,
                  ddp: torch.nn.parallel.DistributedDataParallel | None = None, world: int = 1,
-                 eager: torch.nn.Module | None = None, compiled_rows: int = 0):
+                 eager: torch.nn.Module | None = None, compiled_rows: int = 0,
+                 teacher: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.forward, self.optimizer, self.rt, self.loss_fn = forward, optimizer, rt, loss_fn
         self.clip, self.accum_steps, self.ddp, self.world = clip_grad_norm, accum_steps, ddp, world
         self.eager, self.compiled_rows = eager if rt.compile else None, compiled_rows
+        self.teacher = teacher
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.scaler = GradScaler(rt.device.type, enabled=rt.precision == "fp16")
 
@@ -82,7 +85,8 @@ class TrainStep:
             with sync:
                 with self.rt.autocast():
                     logits = forward(xm)
-                part = self.loss_fn(logits, tm) * scale
+                part = (self.loss_fn(logits, tm) if self.teacher is None
+                        else self.loss_fn(logits, tm, self.teacher(xm))) * scale
                 (self.scaler.scale(part) if self.scaler.is_enabled() else part).backward()
             loss = part.detach() if loss is None else loss + part.detach()
         if self.scaler.is_enabled():

@@ -21,7 +21,7 @@ from convnext_cifar.data.kinds import load_dataset, normalisation, stored_size
 from convnext_cifar.data.loader import Normalize, eval_batches
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
-from convnext_cifar.metrics import LOSS, METRICS
+from convnext_cifar.metrics import AGREEMENT, LOSS, METRICS, TEACHER_KL
 from convnext_cifar.model.build import build_model, layout_mismatch
 from convnext_cifar.model.checkpoints import Checkpoint, load_weights
 from convnext_cifar.runtime import (
@@ -112,10 +112,16 @@ class EvalResult:
     top1: float
     top5: float
     confusion: list[list[int]]  # rows: true class, columns: predicted class
+    agreement: float | None = None  # % of images whose top class is the reference's
+    reference_kl: float | None = None  # mean KL(reference || these predictions)
 
     def record(self) -> dict[str, float]:
-        """The validation metrics by their names (metrics.py): val_loss, top1, top5, ..."""
-        return {LOSS: self.loss, **{name: getattr(self, name) for name in METRICS}}
+        """The validation metrics by their names (metrics.py): val_loss, top1, top5, ..., and
+        with a reference (a distillation teacher) the agreement with it."""
+        out = {LOSS: self.loss, **{name: getattr(self, name) for name in METRICS}}
+        if self.agreement is not None:
+            out.update({AGREEMENT: self.agreement, TEACHER_KL: self.reference_kl})
+        return out
 
     def per_class(self, classes: list[str]) -> dict[str, float]:
         return {name: 100.0 * row[i] / max(sum(row), 1)
@@ -160,12 +166,15 @@ def predict_logits(forward: torch.nn.Module, x: torch.Tensor, rt: Runtime,
 def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int, normalize: Normalize, rt: Runtime, num_classes: int,
              dist: Dist | None = None, tta: str = "none",
-             eager: torch.nn.Module | None = None) -> EvalResult:
+             eager: torch.nn.Module | None = None,
+             reference: torch.Tensor | None = None) -> EvalResult:
     """Every image once, in order; counts stay on the device until the end.
 
     Under DDP each rank takes a contiguous share of the images and the counts are added across
     ranks, so every image is counted once and every rank gets the same result. A last, smaller
     batch runs through `eager` (the uncompiled module), when given, not a second graph.
+    `reference` (log-probabilities of this rank's share, e.g. a teacher's) adds how often the
+    top classes agree and the mean KL divergence from it.
     """
     forward.eval()
     dist = dist or Dist()
@@ -176,21 +185,31 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     top1 = torch.zeros((), dtype=torch.int64, device=dev)
     top5 = torch.zeros((), dtype=torch.int64, device=dev)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=dev)
-    k = min(5, num_classes)
+    agree = torch.zeros((), dtype=torch.int64, device=dev)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    k, done = min(5, num_classes), 0
     for x, y in eval_batches(images, labels, batch_size, normalize, lo, hi):
         tail = eager is not None and len(x) != batch_size
         logits = predict_logits(eager if tail else forward, x, rt, tta)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        if reference is not None:
+            ref = reference[done:done + len(x)]
+            agree += (logits.argmax(dim=1) == ref.argmax(dim=1)).sum()
+            kl_sum += F.kl_div(logits.log_softmax(dim=1), ref, reduction="sum", log_target=True)
+            done += len(x)
         topk = logits.topk(k, dim=1).indices
         top1 += (topk[:, 0] == y).sum()
         top5 += (topk == y[:, None]).any(dim=1).sum()
         cell = y * num_classes + topk[:, 0]  # scatter_add: bincount would read its max
         confusion.scatter_add_(0, cell, torch.ones_like(cell))
-    sums = dist.all_reduce_sum(torch.stack([loss_sum, top1.double(), top5.double()]))
+    sums = dist.all_reduce_sum(torch.stack([loss_sum, top1.double(), top5.double(),
+                                            agree.double(), kl_sum]))
     confusion = dist.all_reduce_sum(confusion)
-    loss_total, top1_count, top5_count = sums.tolist()
+    loss_total, top1_count, top5_count, agree_count, kl_total = sums.tolist()
     return EvalResult(n, loss_total / n, 100.0 * int(top1_count) / n, 100.0 * int(top5_count) / n,
-                      confusion.view(num_classes, num_classes).tolist())
+                      confusion.view(num_classes, num_classes).tolist(),
+                      *((100.0 * int(agree_count) / n, kl_total / n) if reference is not None
+                        else (None, None)))
 
 
 # ---- the held-out split of a checkpoint, and the eval command -----------------------------------

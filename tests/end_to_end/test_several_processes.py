@@ -179,6 +179,23 @@ def test_two_processes_with_mixing_augmentation_and_ema_train_like_one(cifar_roo
     assert all("ema_top1" in r for r in metric_records(two) if "top1" in r)
 
 
+def test_two_processes_with_a_distillation_teacher_train_like_one(cifar_root, tmp_path,
+                                                                   trained):
+    """Each rank's teacher sees its slice of the global batch; agreement is counted over the
+    ranks' shares of the held-out images once each, as one process counts it."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    distill = ("--distill.teacher", str(trained), "--distill.image-size", "40", *RECIPE[:4])
+    assert cli.main(small_run_args(cifar_root, one, *ARGS, *distill)) == 0
+    out = torchrun(*small_run_args(cifar_root, two, *ARGS, *distill))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_close_runs(one, two, atol=1e-4)
+    val_one, val_two = ([r for r in metric_records(w) if "top1" in r] for w in (one, two))
+    for a, b in zip(val_one, val_two):
+        assert a["teacher_top1"] == b["teacher_top1"]
+        assert abs(a["agreement"] - b["agreement"]) <= 100 / 299 + 1e-9
+        assert a["teacher_kl"] == pytest.approx(b["teacher_kl"], rel=1e-3)
+
+
 def test_two_processes_on_an_image_folder_train_like_one(tmp_path):
     from cifar_files import write_image_folder
 
