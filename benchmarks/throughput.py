@@ -69,6 +69,9 @@ class Args:
     """DataLoader worker processes of the baseline."""
     num_classes: int = 10
     """Classes of the synthetic data (the head's size)."""
+    teacher: str = ""
+    """Also time each configuration with a distillation teacher of this timm model (random
+    weights, e.g. convnextv2_tiny): the loop with the teacher's forward on every batch."""
     peak_sizes: tuple[int, ...] | None = None
     """Square matmul sizes tried for the peak FLOP/s (default: 1024-4096 CPU, 4096-8192 GPU)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
@@ -215,9 +218,10 @@ def synthetic_dataset(args: Args, device, num_classes: int = 10):
 
 
 def bench_config(args: Args, device, precision: str = "auto", channels_last: bool = True,
-                 compile_on: bool | None = None):
+                 compile_on: bool | None = None, teacher: Path | None = None):
     """The preset's config (the reference experiment by default) with the benchmark's model,
-    sizes and runtime (compile_on None: `auto`)."""
+    sizes and runtime (compile_on None: `auto`), distilling from `teacher` when given."""
+    from convnext_cifar.config import DistillConfig
     from convnext_cifar.presets import PRESETS
 
     base = PRESETS[args.preset]()
@@ -228,19 +232,35 @@ def bench_config(args: Args, device, precision: str = "auto", channels_last: boo
                                  eval_batch_size=args.eval_batch_size),
         device=str(device), precision=precision,
         compile="auto" if compile_on is None else "on" if compile_on else "off",
-        channels_last=channels_last, log_interval=10 ** 9)
+        channels_last=channels_last, log_interval=10 ** 9,
+        distill=DistillConfig(teacher=str(teacher) if teacher else ""))
+
+
+def teacher_checkpoint(args: Args, device, folder: Path) -> Path:
+    """A checkpoint of `args.teacher` with random weights, of the synthetic data's classes."""
+    import timm
+
+    from convnext_cifar.model.checkpoints import save_weights
+
+    cfg = bench_config(dataclasses.replace(args, model=args.teacher), device)
+    model = timm.create_model(args.teacher, num_classes=args.num_classes)
+    path = folder / "teacher.safetensors"
+    save_weights(path, model.state_dict(), cfg, [str(i) for i in range(args.num_classes)], 0,
+                 {}, {"device": str(device)}, identity=None)
+    return path
 
 
 def measure(args: Args, device, precision: str, channels_last: bool, compile_on: bool,
-            flops: dict[str, float], data=None) -> dict[str, Any]:
-    """Every figure of one configuration, on `data` (default: random CIFAR-layout images)."""
+            flops: dict[str, float], data=None, teacher: Path | None = None) -> dict[str, Any]:
+    """Every figure of one configuration, on `data` (default: random CIFAR-layout images),
+    with a distillation `teacher` checkpoint when given."""
     import torch
 
     from convnext_cifar.runtime import Runtime, configure_backends
     from convnext_cifar.training.build import build_run
     from convnext_cifar.training.step import TrainStep
 
-    cfg = bench_config(args, device, precision, channels_last, compile_on)
+    cfg = bench_config(args, device, precision, channels_last, compile_on, teacher)
     rt = Runtime(device, precision, compile_on, channels_last, args.compile_mode)
     configure_backends(rt)  # cuDNN autotuning and TF32 on a GPU, as `train` sets them
     if device.type == "cuda":
@@ -410,7 +430,8 @@ def print_table(rows: list[dict[str, Any]], env: dict[str, Any], args: Args) -> 
     for r in rows:
         name = ("baseline" if r.get("kind") == "baseline" else
                 f"{r['precision']} {'cl' if r['channels_last'] else 'nchw'} "
-                f"{'compiled' if r['compile'] else 'eager'}")
+                f"{'compiled' if r['compile'] else 'eager'}"
+                + (f" + teacher {r['teacher']}" if r.get("teacher") else ""))
 
         def num(key: str, fmt: str = "{:.0f}", r: dict[str, Any] = r) -> str:
             return fmt.format(r[key]) if key in r else "-"
@@ -460,6 +481,19 @@ def main(args: Args) -> list[dict[str, Any]]:
         print(f"measured {precision} channels_last={channels_last} compile={compile_on}: "
               f"loop {row.get('loop_img_per_s', 0):.1f} img/s, eval "
               f"{row['eval_img_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+        if args.teacher and not args.eval_only:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = teacher_checkpoint(args, device, Path(tmp))
+                taught = measure(args, device, precision, channels_last, compile_on, flops,
+                                 teacher=path)
+            taught["loop_over_without_teacher"] = (taught["loop_img_per_s"]
+                                                   / row["loop_img_per_s"])
+            merged = {**rows[-1], **taught, "teacher": args.teacher}
+            for key in ("achieved_tflops", "utilisation_pct"):  # the student's FLOPs only
+                merged.pop(key, None)
+            rows.append(merged)
+            print(f"  with teacher {args.teacher}: loop {taught['loop_img_per_s']:.1f} img/s "
+                  f"({taught['loop_over_without_teacher']:.2f}x)", file=sys.stderr, flush=True)
     if args.baseline and not args.eval_only:
         base = baseline(args, device)
         rows.append({"kind": "baseline", "model": args.model, "batch_size": args.batch_size,

@@ -155,3 +155,42 @@ def test_the_mmpretrain_benchmark_without_mmpretrain_says_how_to_install(tmp_pat
                           timeout=120)
     assert proc.returncode == 2
     assert "pip install mmengine==0.10.7" in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_the_distillation_benchmark_runs_every_variant(tmp_path):
+    out = tmp_path / "d.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.distill", "--quick", "--work",
+                           str(tmp_path / "w"), "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"alone", "soft", "hard", "cached"}
+    for name, runs in result["results"].items():
+        assert runs[0]["epochs"] == result["epochs_at_equal_time"][name]
+        assert (runs[0]["final_agreement"] is None) == (name == "alone")
+
+
+def test_cached_logits_are_looked_up_by_the_batchs_images():
+    from benchmarks.distill import CachedLogits
+
+    cached = CachedLogits.__new__(CachedLogits)
+    cached.logits, cached.batch_size, cached.calls = torch.arange(10.0)[:, None], 4, 0
+    cached.order = torch.tensor([3, 1, 4, 0, 9, 2, 6, 5, 8, 7])
+    assert cached(None).flatten().tolist() == [3, 1, 4, 0]
+    assert cached(None).flatten().tolist() == [9, 2, 6, 5]
+    assert cached(None).flatten().tolist() == [8, 7]
+
+
+@pytest.mark.slow
+def test_the_throughput_benchmark_times_the_loop_with_a_teacher(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--quick", "--model", "convnextv2_atto",
+         "--teacher", "convnextv2_atto", "--no-baseline", "--batch-size", "8",
+         "--eval-batch-size", "16", "--steps", "2", "--windows", "1", "--peak-sizes", "128",
+         "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    alone, taught = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert "teacher" not in alone and taught["teacher"] == "convnextv2_atto"
+    assert taught["loop_over_without_teacher"] == pytest.approx(
+        taught["loop_img_per_s"] / alone["loop_img_per_s"])
