@@ -75,7 +75,7 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
     rows = cfg.data.batch_size // dist.world // cfg.optim.accum_steps
     teacher = None
     if cfg.distill.on:
-        teacher = load_teacher(cfg.distill, rt, data, loader.normalize, rows)
+        teacher = load_teacher(cfg, rt, data, loader.normalize, rows)
         loss_fn = distillation_loss(loss_fn, cfg.distill)
     step_fn = TrainStep(train_forward, optimizer, rt, loss_fn,
                         cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, dist.world,

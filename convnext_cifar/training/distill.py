@@ -18,14 +18,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from convnext_cifar.config import DistillConfig
+from convnext_cifar.config import DistillConfig, TrainConfig
 from convnext_cifar.data.dataset import Dataset, Split, class_difference
+from convnext_cifar.data.kinds import normalisation
 from convnext_cifar.data.loader import Normalize, eval_batches
 from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
-from convnext_cifar.files import file_hash
-from convnext_cifar.model.checkpoints import weights_in
-from convnext_cifar.runtime import Runtime
+from convnext_cifar.files import file_hash, safetensors_metadata
+from convnext_cifar.model.build import fit_to_model, match_head
+from convnext_cifar.model.checkpoints import FORMAT, Checkpoint, weights_in
+from convnext_cifar.model.formats import infer_variant, load_source
+from convnext_cifar.runtime import Runtime, prepare_model
 from convnext_cifar.training.step import LossFn
 from convnext_cifar.use.evaluate import LoadedModel, load_model, predict_logits
 
@@ -54,8 +57,8 @@ class Teacher:
     normalised input batch and returns the teacher's fp32 logits (no gradient)."""
 
     def __init__(self, loaded: LoadedModel, student: Normalize, size: int, compiled_rows: int,
-                 sha256: str):
-        self.loaded, self.size, self.sha256 = loaded, size, sha256
+                 sha256: str, notes: list[str] | None = None):
+        self.loaded, self.size, self.sha256, self.notes = loaded, size, sha256, notes or []
         self.compiled_rows = compiled_rows
         mean_t, std_t = (torch.tensor(v, device=student.mean.device).view(1, 3, 1, 1)
                          for v in loaded.normalisation)
@@ -91,7 +94,9 @@ class Teacher:
         loaded = self.loaded
         forward = loaded.forward if len(x) == self.compiled_rows else loaded.model  # one graph
         with loaded.rt.autocast():
-            return forward(self.inputs(x)).float()
+            logits = forward(self.inputs(x)).float()
+        # a CUDA-graph replay writes its next output over this one (accumulation steps)
+        return logits.clone() if loaded.rt.cuda_graphs else logits
 
     @torch.inference_mode()
     def measure(self, split: Split, batch_size: int, dist: Dist) -> None:
@@ -112,22 +117,80 @@ class Teacher:
         self.top1 = 100.0 * int(dist.all_reduce_sum(hits).item()) / max(len(split.images), 1)
 
 
-def load_teacher(cfg: DistillConfig, rt: Runtime, data: Dataset, student: Normalize,
+def load_teacher(cfg: TrainConfig, rt: Runtime, data: Dataset, student: Normalize,
                  compiled_rows: int) -> Teacher:
-    """The teacher `cfg` names, on the student's runtime; one UserError when it is not a
-    checkpoint of this project or was trained on other classes than `data`'s."""
-    path = weights_in(Path(cfg.teacher))
+    """The teacher `cfg.distill` names, on the student's runtime: a checkpoint of this project
+    (its model, classes, normalisation and size from its metadata), or weights `--model.pretrained`
+    reads (MMPretrain, official, timm: the size from the weights, the class names where the file
+    has them, the student's normalisation). One UserError when it cannot teach these classes."""
+    path = weights_in(Path(cfg.distill.teacher))
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-        loaded = load_model(path, rt=dataclasses.replace(rt), tta="none")  # its init draws
-    if difference := class_difference(loaded.classes, data.classes, "only the teacher has",
-                                      "only the data has",
+        if safetensors_metadata(path).get("format") == FORMAT:  # its init draws no numbers
+            loaded, notes = load_model(path, rt=dataclasses.replace(rt), tta="none"), []
+        else:
+            loaded, notes = _other_weights(path, cfg, rt, data)
+    _same_classes(cfg.distill, loaded.classes, data.classes)
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    size = cfg.distill.image_size or loaded.cfg.data.image_size
+    return Teacher(loaded, student, size, compiled_rows, file_hash(path), notes)
+
+
+def _same_classes(cfg: DistillConfig, theirs: list[str], ours: list[str]) -> None:
+    if difference := class_difference(theirs, ours, "only the teacher has", "only the data has",
                                       "the same class names in another order"):
         raise UserError(f"--distill.teacher {cfg.teacher}: its classes are not this dataset's "
                         f"({difference}); give a teacher trained on these classes")
-    for p in loaded.model.parameters():
-        p.requires_grad_(False)
-    size = cfg.image_size or loaded.cfg.data.image_size
-    return Teacher(loaded, student, size, compiled_rows, file_hash(path))
+
+
+def _other_weights(path: Path, cfg: TrainConfig, rt: Runtime, data: Dataset
+                   ) -> tuple[LoadedModel, list[str]]:
+    """A teacher from another toolbox's file: its ConvNeXt-V2 size inferred from the weights,
+    its head's rows matched to the data's classes by name (where the file names them; a head of
+    the data's class count that names none is taken in the data's order, and said so), run on
+    the student's normalisation and input size."""
+    import timm
+
+    where = f"--distill.teacher {cfg.distill.teacher}"
+    try:
+        source = load_source(str(path))
+    except UserError as e:  # its advice names --model.pretrained's options: not this one's
+        raise UserError(f"{where}: not weights this project reads ({str(e).split('; ')[0]}); "
+                        "give a run of this project, or an MMPretrain, official or timm "
+                        "ConvNeXt-V2 file") from None
+    name, head = infer_variant(source.state_dict), source.state_dict.get("head.fc.weight")
+    if name is None:
+        raise UserError(f"{where}: the weights match no timm convnextv2_* size")
+    if head is None or (source.classes is None and head.shape[0] != len(data.classes)):
+        raise UserError(f"{where}: " + ("its weights have no classifier head (a backbone)"
+                                        if head is None else f"its head has {head.shape[0]} "
+                                        f"outputs and names no classes; the data has "
+                                        f"{len(data.classes)}")
+                        + "; fine-tune it on this data first (--model.pretrained FILE) and "
+                        "give that run")
+    if source.classes is not None and set(source.classes) != set(data.classes):
+        _same_classes(cfg.distill, source.classes, data.classes)
+    model = timm.create_model(name, pretrained=False, num_classes=len(data.classes))
+    state_dict, said = match_head(model, source.state_dict, source.classes, data.classes)
+    report = fit_to_model(model, state_dict, source.ignored)
+    if report.fresh:
+        raise UserError(f"{where}: its head does not fit {len(data.classes)} classes")
+    model.load_state_dict(report.tensors)
+    teacher_cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, name=name, pretrained="none"))
+    notes = [f"teacher {path.name} ({source.layout} layout, {name})"
+             + (f": {said}" if said else "")]
+    return _stand_in(path, teacher_cfg, rt, data.classes, model.eval()), notes
+
+
+def _stand_in(path: Path, cfg: TrainConfig, rt: Runtime, classes: list[str],
+              model: torch.nn.Module) -> LoadedModel:
+    """Another toolbox's weights dressed as a loaded checkpoint of this project."""
+    model, forward = prepare_model(model, rt)
+    normalize = Normalize(*normalisation(cfg.data), cfg.data.image_size, rt.device,
+                          rt.channels_last)
+    return LoadedModel(path, Checkpoint({}, cfg, list(classes), 0, {}), cfg, rt, model, forward,
+                       normalize, "none")
 
 
 def teacher_record(teacher: Teacher | None) -> dict[str, Any]:

@@ -212,6 +212,7 @@ def start_lines(run: Run) -> list[str]:
     if (teacher := run.teacher) is not None:
         d = cfg.distill
         term = f"{d.kind}, alpha {d.alpha}" + (f", T {d.temperature}" if d.kind == "soft" else "")
+        lines += teacher.notes
         lines.append(f"teacher {teacher.name}: {teacher.loaded.cfg.model.name} at "
                      f"{teacher.size}x{teacher.size}, held-out top-1 {teacher.top1:.2f}; "
                      f"distillation {term}")

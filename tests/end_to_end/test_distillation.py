@@ -15,6 +15,7 @@ from convnext_cifar.tune import parse_space
 from tests.support import (
     EXACT,
     assert_same_run,
+    atto_checkpoint,
     die_after_state,
     read_weights,
     signal_at_step,
@@ -129,7 +130,9 @@ def test_a_resumption_with_another_teacher_is_refused_and_changes_nothing(
 
 @pytest.mark.parametrize("teacher_arg, message", [
     ("nowhere.safetensors", "nowhere.safetensors"),
-    ("FOREIGN", "was not written by convnext-cifar"),
+    ("FOREIGN", "not weights this project reads (cannot tell the checkpoint layout"),
+    ("OTHER_CLASSES", "its classes are not this dataset's (only the teacher has: a, b, c; "
+                      "only the data has: airplane"),
 ])
 def test_a_teacher_that_is_not_a_checkpoint_is_one_line(cifar_root, tmp_path, capsys,
                                                         teacher_arg, message):
@@ -139,6 +142,8 @@ def test_a_teacher_that_is_not_a_checkpoint_is_one_line(cifar_root, tmp_path, ca
 
         teacher_arg = str(tmp_path / "foreign.safetensors")
         save_file({"w": torch.zeros(2)}, teacher_arg)
+    if teacher_arg == "OTHER_CLASSES":
+        teacher_arg = str(atto_checkpoint(tmp_path / "abc.safetensors"))
     capsys.readouterr()
     assert run(cifar_root, tmp_path / "w", teacher_arg) == 2
     err = capsys.readouterr().err.strip()

@@ -31,6 +31,11 @@ def test_records_become_train_and_val_metrics():
     assert tracker_metrics({"epoch": 1, "val_loss": 1.5, "top1": 50, "ema_val_loss": 1.4,
                             "ema_top1": 52.0, "note": "x", "flag": True}) == {
         "val/loss": 1.5, "val/top1": 50.0, "val/ema_loss": 1.4, "val/ema_top1": 52.0}
+    # a distilled run's validation: agreement, KL and the teacher's top-1 beside the rest
+    assert tracker_metrics({"epoch": 2, "val_loss": 1.0, "top1": 60, "agreement": 81.5,
+                            "teacher_kl": 0.25, "teacher_top1": 70.0, "train_s": 3.0}) == {
+        "val/loss": 1.0, "val/top1": 60.0, "val/agreement": 81.5, "val/teacher_kl": 0.25,
+        "val/teacher_top1": 70.0, "time/train_s": 3.0}
 
 
 def test_tensorboard_drops_what_followed_the_state_it_resumes_from(tmp_path):

@@ -174,3 +174,54 @@ def test_bad_distillation_values_name_the_option(option, value, message):
                        .replace(")", r"\)").replace("]", r"\]")):
         DistillConfig(**{option: value})
     assert TrainConfig().distill == DistillConfig() and not DistillConfig().on
+
+
+def _run_with_teacher(cifar_root, teacher):
+    data = load_dataset(data_cfg(cifar_root, limit_train=64, limit_val=16), "cpu")
+    smoke = CIFAR10Smoke()
+    cfg = dataclasses.replace(smoke, device="cpu", compile="off",
+                              data=data_cfg(cifar_root, limit_train=64, limit_val=16,
+                                            batch_size=16),
+                              distill=DistillConfig(teacher=str(teacher)))
+    return build_run(cfg, CPU, data=data, pretrained=False)
+
+
+def test_weights_of_another_layout_teach_as_the_run_they_came_from(cifar_root, tmp_path,
+                                                                    trained, capsys):
+    """`convert` of a run's best weights (timm layout, class names kept) teaches exactly as the
+    run's own file does: the same logits for the same batch."""
+    from convnext_cifar.model.build import convert_to_timm
+
+    converted = tmp_path / "timm.safetensors"
+    convert_to_timm(str(trained / "best.safetensors"), converted)
+    own, other = (_run_with_teacher(cifar_root, t) for t in (trained, converted))
+    x, _, _ = next(iter(own.loader.epoch(0)))
+    assert torch.equal(own.teacher(x), other.teacher(x))
+    assert other.teacher.notes == ["teacher timm.safetensors (timm layout, convnextv2_atto)"]
+
+
+def test_other_weights_without_class_names_are_taken_in_the_datas_order_and_said(
+        cifar_root, tmp_path, trained):
+    from convnext_cifar.model.checkpoints import load_weights
+
+    plain = tmp_path / "plain.pth"  # a bare timm state dict, as torch.save writes it
+    torch.save(load_weights(trained / "best.safetensors").state_dict, plain)
+    run = _run_with_teacher(cifar_root, plain)
+    (note,) = run.teacher.notes
+    assert "its 10-class head is kept: the weights name no classes" in note
+
+
+def test_other_weights_that_cannot_teach_these_classes_are_refused(cifar_root, tmp_path,
+                                                                  trained):
+    from convnext_cifar.model.checkpoints import load_weights
+
+    weights = load_weights(trained / "best.safetensors").state_dict
+    backbone = tmp_path / "backbone.pth"
+    torch.save({k: v for k, v in weights.items() if not k.startswith("head.fc")}, backbone)
+    with pytest.raises(UserError, match="no classifier head .* fine-tune it on this data"):
+        _run_with_teacher(cifar_root, backbone)
+    three = tmp_path / "three.pth"
+    torch.save({**weights, "head.fc.weight": weights["head.fc.weight"][:3],
+                "head.fc.bias": weights["head.fc.bias"][:3]}, three)
+    with pytest.raises(UserError, match="its head has 3 outputs and names no classes"):
+        _run_with_teacher(cifar_root, three)
