@@ -175,6 +175,25 @@ def run_cached(args: list[str], batch_size: int) -> int:
         build.load_teacher, loader_module.DeviceLoader._order = real_load, real_order
 
 
+def students(args: Args, variants: list[str], launch) -> tuple[dict, dict, dict]:
+    """Two-epoch probes (each variant's training seconds of its second epoch), the epochs each
+    gets at the student-alone run's time, and every variant's runs per seed."""
+    per_epoch = {}
+    for name in variants:
+        launch(name, args.work / f"probe-{name}", 2, 0)
+        per_epoch[name] = [r for r in records(args.work / f"probe-{name}")
+                           if "top1" in r][-1]["train_s"]
+    epochs = {name: max(1, round(args.epochs * per_epoch["alone"] / per_epoch[name]))
+              for name in variants}
+    results: dict[str, list] = {name: [] for name in variants}
+    for seed in args.seeds:
+        for name in variants:
+            work = args.work / f"{name}-{seed}"
+            launch(name, work, epochs[name], seed)
+            results[name].append({"seed": seed, **summary(work)})
+    return per_epoch, epochs, results
+
+
 def main(args: Args) -> dict:
     import shutil
 
@@ -206,19 +225,7 @@ def main(args: Args) -> dict:
         code = run_cached(argv, batch) if name == "cached" else cli.main(argv)
         assert code == 0, name
 
-    per_epoch = {}  # two-epoch probes: each variant's training seconds of its second epoch
-    for name in variants:
-        launch(name, args.work / f"probe-{name}", 2, 0)
-        per_epoch[name] = [r for r in records(args.work / f"probe-{name}")
-                           if "top1" in r][-1]["train_s"]
-    epochs = {name: max(1, round(args.epochs * per_epoch["alone"] / per_epoch[name]))
-              for name in variants}
-    results = {name: [] for name in variants}
-    for seed in args.seeds:
-        for name in variants:
-            work = args.work / f"{name}-{seed}"
-            launch(name, work, epochs[name], seed)
-            results[name].append({"seed": seed, **summary(work)})
+    per_epoch, epochs, results = students(args, list(variants), launch)
     teacher_summary = summary(teacher)
     images = args.train_images
     out = {

@@ -450,6 +450,21 @@ def print_table(rows: list[dict[str, Any]], env: dict[str, Any], args: Args) -> 
               f"{rows[0]['peak_matmul_n']})")
 
 
+def with_teacher(args: Args, device, settings: tuple[str, bool, bool], flops: dict[str, float],
+                 row: dict[str, Any]) -> dict[str, Any]:
+    """`row`'s configuration measured again with a distillation teacher of `args.teacher`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = teacher_checkpoint(args, device, Path(tmp))
+        taught = measure(args, device, *settings, flops, teacher=path)
+    taught["loop_over_without_teacher"] = taught["loop_img_per_s"] / row["loop_img_per_s"]
+    merged = {**row, **taught, "teacher": args.teacher}
+    for key in ("achieved_tflops", "utilisation_pct"):  # the student's FLOPs only
+        merged.pop(key, None)
+    print(f"  with teacher {args.teacher}: loop {taught['loop_img_per_s']:.1f} img/s "
+          f"({taught['loop_over_without_teacher']:.2f}x)", file=sys.stderr, flush=True)
+    return merged
+
+
 def main(args: Args) -> list[dict[str, Any]]:
     import torch
 
@@ -482,18 +497,8 @@ def main(args: Args) -> list[dict[str, Any]]:
               f"loop {row.get('loop_img_per_s', 0):.1f} img/s, eval "
               f"{row['eval_img_per_s']:.1f} img/s", file=sys.stderr, flush=True)
         if args.teacher and not args.eval_only:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = teacher_checkpoint(args, device, Path(tmp))
-                taught = measure(args, device, precision, channels_last, compile_on, flops,
-                                 teacher=path)
-            taught["loop_over_without_teacher"] = (taught["loop_img_per_s"]
-                                                   / row["loop_img_per_s"])
-            merged = {**rows[-1], **taught, "teacher": args.teacher}
-            for key in ("achieved_tflops", "utilisation_pct"):  # the student's FLOPs only
-                merged.pop(key, None)
-            rows.append(merged)
-            print(f"  with teacher {args.teacher}: loop {taught['loop_img_per_s']:.1f} img/s "
-                  f"({taught['loop_over_without_teacher']:.2f}x)", file=sys.stderr, flush=True)
+            rows.append(with_teacher(args, device, (precision, channels_last, compile_on),
+                                     flops, rows[-1]))
     if args.baseline and not args.eval_only:
         base = baseline(args, device)
         rows.append({"kind": "baseline", "model": args.model, "batch_size": args.batch_size,
