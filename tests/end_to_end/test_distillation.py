@@ -124,6 +124,8 @@ def test_a_resumption_with_another_teacher_is_refused_and_changes_nothing(
     assert "--resume-allow-changes" in err
     assert cli.main(["train", "--resume", str(tmp_path), "--distill.teacher", ""]) == 2
     assert "distillation was on" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(tmp_path), "--distill.alpha", "0.2"]) == 2
+    assert "the config differs in distill.alpha (0.7 -> 0.2)" in capsys.readouterr().err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir()) == before
     assert len(find_states(tmp_path)) == 1
 
