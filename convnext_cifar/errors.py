@@ -1,10 +1,21 @@
 """The one exception type for mistakes a user can fix; cli.py makes it one line and exit 2."""
 
+import importlib
+from types import ModuleType
+
 
 def install_extra(extra: str) -> str:
     """How to add an optional extra, from the clone the Quickstart installs (the package's
     extras are named after the dot there; `all` holds every feature)."""
     return f"pip install '.[{extra}]' from the project's clone"
+
+
+def need_extra(module: str, what: str, extra: str) -> ModuleType:
+    """`module` imported, or one UserError saying `what` needs `extra` and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs the {extra} extra: {install_extra(extra)}") from None
 
 
 class UserError(Exception):

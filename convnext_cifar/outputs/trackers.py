@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from convnext_cifar.config import TrainConfig, flatten, to_dict
-from convnext_cifar.errors import UserError, install_extra
+from convnext_cifar.errors import need_extra
 from convnext_cifar.files import first_line, write_file
 from convnext_cifar.metrics import TIMINGS
 from convnext_cifar.network import reachable
@@ -70,12 +70,9 @@ class TensorBoardSink(Sink):
         self.folder, self.cfg, self.writer = Path(folder), cfg, None
 
     def open(self, step: int, resumed: bool) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--log.tensorboard needs the tensorboard extra: "
-                            + install_extra("tensorboard")) from None
-        self.writer = SummaryWriter(str(self.folder), purge_step=step + 1 if resumed else None)
+        tensorboard = need_extra("torch.utils.tensorboard", "--log.tensorboard", "tensorboard")
+        self.writer = tensorboard.SummaryWriter(str(self.folder),
+                                                purge_step=step + 1 if resumed else None)
 
     def add(self, record: dict[str, Any], step: int) -> None:
         for tag, value in tracker_metrics(record).items():
@@ -139,11 +136,7 @@ class MlflowSink(HeldBackSink):
     takes_report = True
 
     def __init__(self, uri: str, cfg: TrainConfig):
-        try:
-            from mlflow import MlflowClient
-        except ImportError:
-            raise UserError("--log.mlflow needs the mlflow extra: "
-                            + install_extra("mlflow")) from None
+        MlflowClient = need_extra("mlflow", "--log.mlflow", "mlflow").MlflowClient  # noqa: N806
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about its tables
         logging.getLogger("alembic").setLevel(logging.WARNING)
         super().__init__()
@@ -267,11 +260,7 @@ class WandbSink(HeldBackSink):
     takes_report = True
 
     def __init__(self, project: str, cfg: TrainConfig):
-        try:
-            import wandb  # noqa: F401 - present: the extra is installed
-        except ImportError:
-            raise UserError("--log.wandb needs the wandb extra: "
-                            + install_extra("wandb")) from None
+        need_extra("wandb", "--log.wandb", "wandb")  # imported when the run starts
         super().__init__()
         self.project, self.cfg = project, cfg
         self.run: Any = None

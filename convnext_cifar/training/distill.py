@@ -126,7 +126,7 @@ def load_teacher(cfg: TrainConfig, rt: Runtime, data: Dataset, student: Normaliz
     path = weights_in(Path(cfg.distill.teacher))
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
         if safetensors_metadata(path).get("format") == FORMAT:  # its init draws no numbers
-            loaded, notes = load_model(path, rt=dataclasses.replace(rt), tta="none"), []
+            loaded, notes = load_model(path, rt=rt, tta="none"), []
         else:
             loaded, notes = _other_weights(path, cfg, rt, data)
     _same_classes(cfg.distill, loaded.classes, data.classes)

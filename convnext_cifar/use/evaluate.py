@@ -192,12 +192,12 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
         tail = eager is not None and len(x) != batch_size
         logits = predict_logits(eager if tail else forward, x, rt, tta)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        topk = logits.topk(k, dim=1).indices
         if reference is not None:
             ref = reference[done:done + len(x)]
-            agree += (logits.argmax(dim=1) == ref.argmax(dim=1)).sum()
+            agree += (topk[:, 0] == ref.argmax(dim=1)).sum()
             kl_sum += F.kl_div(logits.log_softmax(dim=1), ref, reduction="sum", log_target=True)
             done += len(x)
-        topk = logits.topk(k, dim=1).indices
         top1 += (topk[:, 0] == y).sum()
         top5 += (topk == y[:, None]).any(dim=1).sum()
         cell = y * num_classes + topk[:, 0]  # scatter_add: bincount would read its max

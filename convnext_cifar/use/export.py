@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from convnext_cifar.data.loader import Normalize
-from convnext_cifar.errors import UserError, install_extra
+from convnext_cifar.errors import UserError, need_extra
 from convnext_cifar.files import file_hash, write_file
 from convnext_cifar.runtime import Runtime
 from convnext_cifar.use.evaluate import load_model
@@ -70,12 +70,8 @@ def export_checkpoint(ckpt_path: Path, out: Path, fmt: str | None = None,
 
 
 def _require_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise UserError("ONNX export needs the export extra (onnx, onnxscript, onnxruntime): "
-                        + install_extra("export")) from None
+    for module in ("onnx", "onnxscript"):
+        need_extra(module, "ONNX export (onnx, onnxscript, onnxruntime)", "export")
 
 
 def _write_onnx(model, example, batch, metadata, out: Path) -> None:

@@ -2,12 +2,17 @@
 which trackers a config turns on, and the names records get there."""
 
 import dataclasses
+import sys
 from pathlib import Path
 
+import pytest
+
 from convnext_cifar.config import LogConfig, TrainConfig
+from convnext_cifar.errors import UserError
 from convnext_cifar.outputs.trackers import (
     MlflowSink,
     TensorBoardSink,
+    WandbSink,
     tracker_metrics,
     trackers_for,
 )
@@ -54,3 +59,18 @@ def test_tensorboard_drops_what_followed_the_state_it_resumes_from(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 20.0)]
+
+
+@pytest.mark.parametrize("module, make, option", [
+    ("torch.utils.tensorboard", lambda tmp, cfg: TensorBoardSink(tmp / "tb", cfg).open(0, False),
+     "--log.tensorboard"),
+    ("mlflow", lambda tmp, cfg: MlflowSink("sqlite:///x.db", cfg), "--log.mlflow"),
+    ("wandb", lambda tmp, cfg: WandbSink("proj", cfg), "--log.wandb"),
+])
+def test_a_tracker_without_its_extra_says_which_to_install(tmp_path, monkeypatch, module, make,
+                                                           option):
+    monkeypatch.setitem(sys.modules, module, None)  # as if the extra were not installed
+    extra = option.removeprefix("--log.")
+    with pytest.raises(UserError, match=rf"^{option} needs the {extra} extra: pip install "
+                                        rf"'\.\[{extra}\]' from the project's clone$"):
+        make(tmp_path, TrainConfig(work_dir=tmp_path))
