@@ -4,7 +4,8 @@
     convnext-cifar tune [train options] --tune.trials N --tune.space KEY=SPEC ...
     convnext-cifar eval CKPT [--data.root DIR] [--json]
     convnext-cifar predict CKPT PATH... [--top-k K] [--json | --csv FILE]
-    convnext-cifar export CKPT OUT.onnx|OUT.pt2 [--include-preprocessing]
+    convnext-cifar export CKPT OUT.onnx|OUT.pt2 [--include-preprocessing] [--int8]
+    convnext-cifar export CKPT DIR --format hf [--push USER/NAME]
     convnext-cifar runs [DIR...] [--json|--csv|--table] [--sort KEY] [--filter KEY=VALUE]
     convnext-cifar report WORK_DIR... [--out FILE]
     convnext-cifar convert SRC DST.safetensors [--model.name NAME] [--prefix P]
@@ -30,6 +31,7 @@ from convnext_cifar import __version__
 from convnext_cifar.cli_errors import parse
 from convnext_cifar.config import (
     DataConfig,
+    Int8Config,
     TrainConfig,
     TuneConfig,
     config_json,
@@ -288,29 +290,59 @@ def _show_predictions(chunks, k: int, json_output: bool, csv: Path | None) -> in
 def export_command(
     ckpt: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="CKPT")],
     out: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="OUT")],
-    fmt: Annotated[Literal["onnx", "pt2"] | None, tyro.conf.arg(name="format")] = None,
+    fmt: Annotated[Literal["onnx", "pt2", "hf"] | None, tyro.conf.arg(name="format")] = None,
     include_preprocessing: bool = False,
+    int8: bool = False,
+    int8_options: Annotated[Int8Config, tyro.conf.arg(name="int8")] = Int8Config(),
+    data_root: Annotated[Path | None, tyro.conf.arg(name="data.root")] = None,
+    license: str | None = None,
+    push: str | None = None,
     force: bool = False,
 ) -> int:
-    """Export a checkpoint for other runtimes: ONNX (dynamo exporter) or a torch.export archive.
+    """Export a checkpoint for other runtimes: ONNX (fp32 or INT8), a torch.export archive, or
+    a model folder for timm and the Hugging Face Hub.
 
     Args:
         ckpt: A .safetensors file written by `train`, or a work dir (its best.safetensors).
-        out: The file to write: *.onnx or *.pt2.
-        fmt: onnx or pt2 (default: from OUT's suffix).
+        out: The file to write (*.onnx, *.pt2), or the folder of --format hf.
+        fmt: onnx, pt2 or hf (a timm model folder with a model card; default: OUT's suffix).
         include_preprocessing: Take uint8 NCHW images at the stored size and normalise (and
             resize) inside the graph, instead of normalised float input at the image size.
+        int8: Write an INT8 ONNX file, calibrated on the run's training images and checked
+            against fp32 on its held-out images (report beside it: OUT.parity.json).
+        data_root: The run's dataset root, where it moved (INT8 calibration, the card's metrics).
+        license: The model card's licence where the weights inherit none (trained from scratch
+            or from a local file); the pretrained weights' own licence otherwise.
+        push: Upload the --format hf folder to this Hub repository (user/name).
         force: Replace an existing OUT that is not an .onnx or .pt2 file (a run's own files,
             never).
     """
 
     def run() -> int:
         from convnext_cifar.outputs.workdir import check_output
-        from convnext_cifar.use.export import export_checkpoint
+        from convnext_cifar.use.export import export_checkpoint, export_kind
 
+        kind = export_kind(out, fmt, int8, license, push)
+        if kind == "hf":
+            from convnext_cifar.use.hub import export_hf
+            from convnext_cifar.use.hub import push as upload
+
+            metrics = export_hf(ckpt, out, license, data_root)
+            print(f"{ckpt} -> {out}/: model.safetensors, config.json, README.md (held-out "
+                  f"top-1 {metrics['top1']:.2f}%, balanced {metrics['balanced_accuracy']:.2f}%, "
+                  f"macro-F1 {metrics['macro_f1']:.2f}%)")
+            if push:
+                print(f"pushed to {upload(out, push)}")
+            return 0
         check_output(out, "OUT", (".onnx", ".pt2"), force)
+        if int8:
+            from convnext_cifar.outputs.console import print_parity
+            from convnext_cifar.use.quantize import export_int8, parity_path
 
-        meta = export_checkpoint(ckpt, out, fmt, include_preprocessing)
+            print_parity(export_int8(ckpt, out, int8_options, include_preprocessing, data_root),
+                         out, parity_path(out))
+            return 0
+        meta = export_checkpoint(ckpt, out, kind, include_preprocessing)
         print(f"{ckpt} -> {out}: input {meta['input']}, output {meta['output']}, "
               f"{len(meta['classes'])} classes")
         return 0

@@ -396,6 +396,48 @@ class DistillConfig:
         return bool(self.teacher)
 
 
+# The node types ONNX Runtime's QDQ quantizer handles (its QDQRegistry; a test keeps this
+# list equal to the installed onnxruntime's), and those `export --int8` keeps in float by
+# default: chosen by measuring each type's cost in accuracy and speed (RESULTS.md, INT8).
+QDQ_OP_TYPES = ("AveragePool", "BatchNormalization", "Clip", "Conv", "ConvTranspose", "CumSum",
+                "Flatten", "Gather", "GatherElements", "Gemm", "InstanceNormalization",
+                "LayerNormalization", "MatMul", "MaxPool", "Pad", "Relu", "Reshape", "Resize",
+                "Slice", "Split", "Squeeze", "TopK", "Transpose", "Unsqueeze", "Where")
+INT8_FLOAT_OPS_DEFAULT = ("LayerNormalization", "Gemm")
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """INT8 ONNX export (`export --int8`): calibration, node types kept float, the accuracy gate."""
+
+    calibration_images: int = 1024
+    """Training images (drawn with --int8.seed) whose activations set the INT8 ranges."""
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    """How the ranges are taken from the calibration activations (ONNX Runtime's methods)."""
+    float_ops: tuple[str, ...] = INT8_FLOAT_OPS_DEFAULT
+    """ONNX node types left in float (the rest of ONNX Runtime's QDQ types are quantized)."""
+    max_drop: float = 0.5
+    """Refuse an INT8 file whose held-out top-1 is more than this many points below fp32's."""
+    force: bool = False
+    """Write the INT8 file even when it loses more than --int8.max-drop."""
+    reduce_range: bool = False
+    """7-bit weights: may help accuracy on CPUs without VNNI (ONNX Runtime's advice)."""
+    parity_images: int = 0
+    """Held-out images the parity report compares fp32 and INT8 on (0: all of them)."""
+    seed: int = 0
+    """Seed of the draw of calibration images."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.calibration_images <= 1_000_000, "int8.calibration_images",
+               self.calibration_images, "must be in [1, 1,000,000]")
+        _check(0 <= self.max_drop <= 100, "int8.max_drop", self.max_drop, "must be in [0, 100]")
+        _check(self.parity_images >= 0, "int8.parity_images", self.parity_images,
+               "must be >= 0 (0: every held-out image)")
+        unknown = [op for op in self.float_ops if op not in QDQ_OP_TYPES]
+        _check(not unknown, "int8.float_ops", " ".join(self.float_ops),
+               "must name ONNX node types ONNX Runtime quantizes: " + ", ".join(QDQ_OP_TYPES))
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """How validation (and `eval`) computes its predictions."""

@@ -225,6 +225,26 @@ def print_eval(result: dict[str, Any]) -> None:
     console.print(confusion)
 
 
+def print_parity(report: dict[str, Any], out: Path, report_path: Path) -> None:
+    """The INT8 parity report: fp32 against INT8 on the held-out images and in speed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{shown(str(out))}: INT8 against fp32 on {report['images']:,} held-out "
+                        f"images ({report['isa']}, {report['cpus']} CPUs)")
+    for col in ("", "top-1 %", "MB", "img/s batch 1", "img/s batch 64"):
+        table.add_column(col, justify="right")
+    for kind in ("fp32", "int8"):
+        table.add_row(kind.upper() if kind == "int8" else kind, f"{report[kind + '_top1']:.2f}",
+                      f"{report[kind + '_bytes'] / 1e6:.2f}",
+                      f"{report[kind + '_img_per_s_batch1']:,.0f}",
+                      f"{report[kind + '_img_per_s_batch64']:,.0f}")
+    console = Console()
+    console.print(table)
+    console.print(f"top-1 agreement {report['agreement']:.2f}%, largest logit difference "
+                  f"{report['max_logit_diff']:.4f}; report: {shown(str(report_path))}")
+
+
 def print_predictions(predictions: list, top_k: int) -> None:
     """A table on a terminal; tab-separated lines (path, then class:prob pairs) otherwise."""
     if not is_terminal(sys.stdout):  # fields escaped: a name may hold a tab or a newline

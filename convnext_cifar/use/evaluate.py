@@ -23,7 +23,7 @@ from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError
 from convnext_cifar.metrics import AGREEMENT, LOSS, METRICS, TEACHER_KL
 from convnext_cifar.model.build import build_model, layout_mismatch
-from convnext_cifar.model.checkpoints import Checkpoint, load_weights
+from convnext_cifar.model.checkpoints import Checkpoint, load_weights, weights_in
 from convnext_cifar.runtime import (
     Runtime,
     configure_backends,
@@ -32,6 +32,7 @@ from convnext_cifar.runtime import (
     resolve_runtime,
 )
 from convnext_cifar.terminal import warn
+from convnext_cifar.use.onnx_file import RawImages, is_onnx, open_onnx
 
 
 @dataclass
@@ -78,7 +79,11 @@ def load_model(path: Path, device: str | None = None, tta: str | None = None,
                rt: Runtime | None = None, compile: bool | None = None) -> LoadedModel:
     """The model a checkpoint describes, with its weights, ready to run on `rt` (default:
     `device`, else the recorded device where this machine has it, resolved as `train` does;
-    compiled as the run was, unless `compile` says otherwise)."""
+    compiled as the run was, unless `compile` says otherwise). An exported `.onnx` file runs
+    with ONNX Runtime on the CPU, with the config, classes and data identity it carries."""
+    if is_onnx(path):
+        return _load_onnx(Path(path), device, tta)
+    path = weights_in(Path(path))  # a work dir: its best.safetensors
     ckpt = load_weights(path)
     if device is None and (problem := device_problem(ckpt.config.device)):
         print(f"note: {path} was trained on {ckpt.config.device}, which is not here ({problem}); "
@@ -101,6 +106,20 @@ def load_model(path: Path, device: str | None = None, tta: str | None = None,
     normalize = Normalize(*normalisation(cfg.data), cfg.data.image_size, rt.device,
                           rt.channels_last)
     return LoadedModel(Path(path), ckpt, cfg, rt, model, forward, normalize, cfg.eval.tta)
+
+
+def _load_onnx(path: Path, device: str | None, tta: str | None) -> LoadedModel:
+    if device not in (None, "auto", "cpu"):
+        raise UserError(f"--device {device}: an .onnx file runs on the CPU (ONNX Runtime's CPU "
+                        "provider); leave --device out, or evaluate the checkpoint instead")
+    ckpt, module, _ = open_onnx(path)
+    cfg = dataclasses.replace(ckpt.config, device="cpu",
+                              eval=dataclasses.replace(ckpt.config.eval,
+                                                       tta=tta or ckpt.config.eval.tta))
+    rt = Runtime(torch.device("cpu"), "fp32", compile=False, channels_last=False)
+    make = RawImages if module.uint8_input else Normalize
+    normalize = make(*normalisation(cfg.data), cfg.data.image_size, rt.device, False)
+    return LoadedModel(path, ckpt, cfg, rt, module, module, normalize, cfg.eval.tta)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------

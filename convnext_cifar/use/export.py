@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from convnext_cifar.config import to_dict
 from convnext_cifar.data.loader import Normalize
 from convnext_cifar.errors import UserError, need_extra
 from convnext_cifar.files import file_hash, write_file
@@ -27,14 +28,29 @@ EXTERNAL_DATA_BYTES = 2**31 - 2**26
 METADATA_FILE = "convnext_cifar.json"  # the pt2 archive's extra file with the metadata
 
 
+def export_kind(out: Path, fmt: str | None, int8: bool = False, licence: str | None = None,
+                push: str | None = None) -> str:
+    """onnx, pt2 or hf, from --format or OUT's suffix; options that belong to another format
+    are one UserError."""
+    kind = fmt or FORMATS.get(Path(out).suffix.lower())
+    if kind is None:
+        raise UserError(f"cannot tell the export format from {Path(out).name!r}; name the file "
+                        "*.onnx or *.pt2, or pass --format onnx|pt2|hf")
+    if int8 and kind != "onnx":
+        raise UserError(f"--int8 writes an ONNX file, not {kind}: name OUT *.onnx")
+    for given, option in ((licence, "--license"), (push, "--push")):
+        if given and kind != "hf":
+            raise UserError(f"{option} belongs to --format hf (a model folder), not {kind}")
+    return kind
+
+
 def export_checkpoint(ckpt_path: Path, out: Path, fmt: str | None = None,
                       include_preprocessing: bool = False) -> dict:
     """Write `out`; returns the metadata written into it."""
     out = Path(out)
-    fmt = fmt or FORMATS.get(out.suffix.lower())
+    fmt = export_kind(out, fmt)
     if fmt not in FORMATS.values():
-        raise UserError(f"cannot tell the export format from {out.name!r}; name the file "
-                        "*.onnx or *.pt2, or pass --format onnx|pt2")
+        raise UserError(f"export_checkpoint writes onnx or pt2, not {fmt}")
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: {out.parent} is not a folder")
     if fmt == "onnx":
@@ -50,9 +66,11 @@ def export_checkpoint(ckpt_path: Path, out: Path, fmt: str | None = None,
                 "input": ("uint8 NCHW RGB 0-255 at input_size; normalised inside"
                           if include_preprocessing else
                           "float32 NCHW, (pixels 0-255 - mean) / std, at image_size"),
-                "output": "logits (N, classes)", "checkpoint": Path(ckpt_path).name,
-                "checkpoint_sha256": file_hash(Path(ckpt_path)),
-                "epoch": ckpt.epoch, "weights": ckpt.weights, "metrics": ckpt.metrics}
+                "output": "logits (N, classes)", "checkpoint": loaded.path.name,
+                "checkpoint_sha256": file_hash(loaded.path),
+                "epoch": ckpt.epoch, "weights": ckpt.weights, "metrics": ckpt.metrics,
+                "precision": "fp32", "config": to_dict(ckpt.config),
+                **({"dataset": ckpt.identity} if ckpt.identity is not None else {})}
     if include_preprocessing:
         # uint8 NCHW images at the stored size -> float, normalised, resized -> logits
         model = torch.nn.Sequential(Normalize(mean, std, data.image_size, "cpu", False),
