@@ -4,8 +4,7 @@
     convnext-cifar tune [train options] --tune.trials N --tune.space KEY=SPEC ...
     convnext-cifar eval CKPT [--data.root DIR] [--json]
     convnext-cifar predict CKPT PATH... [--top-k K] [--json | --csv FILE]
-    convnext-cifar export CKPT OUT.onnx|OUT.pt2 [--include-preprocessing] [--int8]
-    convnext-cifar export CKPT DIR --format hf [--push USER/NAME]
+    convnext-cifar export CKPT OUT.onnx|OUT.pt2|DIR [--int8] [--format hf [--push USER/NAME]]
     convnext-cifar runs [DIR...] [--json|--csv|--table] [--sort KEY] [--filter KEY=VALUE]
     convnext-cifar report WORK_DIR... [--out FILE]
     convnext-cifar convert SRC DST.safetensors [--model.name NAME] [--prefix P]
@@ -287,13 +286,16 @@ def _show_predictions(chunks, k: int, json_output: bool, csv: Path | None) -> in
     return 1 if failed else 0
 
 
+INT8_DEFAULTS = Int8Config()
+
+
 def export_command(
     ckpt: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="CKPT")],
     out: Annotated[tyro.conf.Positional[Path], tyro.conf.arg(metavar="OUT")],
     fmt: Annotated[Literal["onnx", "pt2", "hf"] | None, tyro.conf.arg(name="format")] = None,
     include_preprocessing: bool = False,
     int8: bool = False,
-    int8_options: Annotated[Int8Config, tyro.conf.arg(name="int8")] = Int8Config(),
+    int8_options: Annotated[Int8Config, tyro.conf.arg(name="int8")] = INT8_DEFAULTS,
     data_root: Annotated[Path | None, tyro.conf.arg(name="data.root")] = None,
     license: str | None = None,
     push: str | None = None,
@@ -324,30 +326,39 @@ def export_command(
 
         kind = export_kind(out, fmt, int8, license, push)
         if kind == "hf":
-            from convnext_cifar.use.hub import export_hf
-            from convnext_cifar.use.hub import push as upload
-
-            metrics = export_hf(ckpt, out, license, data_root)
-            print(f"{ckpt} -> {out}/: model.safetensors, config.json, README.md (held-out "
-                  f"top-1 {metrics['top1']:.2f}%, balanced {metrics['balanced_accuracy']:.2f}%, "
-                  f"macro-F1 {metrics['macro_f1']:.2f}%)")
-            if push:
-                print(f"pushed to {upload(out, push)}")
-            return 0
+            return _export_hf(ckpt, out, license, data_root, push)
         check_output(out, "OUT", (".onnx", ".pt2"), force)
         if int8:
-            from convnext_cifar.outputs.console import print_parity
-            from convnext_cifar.use.quantize import export_int8, parity_path
-
-            print_parity(export_int8(ckpt, out, int8_options, include_preprocessing, data_root),
-                         out, parity_path(out))
-            return 0
+            return _export_int8(ckpt, out, int8_options, include_preprocessing, data_root)
         meta = export_checkpoint(ckpt, out, kind, include_preprocessing)
         print(f"{ckpt} -> {out}: input {meta['input']}, output {meta['output']}, "
               f"{len(meta['classes'])} classes")
         return 0
 
     return run
+
+
+def _export_hf(ckpt: Path, out: Path, licence: str | None, data_root: Path | None,
+               repo: str | None) -> int:
+    from convnext_cifar.use.hub import export_hf, push
+
+    metrics = export_hf(ckpt, out, licence, data_root)
+    print(f"{ckpt} -> {out}/: model.safetensors, config.json, README.md (held-out top-1 "
+          f"{metrics['top1']:.2f}%, balanced {metrics['balanced_accuracy']:.2f}%, macro-F1 "
+          f"{metrics['macro_f1']:.2f}%)")
+    if repo:
+        print(f"pushed to {push(out, repo)}")
+    return 0
+
+
+def _export_int8(ckpt: Path, out: Path, options: Int8Config, include_preprocessing: bool,
+                 data_root: Path | None) -> int:
+    from convnext_cifar.outputs.console import print_parity
+    from convnext_cifar.use.quantize import export_int8, parity_path
+
+    report = export_int8(ckpt, out, options, include_preprocessing, data_root)
+    print_parity(report, out, parity_path(out))
+    return 0
 
 
 def runs_command(

@@ -47,6 +47,7 @@ class Cifar(DatasetKind):
     std: tuple[float, float, float]
     coarse_keys: tuple[str, str, int] | None = None  # label key, names key, classes
     size: int = 32  # the layout's images are 32 x 32
+    hub_id: str | None = None  # the dataset on the Hugging Face Hub (model cards name it)
 
     def check(self, cfg: DataConfig) -> None:
         if cfg.placement == "disk":
@@ -233,6 +234,7 @@ def ensure_folder(spec: Cifar, root: Path, download_missing: bool) -> Path:
 
 
 CIFAR10 = Cifar(
+    hub_id="uoft-cs/cifar10",
     title="CIFAR-10",
     folder="cifar-10-batches-py",
     url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -257,6 +259,7 @@ CIFAR10 = Cifar(
 )
 
 CIFAR100 = Cifar(
+    hub_id="uoft-cs/cifar100",
     title="CIFAR-100",
     folder="cifar-100-python",
     url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",

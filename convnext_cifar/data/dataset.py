@@ -98,6 +98,7 @@ class DatasetKind(ABC):
     """What every kind of dataset provides; one subclass per kind, one entry in kinds.DATASETS."""
 
     title: str  # for messages: "CIFAR-10", "image folder"
+    hub_id: str | None = None  # the dataset's id on the Hugging Face Hub, where it has one
 
     def check(self, cfg: DataConfig) -> None:  # noqa: B027 (most kinds accept every option)
         """Refuse options this kind cannot honour (a UserError naming the option)."""

@@ -62,6 +62,11 @@ def kind_of(cfg: DataConfig) -> DatasetKind:
     return DATASETS[cfg.dataset]
 
 
+def hub_dataset(cfg: DataConfig) -> str | None:
+    """The dataset's id on the Hugging Face Hub (a model card names it), or None."""
+    return kind_of(cfg).hub_id
+
+
 def stored_size(cfg: DataConfig) -> int:
     return kind_of(cfg).stored_size(cfg)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Protocol
 
 from convnext_cifar.files import one_line, readable, spreadsheet_cell

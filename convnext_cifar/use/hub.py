@@ -17,14 +17,14 @@ from typing import Any
 import torch
 
 from convnext_cifar.config import TrainConfig, flatten, to_dict
+from convnext_cifar.data.kinds import hub_dataset
 from convnext_cifar.errors import UserError, need_extra
 from convnext_cifar.files import file_hash
+from convnext_cifar.presets import PRESETS
 from convnext_cifar.runtime import Runtime
 from convnext_cifar.use.evaluate import EvalResult, LoadedModel, evaluate, load_held_out, load_model
 
 FILES = ("model.safetensors", "config.json", "README.md")
-# The Hub's ids of the datasets the project downloads itself.
-HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100"}
 
 
 def inherited_licence(cfg: TrainConfig) -> tuple[str | None, str]:
@@ -118,8 +118,10 @@ def write_folder(loaded: LoadedModel, folder: Path, licence: str, ckpt_path: Pat
 
 
 def differing_options(cfg: TrainConfig) -> dict[str, Any]:
-    """The training options that differ from `convnext-cifar train`'s defaults, dotted."""
-    ours, default = flatten(to_dict(cfg)), flatten(to_dict(TrainConfig()))
+    """The training options that differ from `convnext-cifar train`'s defaults (the reference
+    experiment, its first preset), dotted."""
+    reference = next(iter(PRESETS.values()))()
+    ours, default = flatten(to_dict(cfg)), flatten(to_dict(reference))
     skip = ("work_dir", "name", "data.root")  # where it ran, not what it is
     return {k: v for k, v in ours.items() if default.get(k) != v and k not in skip}
 
@@ -132,8 +134,8 @@ def model_card(loaded: LoadedModel, result: EvalResult, licence: str, identity: 
 
     cfg = loaded.cfg
     name = f"{cfg.model.name}-{cfg.data.dataset}"
-    dataset = HUB_DATASETS.get(cfg.data.dataset)
-    split = "test" if cfg.data.dataset in HUB_DATASETS else "val"
+    dataset = hub_dataset(cfg.data)
+    split = "test" if dataset else "val"  # the Hub's CIFAR splits: train, test
     results = [HubResult(task_type="image-classification", dataset_type=dataset or "imagefolder",
                          dataset_name=dataset or Path(str(cfg.data.root)).name,
                          dataset_split=split, metric_type=kind, metric_name=label,
@@ -169,7 +171,7 @@ convnext-cifar (epoch {loaded.checkpoint.epoch}, {loaded.checkpoint.weights} wei
 
 ```python
 import timm
-model = timm.create_model("hf-hub:<this repo>")  # or "local-dir:<this folder>"
+model = timm.create_model("hf-hub:<this repo>", pretrained=True)  # or "local-dir:<folder>"
 ```
 
 Input: RGB images resized (bilinear) to {sizes},

@@ -22,7 +22,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +92,9 @@ def calibration_data(loaded: LoadedModel, data_root: Path | None):
     recorded = loaded.checkpoint.identity
     if recorded and (difference := identity_difference(recorded, data.identity, ("train",))):
         root = loaded.cfg.data.root if data_root is None else data_root
-        raise UserError(f"the training images under {root} are not the ones {loaded.path} was trained on ({difference}); INT8 "
-                        "calibration uses the run's own training split: point --data.root at it")
+        raise UserError(f"the training images under {root} are not the ones {loaded.path} "
+                        f"was trained on ({difference}); INT8 calibration uses the run's own "
+                        "training split: point --data.root at it")
     return data
 
 
