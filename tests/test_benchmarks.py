@@ -194,3 +194,31 @@ def test_the_throughput_benchmark_times_the_loop_with_a_teacher(tmp_path):
     assert "teacher" not in alone and taught["teacher"] == "convnextv2_atto"
     assert taught["loop_over_without_teacher"] == pytest.approx(
         taught["loop_img_per_s"] / alone["loop_img_per_s"])
+
+
+@pytest.mark.slow
+def test_the_int8_benchmark_reports_every_engine_and_node_type_choice(tmp_path):
+    out = tmp_path / "int8.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.int8", "--quick", "--work",
+                           str(tmp_path / "w"), "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    from benchmarks.int8 import VARIANTS
+
+    atto = result["models"]["convnextv2_atto"]
+    assert set(atto["variants"]) == set(VARIANTS)
+    assert atto["eager_img_per_s_batch1"] > 0 and atto["eager_img_per_s_batch64"] > 0
+    for report in atto["variants"].values():
+        assert report["images"] == 200 and report["int8_bytes"] < report["fp32_bytes"]
+        assert report["fp32_top1"] == pytest.approx(atto["eager_top1"])
+
+
+def test_the_int8_benchmarks_node_type_choices_are_valid():
+    from benchmarks.int8 import VARIANTS, float_ops
+    from convnext_cifar.config import INT8_FLOAT_OPS_DEFAULT, Int8Config
+
+    for variant in VARIANTS.values():
+        Int8Config(float_ops=float_ops(variant))  # each a valid --int8.float-ops
+    assert "Conv" not in float_ops("all but Conv")
+    assert VARIANTS["LayerNorm + head float (default)"] == INT8_FLOAT_OPS_DEFAULT

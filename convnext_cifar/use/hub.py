@@ -18,7 +18,7 @@ import torch
 
 from convnext_cifar.config import TrainConfig, flatten, to_dict
 from convnext_cifar.data.kinds import hub_dataset
-from convnext_cifar.errors import UserError, need_extra
+from convnext_cifar.errors import UserError
 from convnext_cifar.files import file_hash
 from convnext_cifar.presets import PRESETS
 from convnext_cifar.runtime import Runtime
@@ -62,7 +62,6 @@ def export_hf(ckpt_path: Path, out: Path, licence: str | None = None,
               data_root: Path | None = None, say=print) -> dict[str, Any]:
     """Write the folder `out` (new, or a folder of an earlier hf export); returns the card's
     metrics. Built in a temporary folder beside it, then renamed into place."""
-    need_extra("huggingface_hub", "the model card (huggingface_hub)", "export")
     out = Path(out)
     if out.exists() and not (out.is_dir() and set(p.name for p in out.iterdir()) <= set(FILES)):
         raise UserError(f"{out} exists and is not a model folder written by `export --format hf`;"
