@@ -95,7 +95,7 @@ def measure(args: Args, ckpt: Path) -> dict:
                           [("LayerNorm + head float (default)", VARIANTS[
                               "LayerNorm + head float (default)"])]):
         cfg = replace(Int8Config(), float_ops=float_ops(variant))
-        out = tmp / f"int8-{len(rows)}.onnx"
+        out = tmp / ("int8-default.onnx" if "(default)" in name else f"int8-{len(rows)}.onnx")
         q.quantize(fp32, out, q.calibration_batches(data, loaded, cfg, False), cfg, tmp)
         report = q.parity(fp32, out, data, loaded, False, cfg)
         report["int8_bytes"] = out.stat().st_size
@@ -105,10 +105,35 @@ def measure(args: Args, ckpt: Path) -> dict:
               f"{report['int8_img_per_s_batch64']:,.0f} vs {report['fp32_img_per_s_batch64']:,.0f}"
               " img/s", flush=True)
     example = loaded.normalize(data.val.images[:64])
+    shares = {kind: op_time_shares(path, example) for kind, path in
+              (("fp32", fp32), ("int8", tmp / "int8-default.onnx"))}
     eager = {f"eager_img_per_s_batch{n}": q.images_per_second(
         lambda x: _eager(loaded.model, x), example, n) for n in q.SPEED_BATCHES}
     top1 = evaluate_checkpoint(ckpt, device="cpu", compile=False)["top1"]
-    return {"eager_top1": top1, **eager, "variants": rows}
+    return {"eager_top1": top1, **eager, "variants": rows, "op_time_shares": shares}
+
+
+def op_time_shares(path: Path, example: torch.Tensor, runs: int = 20) -> dict[str, float]:
+    """Where ONNX Runtime spends a batch-64 forward of `path`: % of the nodes' time per
+    operator type (its profiler, `runs` forwards after a warm-up)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: example.contiguous().numpy()}
+    for _ in range(runs + 1):
+        session.run(None, feed)
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    for event in trace:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            kind = event["args"]["op_name"]
+            totals[kind] = totals.get(kind, 0.0) + event["dur"]
+    whole = sum(totals.values()) or 1.0
+    return {k: round(100.0 * v / whole, 1)
+            for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 @torch.inference_mode()

@@ -157,14 +157,19 @@ def test_the_mmpretrain_benchmark_without_mmpretrain_says_how_to_install(tmp_pat
     assert "pip install mmengine==0.10.7" in proc.stderr and not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow
-def test_the_distillation_benchmark_runs_every_variant(tmp_path):
-    out = tmp_path / "d.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.distill", "--quick", "--work",
+def quick_run(module: str, tmp_path) -> dict:
+    """`python -m MODULE --quick` with its work folder and JSON in tmp_path; the JSON."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--work",
                            str(tmp_path / "w"), "--out", str(out)], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_the_distillation_benchmark_runs_every_variant(tmp_path):
+    result = quick_run("benchmarks.distill", tmp_path)
     assert set(result["results"]) == {"alone", "soft", "hard", "cached"}
     for name, runs in result["results"].items():
         assert runs[0]["epochs"] == result["epochs_at_equal_time"][name]
@@ -198,12 +203,7 @@ def test_the_throughput_benchmark_times_the_loop_with_a_teacher(tmp_path):
 
 @pytest.mark.slow
 def test_the_int8_benchmark_reports_every_engine_and_node_type_choice(tmp_path):
-    out = tmp_path / "int8.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.int8", "--quick", "--work",
-                           str(tmp_path / "w"), "--out", str(out)], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = quick_run("benchmarks.int8", tmp_path)
     from benchmarks.int8 import VARIANTS
 
     atto = result["models"]["convnextv2_atto"]

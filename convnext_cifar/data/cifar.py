@@ -234,7 +234,6 @@ def ensure_folder(spec: Cifar, root: Path, download_missing: bool) -> Path:
 
 
 CIFAR10 = Cifar(
-    hub_id="uoft-cs/cifar10",
     title="CIFAR-10",
     folder="cifar-10-batches-py",
     url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -256,10 +255,10 @@ CIFAR10 = Cifar(
     num_classes=10,
     mean=(125.307, 122.961, 113.8575),
     std=(51.5865, 50.847, 51.255),
+    hub_id="uoft-cs/cifar10",
 )
 
 CIFAR100 = Cifar(
-    hub_id="uoft-cs/cifar100",
     title="CIFAR-100",
     folder="cifar-100-python",
     url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -277,5 +276,6 @@ CIFAR100 = Cifar(
     num_classes=100,
     mean=(129.304, 124.070, 112.434),  # MMPretrain's _base_/datasets/cifar100_bs16.py
     std=(68.170, 65.392, 70.418),
+    hub_id="uoft-cs/cifar100",
     coarse_keys=("coarse_labels", "coarse_label_names", 20),
 )

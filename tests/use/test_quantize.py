@@ -126,3 +126,13 @@ def test_the_node_types_are_onnx_runtimes_and_bad_values_are_one_line():
         Int8Config(max_drop=-1)
     with pytest.raises(UserError, match="invalid --int8.parity-images -1"):
         Int8Config(parity_images=-1)
+
+
+@pytest.mark.slow
+def test_an_int8_file_with_the_preprocessing_inside_keeps_the_top1(trained, tmp_path):
+    out = tmp_path / "inside.onnx"
+    report = export_int8(trained, out, Int8Config(calibration_images=128),
+                         include_preprocessing=True, say=lambda _: None)
+    assert open_onnx(out)[1].uint8_input
+    assert report["fp32_top1"] - report["int8_top1"] <= 0.5 and report["agreement"] >= 97
+    assert evaluate_checkpoint(out)["top1"] == pytest.approx(report["int8_top1"])
