@@ -224,15 +224,23 @@ class SchedConfig:
     """Learning rate at the end of the cosine."""
     per_epoch: bool = False
     """Change the LR once per epoch exactly as MMEngine does (to compare with MMPretrain runs)."""
+    early_stop: int = 0
+    """Stop after this many validations without the best metric improving (0: never)."""
+    early_stop_delta: float = 0.0
+    """Points the best metric must gain over its last counted best to reset --sched.early-stop."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "sched.epochs", self.epochs, "must be >= 1")
+        _check(self.early_stop >= 0, "sched.early_stop", self.early_stop,
+               "must be >= 0 (0: never stop early)")
+        _check(0 <= self.early_stop_delta <= 100, "sched.early_stop_delta",
+               self.early_stop_delta, "must be in [0, 100] (points of the best metric)")
         _check(0 <= self.warmup_epochs < self.epochs, "sched.warmup_epochs", self.warmup_epochs,
                f"must be >= 0 and shorter than --sched.epochs {self.epochs}")
         _check(0 < self.start_factor <= 1, "sched.start_factor", self.start_factor,
                "must be in (0, 1]")
         _check(self.min_lr >= 0, "sched.min_lr", self.min_lr, "must be >= 0")
-        _at_most(self, "sched.", {"epochs": 1_000_000})
+        _at_most(self, "sched.", {"epochs": 1_000_000, "early_stop": 1_000_000})
 
 
 @dataclass(frozen=True)

@@ -164,14 +164,32 @@ def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
             metrics: dict[str, float] = {}
             if epoch % cfg.val_interval == 0 or last:
                 metrics = _validate_timed(run, state, log, progress, on_validation)
-            if epoch % cfg.ckpt_interval == 0 or last:
+            # the metrics are every rank's (all-reduced): the ranks stop at the same validation
+            position.stopped_early = bool(metrics) and not last and _plateaued(cfg, position)
+            if epoch % cfg.ckpt_interval == 0 or last or position.stopped_early:
                 save_weights_of(run, f"epoch_{epoch}.safetensors", epoch, metrics)
             stopping = dist.any(stop.requested, rt.device)
-            if state.due() or stopping:
-                path = _save(state, log, wait=stopping and not last)
-                if stopping and not last:
+            if state.due() or stopping or position.stopped_early:
+                path = _save(state, log, wait=(stopping and not last) or position.stopped_early)
+                if stopping and not last and not position.stopped_early:
                     raise stop.interrupted(path, position, cfg)
+            if position.stopped_early:
+                progress.message(early_stop_line(cfg, position))
+                return
             status.write("running")
+
+
+def _plateaued(cfg: TrainConfig, position: Position) -> bool:
+    return 0 < cfg.sched.early_stop <= position.plateau
+
+
+def early_stop_line(cfg: TrainConfig, position: Position) -> str:
+    gain = (f"by more than {cfg.sched.early_stop_delta:g} " if cfg.sched.early_stop_delta
+            else "")
+    return (f"stopped early after epoch {position.epoch} of {cfg.sched.epochs}: "
+            f"{position.best_metric} has not improved {gain}in {position.plateau} validations "
+            f"(--sched.early-stop {cfg.sched.early_stop}); best {position.best:.2f} at epoch "
+            f"{position.best_epoch}")
 
 
 def _already_finished(cfg: TrainConfig, found: tuple[Path, dict[str, Any]]
@@ -179,11 +197,14 @@ def _already_finished(cfg: TrainConfig, found: tuple[Path, dict[str, Any]]
     """What `fit` returns for a resumption whose state ended the run's last epoch (nothing to
     train, said in one line); None when there are epochs left."""
     position = found[1]["components"]["run"]
-    if position["epoch"] < cfg.sched.epochs or position["batch"]:
+    early = position.get("stopped_early") and 0 < cfg.sched.early_stop <= position["plateau"]
+    if (position["epoch"] < cfg.sched.epochs or position["batch"]) and not early:
         return None
-    print(f"{cfg.run_dir} is already finished: epoch {position['epoch']} of "
-          f"{cfg.sched.epochs} ({found[0]}); nothing to train. To train it longer: "
-          "--sched.epochs N --resume-allow-changes", flush=True)
+    how = (f"stopped early at epoch {position['epoch']} of {cfg.sched.epochs}" if early else
+           f"epoch {position['epoch']} of {cfg.sched.epochs}")
+    longer = ("a larger --sched.early-stop (or 0)" if early else "--sched.epochs N")
+    print(f"{cfg.run_dir} is already finished: {how} ({found[0]}); nothing to train. To train "
+          f"it longer: {longer} --resume-allow-changes", flush=True)
     status = read_status(cfg.run_dir)
     return {"best": status.get("best"), "best_metric": status.get("best_metric"),
             "best_epoch": status.get("best_epoch"), "work_dir": str(cfg.run_dir)}
@@ -322,6 +343,8 @@ class RunStatus:
 
     def __exit__(self, kind, error, traceback) -> None:
         outcome = outcome_of(kind)
+        if outcome == "finished" and self.position.stopped_early:
+            outcome = "stopped early"
         if outcome != "failed":  # a failure leaves "running": `runs` sees the lock is free
             self.write(outcome)
 
@@ -344,6 +367,7 @@ def validate(run: Run, position: Position, log: MetricsLog,
     key = position.best_metric
     weights = max(candidates, key=lambda k: candidates[k][1][key])  # a tie keeps raw
     module, metrics = candidates[weights]
+    position.observe(metrics[key], run.cfg.sched.early_stop_delta)
     if metrics[key] > position.best:
         position.best, position.best_epoch = metrics[key], position.epoch
         save_weights_of(run, BEST_FILE, position.epoch, metrics, module, weights)

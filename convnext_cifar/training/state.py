@@ -61,6 +61,9 @@ class Position:
     best_metric: str = "top1"  # the metric that picks best.safetensors (--eval.best-metric)
     best_epoch: int = 0
     elapsed_s: float = 0.0  # wall time spent training, over every resumption
+    plateau: int = 0  # validations since the best metric last gained more than the delta
+    plateau_best: float = -1.0  # its value then (--sched.early-stop counts from it)
+    stopped_early: bool = False  # the run ended by --sched.early-stop
 
     def __post_init__(self) -> None:
         self._since = time.monotonic()
@@ -70,6 +73,15 @@ class Position:
         now = time.monotonic()
         self.elapsed_s += now - self._since
         self._since = now
+
+    def observe(self, value: float, delta: float) -> None:
+        """Count a validation of the best metric at `value`: an improvement over the last
+        counted best (none: the first validation) by more than `delta` resets the plateau,
+        anything else lengthens it."""
+        if self.plateau_best < 0 or value > self.plateau_best + delta:
+            self.plateau, self.plateau_best = 0, value
+        else:
+            self.plateau += 1
 
     def state_dict(self) -> dict[str, Any]:
         self.tick()
@@ -340,7 +352,8 @@ RESUMABLE_CHANGES = ("name", "work_dir", "distill.teacher", "device", "precision
                      "data.eval_batch_size", "data.workers", "data.decode_processes",
                      "data.memory_share", "data.placement", "data.cache_dir",
                      "model.pretrained", "model.pretrained_format", "model.pretrained_prefix",
-                     "model.pretrained_weights", "model.head_init_scale")  # (only the start)
+                     "model.pretrained_weights", "model.head_init_scale",  # (only the start)
+                     "sched.early_stop", "sched.early_stop_delta")
 
 
 def config_changes(old: dict[str, Any], new: TrainConfig) -> list[str]:

@@ -102,3 +102,21 @@ def test_a_failed_write_is_raised_at_the_next_save_or_when_the_run_ends(tmp_path
     state.save()
     with pytest.raises(RuntimeError, match="the run's own error"), state.writing():
         raise RuntimeError("the run's own error")  # not hidden by the write's
+
+
+def test_the_plateau_counts_validations_without_a_gain_beyond_the_delta():
+    position = Position()
+    for value, delta, plateau in ((50.0, 0.5, 0),  # the first validation is a gain
+                                  (50.4, 0.5, 1),  # less than the delta: no gain
+                                  (50.5, 0.5, 2),  # exactly the delta: no gain either
+                                  (51.1, 0.5, 0),  # +1.1 over the last counted best
+                                  (51.0, 0.0, 1)):
+        position.observe(value, delta)
+        assert position.plateau == plateau
+    assert position.plateau_best == 51.1
+    restored = Position()
+    restored.load_state_dict(position.state_dict())
+    assert (restored.plateau, restored.plateau_best) == (1, 51.1)
+    old = Position()
+    old.load_state_dict({"epoch": 3, "batch": 0, "step": 9})  # a state from before the plateau
+    assert (old.plateau, old.plateau_best, old.stopped_early) == (0, -1.0, False)

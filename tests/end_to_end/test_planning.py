@@ -1,0 +1,111 @@
+"""End to end: runs that plan themselves. --sched.early-stop ends a run whose best metric has
+stopped improving, with its state on disk and status "stopped early", resumable, and every rank
+of a torchrun run stopping at the same validation."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from support import small_run_args
+
+from convnext_cifar import cli
+from convnext_cifar.outputs.workdir import find_states
+from convnext_cifar.training.state import load_state
+
+# a learning rate so small that nothing changes: every validation gives the same top-1
+FLAT = ("--sched.epochs", "6", "--sched.warmup-epochs", "0", "--data.limit-train", "100",
+        "--data.limit-val", "100", "--optim.lr", "1e-12", "--optim.weight-decay", "0",
+        "--log-interval", "2")
+
+
+def records(work):
+    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def validations(work):
+    return [r["epoch"] for r in records(work) if "top1" in r]
+
+
+def test_a_run_that_plateaus_stops_early_and_says_so(cifar_root, tmp_path, capsys):
+    work = tmp_path / "run"
+    assert cli.main(small_run_args(cifar_root, work, *FLAT, "--sched.early-stop", "2")) == 0
+    out = capsys.readouterr().out
+    assert "stopped early after epoch 3 of 6: top1 has not improved in 2 validations " \
+           "(--sched.early-stop 2); best" in out
+    assert validations(work) == [1, 2, 3]
+    status = json.loads((work / "status.json").read_text())
+    assert status["status"] == "stopped early" and status["epoch"] == 3
+    position = load_state(find_states(work)[-1])["components"]["run"]
+    assert position["epoch"] == 3 and position["stopped_early"] and position["plateau"] == 2
+    assert (work / "epoch_3.safetensors").is_file() and (work / "best.safetensors").is_file()
+    # resumed: nothing to train, said in one line
+    assert cli.main(small_run_args(cifar_root, work, *FLAT, "--sched.early-stop", "2",
+                                   "--resume", "auto")) == 0
+    assert "is already finished: stopped early at epoch 3 of 6" in capsys.readouterr().out
+    # a larger patience on resume trains on, from the plateau counted so far
+    assert cli.main(small_run_args(cifar_root, work, *FLAT, "--sched.early-stop", "3",
+                                   "--resume", "auto")) == 0
+    assert validations(work) == [1, 2, 3, 4]
+    assert json.loads((work / "status.json").read_text())["status"] == "stopped early"
+
+
+def test_the_delta_counts_small_gains_as_no_gain(cifar_root, tmp_path, capsys):
+    work = tmp_path / "run"
+    args = small_run_args(cifar_root, work, "--sched.epochs", "4", "--sched.warmup-epochs", "0",
+                          "--data.limit-train", "100", "--data.limit-val", "100",
+                          "--sched.early-stop", "1", "--sched.early-stop-delta", "100")
+    assert cli.main(args) == 0  # no gain can exceed 100 points: stops at the 2nd validation
+    assert validations(work) == [1, 2]
+    assert "has not improved by more than 100 in 1 validations" in capsys.readouterr().out
+
+
+def test_without_early_stop_the_plateau_is_only_counted(cifar_root, tmp_path):
+    work = tmp_path / "run"
+    assert cli.main(small_run_args(cifar_root, work, *FLAT[:1], "3", *FLAT[2:])) == 0
+    assert validations(work) == [1, 2, 3]
+    assert json.loads((work / "status.json").read_text())["status"] == "finished"
+    assert load_state(find_states(work)[-1])["components"]["run"]["plateau"] == 2
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--sched.early-stop", "-1", "invalid --sched.early-stop -1: must be >= 0"),
+    ("--sched.early-stop-delta", "-0.5", "invalid --sched.early-stop-delta -0.5: must be in"),
+])
+def test_bad_early_stop_values_are_one_line(cifar_root, tmp_path, capsys, option, value, says):
+    assert cli.main(small_run_args(cifar_root, tmp_path / "w", option, value)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err
+
+
+@pytest.mark.slow
+def test_two_processes_stop_early_at_the_same_validation(cifar_root, tmp_path):
+    work = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "convnext_cifar",
+                           *small_run_args(cifar_root, work, *FLAT, "--sched.early-stop", "2")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # a rank that went on would hang
+    assert validations(work) == [1, 2, 3]
+    assert json.loads((work / "status.json").read_text())["status"] == "stopped early"
+    assert "stopped early after epoch 3 of 6" in proc.stdout
+
+
+def test_tune_trials_stop_early_and_count_as_complete(cifar_root, tmp_path):
+    optuna = pytest.importorskip("optuna")
+    work = tmp_path / "study"
+    assert cli.main(["tune", "--preset", "smoke", "--data.root", str(cifar_root),
+                     "--data.no-download", "--device", "cpu", "--compile", "off",
+                     "--data.limit-train", "100", "--data.limit-val", "60", "--data.batch-size",
+                     "50", "--sched.epochs", "5", "--sched.warmup-epochs", "0",
+                     "--work-dir", str(work), "--tune.trials", "2", "--tune.sampler", "random",
+                     "--tune.pruner", "none", "--tune.space", "optim.lr=log(1e-13,1e-12)",
+                     "--sched.early-stop", "1"]) == 0
+    study = optuna.load_study(study_name="convnextv2-atto_cifar10-smoke",
+                              storage=f"sqlite:///{work / 'study.db'}")
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for t in trials:
+        assert sorted(t.intermediate_values) == [1, 2]  # stopped at the 2nd validation
+        status = json.loads((work / f"trial-{t.number}" / "status.json").read_text())
+        assert status["status"] == "stopped early"
