@@ -224,6 +224,8 @@ class SchedConfig:
     """Learning rate at the end of the cosine."""
     per_epoch: bool = False
     """Change the LR once per epoch exactly as MMEngine does (to compare with MMPretrain runs)."""
+    budget: str = ""
+    """Wall time to plan the run for (30m, 2h, 1h30m, 90s): sets --sched.epochs to fit it."""
     early_stop: int = 0
     """Stop after this many validations without the best metric improving (0: never)."""
     early_stop_delta: float = 0.0
@@ -231,6 +233,11 @@ class SchedConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "sched.epochs", self.epochs, "must be >= 1")
+        if self.budget:
+            try:
+                parse_duration(self.budget)
+            except ValueError as e:
+                _check(False, "sched.budget", self.budget, str(e))
         _check(self.early_stop >= 0, "sched.early_stop", self.early_stop,
                "must be >= 0 (0: never stop early)")
         _check(0 <= self.early_stop_delta <= 100, "sched.early_stop_delta",
@@ -241,6 +248,25 @@ class SchedConfig:
                "must be in (0, 1]")
         _check(self.min_lr >= 0, "sched.min_lr", self.min_lr, "must be >= 0")
         _at_most(self, "sched.", {"epochs": 1_000_000, "early_stop": 1_000_000})
+
+
+DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration written 30m, 2h, 1h30m, 90s or 1.5h (a bare number: minutes)."""
+    import re
+
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        text += "m"
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError("write a duration such as 30m, 2h, 1h30m or 90s")
+    seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    if not 1 <= seconds <= 365 * 86400:
+        raise ValueError("must be between 1s and a year")
+    return seconds
 
 
 @dataclass(frozen=True)

@@ -280,7 +280,7 @@ def runs_table(rows: list[dict[str, Any]], differing: list[str], width: int) -> 
     metrics = sorted({r["best_metric"] for r in rows})
     best_head = f"best {metrics[0]} (ep)" if len(metrics) == 1 else "best (ep)"
     cells = [[readable(r["status"]), run_best(r, named=len(metrics) > 1),
-              f"{r['epochs_done']}/{r['epochs']}", wall_clock(r["wall_s"]),
+              f"{r['epochs_done']}/{r['epochs']}", run_wall(r),
               _num(r["last_top1"], "{:.2f}"), _num(r["img_per_s"], "{:.0f}"),
               size(r["size_bytes"])] for r in rows]
     head = [best_head if c == "best" else c for c in RUN_COLUMNS]
@@ -333,7 +333,8 @@ def wrapped(items: list[str], width: int, indent: str) -> list[str]:
 
 DELIMITED = ("run", "name", "study", "status", "best_metric", "best", "best_epoch", "epochs_done",
              "epochs", "wall_s", "last_top1", "img_per_s", "size_bytes", "set_aside_lines",
-             "set_aside_bytes", "teacher", "last_agreement", "work_dir")
+             "set_aside_bytes", "teacher", "last_agreement", "budget_s", "budget_used_s",
+             "work_dir")
 
 
 def runs_delimited(rows: list[dict[str, Any]], differing: list[str], csv_output: bool) -> str:
@@ -395,6 +396,13 @@ def run_best(r: dict[str, Any], named: bool = False) -> str:
     best = r["best"] if "best" in r else r["best_top1"]
     text = _num(best, "{:.2f}") + (f" ({r['best_epoch']})" if r["best_epoch"] else "")
     return f"{r.get('best_metric', 'top1')} {text}" if named and best is not None else text
+
+
+def run_wall(summary: dict[str, Any]) -> str:
+    """A run's wall time; with --sched.budget, what it used of the budget: '0:29:40/0:30:00'."""
+    if summary.get("budget_s") is None:
+        return wall_clock(summary["wall_s"])
+    return f"{wall_clock(summary['budget_used_s'])}/{wall_clock(summary['budget_s'])}"
 
 
 def wall_clock(seconds: float | None) -> str:

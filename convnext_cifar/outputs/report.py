@@ -30,7 +30,7 @@ from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError, install_extra
 from convnext_cifar.files import parse_json, readable, write_file
 from convnext_cifar.metrics import AGREEMENT, DISTILLATION, METRICS, TEACHER_KL, TEACHER_TOP1, ema
-from convnext_cifar.outputs.console import run_best, wall_clock
+from convnext_cifar.outputs.console import run_best, run_wall
 from convnext_cifar.outputs.metrics_log import read_records
 from convnext_cifar.outputs.runs import compare, summarize
 from convnext_cifar.outputs.workdir import BEST_FILE, CONFIG_FILE, METRICS_FILE
@@ -477,9 +477,10 @@ def single_run_page(run: RunData, device: str, batch_size: int | None,
                     data_root: Path | None) -> tuple[str, list[Figure]]:
     s = run.summary
     parts = [f"<h1>{html.escape(s['name'])}</h1>", _table(
-        ["status", "best top-1 (epoch)", "epochs", "wall time", "model", "dataset"],
+        ["status", "best top-1 (epoch)", "epochs", "wall time (/budget)", "model",
+         "dataset"],
         [[s["status"], run_best(s), f"{s['epochs_done']}/{s['epochs']}",
-          wall_clock(s["wall_s"]), s["model"], s["dataset"]]])]
+          run_wall(s), s["model"], s["dataset"]]])]
     changed = differing_from_defaults(run.cfg, run.run_dir)
     parts.append("<h2>Options that differ from the defaults</h2>" + (_table(
         ["option", "default", "this run"],
@@ -518,7 +519,7 @@ def comparison_page(runs: list[RunData]) -> tuple[str, list[Figure]]:
     table = _table(["run", "status", "best (epoch)", "epochs", "wall time", *differing],
                    [[label, r.summary["status"], run_best(r.summary, named=True),
                      f"{r.summary['epochs_done']}/{r.summary['epochs']}",
-                     wall_clock(r.summary["wall_s"]),
+                     run_wall(r.summary),
                      *(json.dumps(relative(r.summary["config"].get(k), r.run_dir))
                        for k in differing)] for r, label in zip(runs, labels)])
     figures = comparison_figures(runs, labels)

@@ -89,7 +89,8 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         "teacher": _teacher(config),
         "epochs_done": status["epoch"] if isinstance(status.get("epoch"), int) else max(
             (r["epoch"] for r in val), default=0),
-        "epochs": config["sched"].get("epochs"),
+        "epochs": status["epochs"] if isinstance(status.get("epochs"), int)  # a budget's plan
+        else config["sched"].get("epochs"),
         "best_metric": metric,
         "best": _best_of(best, metric) if best else None,
         "best_epoch": best["epoch"] if best else None,
@@ -100,12 +101,21 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         "img_per_s": train[-1]["img_per_s"] if train and _number(train[-1].get("img_per_s"))
         else None,
         "wall_s": status["elapsed_s"] if _number(status.get("elapsed_s")) else None,
+        **_budget(status),
         "status": status["status"],
         "size_bytes": folder_bytes(run_dir),
         "set_aside_lines": len(set_aside_lines(run_dir)),
         "set_aside_bytes": set_aside_bytes(run_dir),
         "notes": [note] if (note := skipped_note(run_dir / METRICS_FILE, skipped)) else [],
         "config": flatten(config)}
+
+
+def _budget(status: dict[str, Any]) -> dict[str, Any]:
+    """--sched.budget's seconds and what the run used of it (its setup and probe before the
+    first epoch, then its training wall time); None without a budget."""
+    budget, setup, wall = (status.get(k) for k in ("budget_s", "setup_s", "elapsed_s"))
+    used = setup + wall if _number(budget) and _number(setup) and _number(wall) else None
+    return {"budget_s": budget if _number(budget) else None, "budget_used_s": used}
 
 
 def _teacher(config: dict[str, Any]) -> str | None:

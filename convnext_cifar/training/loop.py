@@ -46,6 +46,7 @@ from convnext_cifar.outputs.workdir import (
 )
 from convnext_cifar.runtime import Runtime, configure_backends, resolve_runtime
 from convnext_cifar.terminal import ConsoleLog, warn
+from convnext_cifar.training.budget import plan_line, plan_of, plan_run, with_plan
 from convnext_cifar.training.build import Run, build_run
 from convnext_cifar.training.distill import TeacherRecord
 from convnext_cifar.training.signals import StopSignals
@@ -106,10 +107,15 @@ def train_one_epoch(run: Run, position: Position, log: MetricsLog, progress: Pro
 
 def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
           live_progress: bool | None = None,
-          on_validation: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+          on_validation: Callable[[int, dict[str, Any]], bool] | None = None,
+          started: float | None = None) -> dict[str, Any]:
     """The epochs of a built run (continuing the training state `found`); returns the best.
     `on_validation(epoch, record)` (a tuner's) sees every validation record; when it returns
-    True the run stops there, as pruned."""
+    True the run stops there, as pruned. With --sched.budget a fresh run plans its epochs
+    first (`started`: when the command started, time.monotonic(); the budget counts from it)."""
+    plan = plan_of(found)
+    if run.cfg.sched.budget and plan is None:  # a fresh run: probe, then plan its epochs
+        run, plan = plan_run(run, _probed(run), time.monotonic() - (started or time.monotonic()))
     cfg, rt, dist, steps = run.cfg, run.rt, run.dist, len(run.loader)
     clock = RunClock(cfg.sched.epochs, steps, cfg.data.batch_size, cfg.val_interval)
     progress = Progress(cfg.sched.epochs, live_progress, is_main=dist.is_main, clock=clock)
@@ -122,7 +128,7 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     if run.ema is not None and cfg.ema.decay != "auto" and (
             lag := ema_lag_warning(run.ema.decay, cfg.sched.epochs * steps)):
         progress.warning(lag)
-    position, window = Position(best_metric=cfg.eval.best_metric), Window(rt.device)
+    position, window = Position(best_metric=cfg.eval.best_metric, plan=plan), Window(rt.device)
     guard = Guard(rt.device, patience=50 if rt.precision == "fp16" else 1)
     log = MetricsLog(sinks(cfg, progress, position, steps) if dist.is_main else [])
     state = TrainingState(cfg, dist, steps, {
@@ -133,6 +139,8 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
         **({"ema": run.ema} if run.ema is not None else {})},
         optional=("dataset", "tracking", "wandb", "teacher"))
     _start_or_resume(state, found, log, progress)
+    if plan is not None:
+        progress.message(plan_line(plan, cfg, position.elapsed_s if found is not None else None))
     try:
         _epochs(run, state, log, progress, window, guard, on_validation)
     except BaseException as e:
@@ -147,6 +155,13 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
                      f"{position.best_epoch}: {cfg.run_dir / BEST_FILE}")
     return {"best": position.best, "best_metric": position.best_metric,
             "best_epoch": position.best_epoch, "work_dir": str(cfg.run_dir)}
+
+
+def _probed(run: Run) -> dict[str, Any]:
+    """What the budget's probe changes and restores: every component its steps touch."""
+    return {"model": run.model, "optimizer": run.step_fn.optimizer, "scaler": run.step_fn.scaler,
+            "rng": GlobalRng(run.rt.device, run.dist), "loader": run.loader,
+            **({"ema": run.ema} if run.ema is not None else {})}
 
 
 def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress, window: Window,
@@ -335,7 +350,9 @@ class RunStatus:
                 "status": status, "epoch": p.epoch, "epochs": self.run.cfg.sched.epochs,
                 "step": p.step, "best": p.best, "best_metric": p.best_metric,
                 "best_epoch": p.best_epoch, "elapsed_s": p.elapsed_s, "updated": time.time(),
-                "pid": os.getpid()})
+                "pid": os.getpid(),
+                **({"budget_s": p.plan["budget_s"], "setup_s": p.plan["setup_s"]}
+                   if p.plan else {})})
 
     def __enter__(self) -> RunStatus:
         self.write("running")
@@ -445,14 +462,16 @@ def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None 
     nodes' may be other disks) and decides for all. Everything a user can get wrong (data,
     state to resume, options, a work dir in use) is checked before anything is written.
     """
-    dist = distributed.from_env()
+    dist, started = distributed.from_env(), time.monotonic()
     with ConsoleLog() if dist.is_main else contextlib.nullcontext() as console_log:
-        return _fit(cfg, dist, console_log, live_progress, resume, allow_changes, on_validation)
+        return _fit(cfg, dist, console_log, live_progress, resume, allow_changes, on_validation,
+                    started)
 
 
 def _fit(cfg: TrainConfig, dist: distributed.Dist, console_log: ConsoleLog | None,
          live_progress: bool | None, resume: str | None, allow_changes: bool,
-         on_validation: Callable[[int, dict[str, Any]], bool] | None) -> dict[str, Any]:
+         on_validation: Callable[[int, dict[str, Any]], bool] | None,
+         started: float | None = None) -> dict[str, Any]:
     """`fit`'s steps; `console_log` (the main process's) goes to WORK_DIR/train.log once the
     work dir is claimed."""
     cfg = dataclasses.replace(cfg, name=cfg.run_name)
@@ -471,20 +490,21 @@ def _fit(cfg: TrainConfig, dist: distributed.Dist, console_log: ConsoleLog | Non
         data = distributed.together(dist, lambda: load_dataset(cfg.data, rt.device))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, mean=data.mean, std=data.std))  # recorded in config.json
+        planned = with_plan(cfg, plan_of(found))  # a budgeted run resumes with its plan
         if found is not None and not allow_changes:
-            distributed.together(dist, lambda: refuse_changes(found, cfg, data.identity,
+            distributed.together(dist, lambda: refuse_changes(found, planned, data.identity,
                                                               rt.device))
         elif found is not None and (change := device_kind_change(found[1], rt.device)):
             print(f"note: {change}: they start afresh here", file=sys.stderr)
-        if found is not None and (done := _already_finished(cfg, found)) is not None:
+        if found is not None and (done := _already_finished(planned, found)) is not None:
             return done
         # A resumed run takes its weights from the state: no download of pretrained weights.
-        run = build_run(cfg, rt, dist, data, pretrained=found is None)
+        run = build_run(planned, rt, dist, data, pretrained=found is None)
         with contextlib.ExitStack() as work_dir:
             distributed.from_main(dist, lambda: claim_work_dir(cfg, data.val.files, found,
                                                                work_dir))
             if console_log is not None:
                 console_log.to(cfg.run_dir / TRAIN_LOG)
-            return train(run, found, live_progress, on_validation)
+            return train(run, found, live_progress, on_validation, started)
     finally:
         distributed.stop()

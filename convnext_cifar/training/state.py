@@ -64,6 +64,7 @@ class Position:
     plateau: int = 0  # validations since the best metric last gained more than the delta
     plateau_best: float = -1.0  # its value then (--sched.early-stop counts from it)
     stopped_early: bool = False  # the run ended by --sched.early-stop
+    plan: dict[str, Any] | None = None  # --sched.budget's plan (training/budget.py)
 
     def __post_init__(self) -> None:
         self._since = time.monotonic()

@@ -109,3 +109,90 @@ def test_tune_trials_stop_early_and_count_as_complete(cifar_root, tmp_path):
         assert sorted(t.intermediate_values) == [1, 2]  # stopped at the 2nd validation
         status = json.loads((work / f"trial-{t.number}" / "status.json").read_text())
         assert status["status"] == "stopped early"
+
+
+# ---- --sched.budget -------------------------------------------------------------------------
+
+BUDGET = ("--sched.budget", "10m", "--sched.epochs", "6", "--sched.warmup-epochs", "2",
+          "--data.limit-train", "100", "--data.limit-val", "100", "--log-interval", "2")
+
+
+def test_the_planned_epochs_follow_the_measured_costs_of_a_fake_clock(cifar_root, tmp_path,
+                                                                      monkeypatch, capsys):
+    import itertools
+
+    from convnext_cifar.training import budget
+
+    ticks = itertools.count()
+    monkeypatch.setattr(budget, "CLOCK", lambda: next(ticks) * 0.25)  # 0.25 s per reading
+    work = tmp_path / "run"
+    assert cli.main(small_run_args(cifar_root, work, *BUDGET, "--data.batch-size", "25",
+                                   "--sched.budget", "15s", "--sched.epochs", "2",
+                                   "--sched.warmup-epochs", "1")) == 0
+    plan = load_state(find_states(work)[-1])["components"]["run"]["plan"]
+    steps = 4  # 100 images, batch 25
+    # two back-to-back readings around the timed steps (2 of them: 4 steps, 2 untimed)
+    assert plan["step_s"] == pytest.approx(0.25 / 2)
+    assert plan["state_s"] == pytest.approx(0.25)
+    assert plan["val_s"] == pytest.approx(0.25)  # one batch holds the 100 held-out images
+    from convnext_cifar.config import load_config_file
+
+    cfg = load_config_file(work / "config.json")
+    costs = budget.Costs(plan["step_s"], plan["val_s"], plan["state_s"])
+    # each epoch costs 4 x 0.125 + 0.25 + 2 x 0.25 s in the fake clock's time
+    assert plan["epochs"] == budget.epochs_within(15.0, plan["setup_s"], steps, costs, cfg)
+    assert plan["epochs"] > 2  # the budget, not --sched.epochs, sets the length
+    status = json.loads((work / "status.json").read_text())
+    assert status["epochs"] == status["epoch"] == plan["epochs"] and status["budget_s"] == 15
+    assert validations(work)[-1] == plan["epochs"]
+    out = capsys.readouterr().out
+    assert f"budget 15s: {plan['epochs']} epochs planned (warmup " in out
+
+
+def test_a_budgeted_run_trains_as_the_hand_set_run_of_its_planned_epochs(cifar_root, tmp_path,
+                                                                          monkeypatch):
+    """The probe's steps leave no trace: weights, records and states equal the run with the
+    planned epochs (and the warmup scaled with them) set by hand."""
+    from support import timeless_records
+
+    from convnext_cifar.training import budget
+
+    monkeypatch.setattr(budget, "epochs_within", lambda *a: 3)
+    planned, by_hand = tmp_path / "planned", tmp_path / "by_hand"
+    assert cli.main(small_run_args(cifar_root, planned, *BUDGET, "--aug.randaugment",
+                                   "rand-m9-n2", "--model.drop-path-rate", "0.1")) == 0
+    assert cli.main(small_run_args(cifar_root, by_hand, *BUDGET[2:], "--sched.epochs", "3",
+                                   "--sched.warmup-epochs", "1", "--aug.randaugment",
+                                   "rand-m9-n2", "--model.drop-path-rate", "0.1")) == 0
+    assert timeless_records(planned) == timeless_records(by_hand)
+    a, b = (load_state(find_states(w)[-1])["components"] for w in (planned, by_hand))
+    assert all((a["model"][k] == b["model"][k]).all() for k in a["model"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+def test_a_budgeted_run_resumed_after_sigterm_keeps_its_plan(cifar_root, tmp_path, monkeypatch,
+                                                             capsys):
+    from support import signal_at_step
+
+    from convnext_cifar.training import budget
+
+    monkeypatch.setattr(budget, "epochs_within", lambda *a: 4)
+    work = tmp_path / "run"
+    restore = signal_at_step(monkeypatch, 2 + 3)  # the probe's 2 steps, then 3 of the run
+    assert cli.main(small_run_args(cifar_root, work, *BUDGET)) == 143  # 128 + SIGTERM
+    restore()
+    assert json.loads((work / "status.json").read_text())["status"] == "interrupted"
+
+    def must_not_plan(*a):
+        raise AssertionError("a resumed run plans again")
+
+    monkeypatch.setattr(budget, "epochs_within", must_not_plan)
+    assert cli.main(small_run_args(cifar_root, work, *BUDGET, "--resume", "auto")) == 0
+    out = capsys.readouterr().out
+    assert "resumed within budget 10m00s: the plan of 4 epochs stays; " in out
+    assert validations(work) == [1, 2, 3, 4]
+    status = json.loads((work / "status.json").read_text())
+    assert status["status"] == "finished" and status["epochs"] == 4
+    assert cli.main(["runs", str(tmp_path), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+    assert row["budget_s"] == 600 and 0 < row["budget_used_s"] < 600 and row["epochs"] == 4
