@@ -8,6 +8,7 @@
     convnext-cifar runs [DIR...] [--json|--csv|--table] [--sort KEY] [--filter KEY=VALUE]
     convnext-cifar report WORK_DIR... [--out FILE]
     convnext-cifar convert SRC DST.safetensors [--model.name NAME] [--prefix P]
+    convnext-cifar lr-find [train options] [--lr-find.steps N] [--lr-find.out FILE.png]
 
 Heavy modules (torch, timm) are imported only inside the commands, so `--help` is quick.
 """
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,7 @@ from convnext_cifar.cli_errors import parse
 from convnext_cifar.config import (
     DataConfig,
     Int8Config,
+    LrFindConfig,
     TrainConfig,
     TuneConfig,
     config_json,
@@ -121,7 +124,8 @@ def _train_command(default: TrainConfig):
         def run() -> int:
             from convnext_cifar.training.loop import fit
 
-            fit(cfg, resume=resume, allow_changes=resume_allow_changes)
+            fit(cfg, resume=resume, allow_changes=resume_allow_changes,
+                started=_STARTED[0] if _STARTED else None)
             return 0
 
         return run
@@ -154,6 +158,33 @@ def _print_config(cfg: TrainConfig, resume: str | None) -> int:
     cfg, _ = choose_work_dir(cfg, resume)
     print(config_json(cfg))
     return 0
+
+
+def _lr_find_command(default: TrainConfig):
+    def lr_find(
+        cfg: Annotated[TrainConfig, tyro.conf.arg(name="")] = default,
+        lr_find: Annotated[LrFindConfig, tyro.conf.arg(name="lr-find")] = LR_FIND_DEFAULTS,
+        preset: Annotated[PresetName, tyro.conf.arg(  # type: ignore[valid-type]
+            help="Experiment to test (as for train).")] = DEFAULT_PRESET,
+        config: Annotated[Path | None, tyro.conf.arg(
+            help="Test the run a saved config.json describes; options given override it."
+        )] = None,
+    ) -> int:
+        """Find a learning rate: a short range test on the run the train options describe;
+        prints the loss against the LR and a suggestion, draws it; writes no work dir."""
+
+        def run() -> int:
+            from convnext_cifar.training.lr_find import find_lr
+
+            find_lr(cfg, lr_find)
+            return 0
+
+        return run
+
+    return lr_find
+
+
+LR_FIND_DEFAULTS = LrFindConfig()
 
 
 def _tune_command(default: TrainConfig):
@@ -464,10 +495,18 @@ def commands(default: TrainConfig) -> dict[str, Callable]:
     """Every command by its name, `train` and `tune` starting from `default`: the one table."""
     return {"train": _train_command(default), "tune": _tune_command(default),
             "eval": eval_command, "predict": predict_command, "export": export_command,
-            "runs": runs_command, "report": report_command, "convert": convert_command}
+            "runs": runs_command, "report": report_command, "convert": convert_command,
+            "lr-find": _lr_find_command(default)}
+
+
+_STARTED: list[float] = []  # when this command started (time.monotonic()): budgets count from it
 
 
 def main(argv: list[str] | None = None) -> int:
+    from convnext_cifar.runtime import process_age_s
+
+    # from the console script, the interpreter's start-up and imports count too
+    _STARTED[:] = [time.monotonic() - (process_age_s() if argv is None else 0.0)]
     args = list(sys.argv[1:] if argv is None else argv)
     for stream in (sys.stdout, sys.stderr):  # a file name in bytes that are not UTF-8 (a
         if hasattr(stream, "reconfigure"):  # Windows zip) is shown escaped, never a crash
@@ -487,7 +526,7 @@ def _run(args: list[str]) -> int:
         print(f"convnext-cifar {__version__}")
         return 0
     try:
-        default = (starting_config(args) if args[:1] in (["train"], ["tune"])
+        default = (starting_config(args) if args[:1] in (["train"], ["tune"], ["lr-find"])
                    else PRESETS[DEFAULT_PRESET]())
         command = parse(commands(default), args)
         return command() if callable(command) else command

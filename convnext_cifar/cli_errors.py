@@ -75,7 +75,7 @@ def _suggested(lines: list[str], message: str, command: str) -> list[str]:
             elif offered and line.startswith("in ") and line.endswith("--help"):
                 offered[-1] = (offered[-1][0], line.split()[-2])
         if offered:  # tyro lists an option once, under any command that takes it
-            shared = set(train_options()) if command in ("train", "tune") else set()
+            shared = set(train_options()) if command in ("train", "tune", "lr-find") else set()
             return list(dict.fromkeys(renamed + [o for o, where in offered
                                                  if where in ("", command) or o in shared]))[:3]
     close = list(renamed)

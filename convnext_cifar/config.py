@@ -175,8 +175,8 @@ class DataConfig:
 class OptimConfig:
     """AdamW, its decay groups and gradient clipping."""
 
-    lr: float = 1e-3
-    """Peak learning rate (reached at the end of warmup)."""
+    lr: float | Literal["auto"] = 1e-3
+    """Peak learning rate (reached at the end of warmup); auto: found first by lr-find's test."""
     weight_decay: float = 0.05
     """Decoupled weight decay of conv/linear weights; norms, biases and GRN never decay."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -195,7 +195,7 @@ class OptimConfig:
     """Layer ids as the official ConvNeXt-V2 code: single (one per block) or group (3 blocks)."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.lr == "auto" or self.lr > 0, "optim.lr", self.lr, "must be > 0 or auto")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                self.betas, "needs 2 values in [0, 1)")
@@ -255,8 +255,6 @@ DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
 
 def parse_duration(text: str) -> float:
     """Seconds of a duration written 30m, 2h, 1h30m, 90s or 1.5h (a bare number: minutes)."""
-    import re
-
     text = text.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         text += "m"
@@ -504,6 +502,33 @@ class LogConfig:
             os.environ.update({k: v for k, v in (("MLFLOW_TRACKING_USERNAME", user),
                                                  ("MLFLOW_TRACKING_PASSWORD", password)) if v})
             object.__setattr__(self, "mlflow", uri)
+
+
+@dataclass(frozen=True)
+class LrFindConfig:
+    """The learning-rate range test (`lr-find`): an exponential ramp over at most one epoch."""
+
+    start_lr: float = 1e-7
+    """The ramp's first learning rate."""
+    end_lr: float = 10.0
+    """The ramp's last learning rate (the test stops earlier when the loss diverges)."""
+    steps: int = 100
+    """Optimizer steps of the ramp (at most one epoch's)."""
+    smoothing: float = 0.98
+    """Weight of the running average of the loss (bias-corrected, as fastai's)."""
+    diverge: float = 4.0
+    """Stop once the smoothed loss exceeds this many times its lowest value."""
+    suggest: Literal["valley", "steepest"] = "valley"
+    """Rule for the suggestion: valley (fastai's default) or steepest descent of the loss."""
+    out: Path | None = None
+    """PNG of the loss against the LR (default: lr-find-<run name>.png here; needs [report])."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.start_lr < self.end_lr, "lr_find.start_lr", self.start_lr,
+               f"must be > 0 and below --lr-find.end-lr {self.end_lr}")
+        _check(5 <= self.steps <= 100_000, "lr_find.steps", self.steps, "must be in [5, 100,000]")
+        _check(0 <= self.smoothing < 1, "lr_find.smoothing", self.smoothing, "must be in [0, 1)")
+        _check(self.diverge > 1, "lr_find.diverge", self.diverge, "must be > 1")
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ reference = _reference_module()
 
 def _sections(markdown: str) -> dict[str, str]:
     """The reference's text per command (from its `## `name`` heading to the next)."""
-    parts = re.split(r"^## `([a-z]+)`$", markdown, flags=re.M)
+    parts = re.split(r"^## `([a-z-]+)`$", markdown, flags=re.M)
     return dict(zip(parts[1::2], parts[2::2]))
 
 
@@ -68,8 +68,9 @@ def test_each_option_shows_its_type_default_and_docstring():
     rows = {names: rest for names, *rest in
             reference.option_rows(reference.parsers()["train"])}
     kind, default, text = rows["--optim.lr"]
-    assert (kind, default) == ("FLOAT", "0.004")
-    assert text == "Peak learning rate (reached at the end of warmup)."  # OptimConfig's docstring
+    assert (kind, default) == ("FLOAT|{auto}", "0.004")
+    assert text == ("Peak learning rate (reached at the end of warmup); auto: found first by "
+                    "lr-find's test.")  # OptimConfig's docstring
     assert rows["--data.download / --data.no-download"][:2] == ["flag", "True"]
     assert rows["--precision"][0] == "{auto,fp32,bf16,fp16}"
     eval_rows = {names: rest for names, *rest in

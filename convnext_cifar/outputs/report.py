@@ -30,7 +30,7 @@ from convnext_cifar.distributed import Dist
 from convnext_cifar.errors import UserError, install_extra
 from convnext_cifar.files import parse_json, readable, write_file
 from convnext_cifar.metrics import AGREEMENT, DISTILLATION, METRICS, TEACHER_KL, TEACHER_TOP1, ema
-from convnext_cifar.outputs.console import run_best, run_wall
+from convnext_cifar.outputs.console import run_best, run_wall, wall_clock
 from convnext_cifar.outputs.metrics_log import read_records
 from convnext_cifar.outputs.runs import compare, summarize
 from convnext_cifar.outputs.workdir import BEST_FILE, CONFIG_FILE, METRICS_FILE
@@ -481,6 +481,13 @@ def single_run_page(run: RunData, device: str, batch_size: int | None,
          "dataset"],
         [[s["status"], run_best(s), f"{s['epochs_done']}/{s['epochs']}",
           run_wall(s), s["model"], s["dataset"]]])]
+    if (found := s.get("lr_found")) and isinstance(found.get("lr"), (int, float)):
+        parts.append(f"<p>Learning rate found by the range test (<code>--optim.lr auto</code>): "
+                     f"{found['lr']:.2e}, {html.escape(str(found.get('rule')))} rule, "
+                     f"{found.get('steps')} steps.</p>")
+    if s.get("budget_s") is not None:
+        parts.append(f"<p>Time budget {wall_clock(s['budget_s'])}: used "
+                     f"{wall_clock(s['budget_used_s'])} (planned epochs: {s['epochs']}).</p>")
     changed = differing_from_defaults(run.cfg, run.run_dir)
     parts.append("<h2>Options that differ from the defaults</h2>" + (_table(
         ["option", "default", "this run"],

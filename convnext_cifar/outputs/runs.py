@@ -102,6 +102,7 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         else None,
         "wall_s": status["elapsed_s"] if _number(status.get("elapsed_s")) else None,
         **_budget(status),
+        "lr_found": status.get("lr_found") if isinstance(status.get("lr_found"), dict) else None,
         "status": status["status"],
         "size_bytes": folder_bytes(run_dir),
         "set_aside_lines": len(set_aside_lines(run_dir)),

@@ -13,7 +13,6 @@ run keeps it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from convnext_cifar.config import TrainConfig, parse_duration
 from convnext_cifar.model.ema import ema_schedule
 from convnext_cifar.model.optim import set_lr
 from convnext_cifar.training.build import Run
+from convnext_cifar.training.probe import restored
 from convnext_cifar.use.evaluate import predict_logits
 
 WARM_STEPS = 2  # untimed: compile, allocator, caches
@@ -60,10 +60,10 @@ def epochs_within(budget_s: float, spent_s: float, steps: int, costs: Costs, cfg
     return low
 
 
-def planned(cfg: TrainConfig, epochs: int) -> TrainConfig:
-    """`cfg` with `epochs` and the warmup scaled to keep its share of the run."""
-    share = cfg.sched.warmup_epochs / cfg.sched.epochs
-    warmup = min(epochs - 1, round(epochs * share))
+def planned(cfg: TrainConfig, epochs: int, warmup: int | None = None) -> TrainConfig:
+    """`cfg` with `epochs` and the warmup scaled to keep its share of the run (or `warmup`)."""
+    if warmup is None:
+        warmup = min(epochs - 1, round(epochs * cfg.sched.warmup_epochs / cfg.sched.epochs))
     return dataclasses.replace(cfg, sched=dataclasses.replace(cfg.sched, epochs=epochs,
                                                               warmup_epochs=warmup))
 
@@ -72,7 +72,7 @@ def with_plan(cfg: TrainConfig, plan: dict[str, Any] | None) -> TrainConfig:
     """`cfg` as a recorded plan set it (unchanged without a budget or a plan)."""
     if not cfg.sched.budget or not plan:
         return cfg
-    return planned(cfg, plan["epochs"])
+    return planned(cfg, plan["epochs"], plan.get("warmup_epochs"))
 
 
 def plan_of(found: tuple[Any, dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -86,27 +86,34 @@ def measure(run: Run, components: dict[str, Any], clock: Callable[[], float] | N
     component to what it was. Under torchrun every rank probes the same steps and the costs
     are averaged over the ranks, so every rank plans the same."""
     device, clock = run.rt.device, clock or CLOCK
-    started = clock()
-    snapshot = {name: copy.deepcopy(c.state_dict()) for name, c in components.items()}
-    state_s = clock() - started
-    set_lr(run.step_fn.optimizer, 0.0)  # the probe's steps change nothing that stays
-    steps = len(run.loader)
-    timed = max(1, min(TIMED_STEPS, steps - WARM_STEPS))
-    start = None
+    with restored(components, clock) as snapshot_s:
+        set_lr(run.step_fn.optimizer, 0.0)  # the probe's steps change nothing that stays
+        step_s = _step_s(run, clock)
+        val_s = _validation_s(run, clock)
+    costs = torch.tensor([step_s, val_s, snapshot_s[0]], dtype=torch.float64, device=device)
+    return Costs(*(run.dist.all_reduce_sum(costs) / run.dist.world).tolist())
+
+
+def _step_s(run: Run, clock: Callable[[], float]) -> float:
+    """Seconds a full batch's step takes: up to TIMED_STEPS of the first epoch's full batches
+    after WARM_STEPS untimed ones (fewer where the epoch is shorter; a last, smaller batch is
+    never timed: it would make the steps look cheaper)."""
+    device, steps, start, timed = run.rt.device, len(run.loader), None, 0
+    warm = min(WARM_STEPS, max(steps - 2, 0))
     for i, (x, y, n) in enumerate(run.loader.epoch(0)):
-        if i == WARM_STEPS or (start is None and i == steps - timed):
+        if i == 0:
+            rows = len(x)
+        if len(x) < rows and timed:
+            break
+        if i == warm:
             _sync(device)
-            start, first = clock(), i
+            start = clock()
         run.step_fn(x, y, n)
-        if start is not None and i + 1 - first >= timed:
+        timed += i >= warm
+        if timed >= TIMED_STEPS:
             break
     _sync(device)
-    step_s = (clock() - start) / timed
-    val_s = _validation_s(run, clock)
-    for name, c in components.items():
-        c.load_state_dict(snapshot[name])
-    costs = torch.tensor([step_s, val_s, state_s], dtype=torch.float64, device=device)
-    return Costs(*(run.dist.all_reduce_sum(costs) / run.dist.world).tolist())
+    return (clock() - start) / max(timed, 1)
 
 
 @torch.inference_mode()
@@ -130,6 +137,8 @@ def _validation_s(run: Run, clock: Callable[[], float]) -> float:
     return per_image * len(val.images) / run.dist.world * (2 if run.ema is not None else 1)
 
 
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -145,7 +154,8 @@ def plan_run(run: Run, components: dict[str, Any], spent_s: float,
     spent_s += clock() - started
     epochs = epochs_within(budget_s, spent_s, len(run.loader), costs, cfg)
     expected = spent_s + epochs_cost(epochs, len(run.loader), costs, cfg)
-    plan = {"budget_s": budget_s, "epochs": epochs, **dataclasses.asdict(costs),
+    plan = {"budget_s": budget_s, "epochs": epochs,
+            "warmup_epochs": planned(cfg, epochs).sched.warmup_epochs, **dataclasses.asdict(costs),
             "setup_s": round(spent_s, 3), "planned_s": round(expected, 3),
             "started": time.time() - spent_s}
     return replanned(run, plan), plan
@@ -164,7 +174,8 @@ def epochs_cost(epochs: int, steps: int, costs: Costs, cfg: TrainConfig) -> floa
     """Seconds `epochs` epochs cost, as epochs_within counts them."""
     def times(interval: int) -> int:
         return epochs // interval + (1 if epochs % interval else 0)
-    return (epochs * steps * costs.step_s + times(cfg.val_interval) * costs.val_s
+    validations = times(cfg.val_interval)  # each may write best.safetensors too
+    return (epochs * steps * costs.step_s + validations * (costs.val_s + costs.state_s)
             + (times(cfg.ckpt_interval) + times(cfg.state_interval)) * costs.state_s)
 
 
@@ -190,3 +201,22 @@ def _duration(seconds: float) -> str:
     return (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes
             else f"{secs}s")
 
+
+
+def shortened(plan: dict[str, Any], epoch: int, used_s: float, trained_s: float,
+              epochs: int) -> int:
+    """The planned epochs, or fewer when the run has fallen behind its plan (a busier machine
+    than the probe saw): after `epoch` of `epochs` epochs, `used_s` of the budget spent,
+    `trained_s` of it since the first epoch began, the epochs whose average cost so far still
+    fits what is left (at least one more). Never more than planned: the plan is a ceiling."""
+    if epoch >= epochs or epoch == 0:
+        return epochs
+    per_epoch = trained_s / epoch
+    fit = int((plan["budget_s"] - used_s) // per_epoch) if per_epoch > 0 else epochs
+    return max(epoch + 1, min(epochs, epoch + fit))
+
+
+def shortened_line(epoch: int, before: int, after: int, used_s: float, budget_s: float) -> str:
+    return (f"behind the budget's plan after epoch {epoch} ({_duration(used_s)} of "
+            f"{_duration(budget_s)} used): {after} epochs instead of {before}; the cosine now "
+            f"ends at epoch {after}")

@@ -46,9 +46,24 @@ from convnext_cifar.outputs.workdir import (
 )
 from convnext_cifar.runtime import Runtime, configure_backends, resolve_runtime
 from convnext_cifar.terminal import ConsoleLog, warn
-from convnext_cifar.training.budget import plan_line, plan_of, plan_run, with_plan
+from convnext_cifar.training.budget import (
+    plan_line,
+    plan_of,
+    plan_run,
+    shortened,
+    shortened_line,
+    with_plan,
+)
 from convnext_cifar.training.build import Run, build_run
 from convnext_cifar.training.distill import TeacherRecord
+from convnext_cifar.training.lr_find import (
+    buildable,
+    found_line,
+    found_lr_of,
+    resolve_auto_lr,
+    with_found_lr,
+)
+from convnext_cifar.training.probe import touched
 from convnext_cifar.training.signals import StopSignals
 from convnext_cifar.training.state import (
     DatasetRecord,
@@ -113,9 +128,12 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     `on_validation(epoch, record)` (a tuner's) sees every validation record; when it returns
     True the run stops there, as pruned. With --sched.budget a fresh run plans its epochs
     first (`started`: when the command started, time.monotonic(); the budget counts from it)."""
+    lr_found = found_lr_of(found)
+    if run.cfg.optim.lr == "auto" and lr_found is None:  # a fresh run: find it first
+        run, lr_found = resolve_auto_lr(run, run.cfg)
     plan = plan_of(found)
     if run.cfg.sched.budget and plan is None:  # a fresh run: probe, then plan its epochs
-        run, plan = plan_run(run, _probed(run), time.monotonic() - (started or time.monotonic()))
+        run, plan = plan_run(run, touched(run), time.monotonic() - (started or time.monotonic()))
     cfg, rt, dist, steps = run.cfg, run.rt, run.dist, len(run.loader)
     clock = RunClock(cfg.sched.epochs, steps, cfg.data.batch_size, cfg.val_interval)
     progress = Progress(cfg.sched.epochs, live_progress, is_main=dist.is_main, clock=clock)
@@ -128,7 +146,8 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     if run.ema is not None and cfg.ema.decay != "auto" and (
             lag := ema_lag_warning(run.ema.decay, cfg.sched.epochs * steps)):
         progress.warning(lag)
-    position, window = Position(best_metric=cfg.eval.best_metric, plan=plan), Window(rt.device)
+    position = Position(best_metric=cfg.eval.best_metric, plan=plan, lr_found=lr_found)
+    window = Window(rt.device)
     guard = Guard(rt.device, patience=50 if rt.precision == "fp16" else 1)
     log = MetricsLog(sinks(cfg, progress, position, steps) if dist.is_main else [])
     state = TrainingState(cfg, dist, steps, {
@@ -139,8 +158,8 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
         **({"ema": run.ema} if run.ema is not None else {})},
         optional=("dataset", "tracking", "wandb", "teacher"))
     _start_or_resume(state, found, log, progress)
-    if plan is not None:
-        progress.message(plan_line(plan, cfg, position.elapsed_s if found is not None else None))
+    for line in _planning_lines(cfg, position, resumed=found is not None):
+        progress.message(line)
     try:
         _epochs(run, state, log, progress, window, guard, on_validation)
     except BaseException as e:
@@ -157,11 +176,11 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
             "best_epoch": position.best_epoch, "work_dir": str(cfg.run_dir)}
 
 
-def _probed(run: Run) -> dict[str, Any]:
-    """What the budget's probe changes and restores: every component its steps touch."""
-    return {"model": run.model, "optimizer": run.step_fn.optimizer, "scaler": run.step_fn.scaler,
-            "rng": GlobalRng(run.rt.device, run.dist), "loader": run.loader,
-            **({"ema": run.ema} if run.ema is not None else {})}
+def _planning_lines(cfg: TrainConfig, position: Position, resumed: bool) -> list[str]:
+    """What --optim.lr auto found and --sched.budget planned (on a resume: what is left)."""
+    return ([found_line(position.lr_found)] if position.lr_found else []) + (
+        [plan_line(position.plan, cfg, position.elapsed_s if resumed else None)]
+        if position.plan else [])
 
 
 def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress, window: Window,
@@ -169,6 +188,9 @@ def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
     """The epochs left, each trained, validated, checkpointed and its state taken as the
     config says; status.json says how they ended, once every state is on disk."""
     cfg, rt, dist, position = run.cfg, run.rt, run.dist, state.position
+    started_s = time.perf_counter()  # this session's first epoch (a budget's pace)
+    if position.plan is not None:
+        position.plan["first_epoch"] = position.epoch
     with RunStatus(run, position) as status, StopSignals() as stop, state.writing():
         while position.epoch < cfg.sched.epochs:
             started = time.perf_counter()
@@ -191,7 +213,34 @@ def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
             if position.stopped_early:
                 progress.message(early_stop_line(cfg, position))
                 return
+            if position.plan is not None and not last:
+                cfg = _keep_to_budget(run, state, progress, started_s)
             status.write("running")
+
+
+def _keep_to_budget(run: Run, state: TrainingState, progress: Progress, started_s: float
+                    ) -> TrainConfig:
+    """A budgeted run that has fallen behind its plan gets fewer epochs (said, recorded in the
+    plan); every rank decides on the same (averaged) timings. Returns the config in force."""
+    position, cfg = state.position, run.cfg
+    position.tick()
+    plan = position.plan
+    timings = torch.tensor([plan["setup_s"] + position.elapsed_s,
+                            time.perf_counter() - started_s], dtype=torch.float64,
+                           device=run.rt.device)
+    used_s, trained_s = (run.dist.all_reduce_sum(timings) / run.dist.world).tolist()
+    epochs = shortened(plan, position.epoch - plan.get("first_epoch", 0), used_s, trained_s,
+                       cfg.sched.epochs - plan.get("first_epoch", 0)) + plan.get("first_epoch", 0)
+    if epochs >= cfg.sched.epochs:
+        return cfg
+    progress.message(shortened_line(position.epoch, cfg.sched.epochs, epochs, used_s,
+                                    plan["budget_s"]))
+    plan["epochs"], plan["warmup_epochs"] = epochs, min(cfg.sched.warmup_epochs, epochs - 1)
+    plan.setdefault("shortened", []).append({"after_epoch": position.epoch, "epochs": epochs})
+    cfg = with_plan(cfg, plan)
+    run.cfg = state.cfg = cfg
+    progress.epochs = progress.clock.epochs = epochs
+    return cfg
 
 
 def _plateaued(cfg: TrainConfig, position: Position) -> bool:
@@ -352,7 +401,8 @@ class RunStatus:
                 "best_epoch": p.best_epoch, "elapsed_s": p.elapsed_s, "updated": time.time(),
                 "pid": os.getpid(),
                 **({"budget_s": p.plan["budget_s"], "setup_s": p.plan["setup_s"]}
-                   if p.plan else {})})
+                   if p.plan else {}),
+                **({"lr_found": p.lr_found} if p.lr_found else {})})
 
     def __enter__(self) -> RunStatus:
         self.write("running")
@@ -454,15 +504,19 @@ def preflight(cfg: TrainConfig, dist: distributed.Dist | None = None) -> Runtime
 
 def fit(cfg: TrainConfig, live_progress: bool | None = None, resume: str | None = None,
         allow_changes: bool = False,
-        on_validation: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        on_validation: Callable[[int, dict[str, Any]], bool] | None = None,
+        started: float | None = None) -> dict[str, Any]:
     """Run the whole training described by `cfg` (or continue it); returns the best value of
     the metric that picks best.safetensors, that metric, its epoch and the work dir.
 
     Under torchrun every process calls this; rank 0 alone reads and writes the work dir (other
     nodes' may be other disks) and decides for all. Everything a user can get wrong (data,
     state to resume, options, a work dir in use) is checked before anything is written.
+    `started` (time.monotonic(); default: now) is when the command began: a --sched.budget
+    counts from it.
     """
-    dist, started = distributed.from_env(), time.monotonic()
+    dist = distributed.from_env()
+    started = time.monotonic() if started is None else started
     with ConsoleLog() if dist.is_main else contextlib.nullcontext() as console_log:
         return _fit(cfg, dist, console_log, live_progress, resume, allow_changes, on_validation,
                     started)
@@ -490,7 +544,8 @@ def _fit(cfg: TrainConfig, dist: distributed.Dist, console_log: ConsoleLog | Non
         data = distributed.together(dist, lambda: load_dataset(cfg.data, rt.device))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, mean=data.mean, std=data.std))  # recorded in config.json
-        planned = with_plan(cfg, plan_of(found))  # a budgeted run resumes with its plan
+        # a budgeted run resumes with its plan, --optim.lr auto with the LR it found
+        planned = with_found_lr(with_plan(cfg, plan_of(found)), found_lr_of(found))
         if found is not None and not allow_changes:
             distributed.together(dist, lambda: refuse_changes(found, planned, data.identity,
                                                               rt.device))
@@ -499,7 +554,8 @@ def _fit(cfg: TrainConfig, dist: distributed.Dist, console_log: ConsoleLog | Non
         if found is not None and (done := _already_finished(planned, found)) is not None:
             return done
         # A resumed run takes its weights from the state: no download of pretrained weights.
-        run = build_run(planned, rt, dist, data, pretrained=found is None)
+        run = build_run(buildable(planned), rt, dist, data, pretrained=found is None)
+        run = dataclasses.replace(run, cfg=planned)  # auto stays auto until it is found
         with contextlib.ExitStack() as work_dir:
             distributed.from_main(dist, lambda: claim_work_dir(cfg, data.val.files, found,
                                                                work_dir))

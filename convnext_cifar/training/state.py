@@ -65,6 +65,7 @@ class Position:
     plateau_best: float = -1.0  # its value then (--sched.early-stop counts from it)
     stopped_early: bool = False  # the run ended by --sched.early-stop
     plan: dict[str, Any] | None = None  # --sched.budget's plan (training/budget.py)
+    lr_found: dict[str, Any] | None = None  # --optim.lr auto's range test (training/lr_find.py)
 
     def __post_init__(self) -> None:
         self._since = time.monotonic()

@@ -196,3 +196,107 @@ def test_a_budgeted_run_resumed_after_sigterm_keeps_its_plan(cifar_root, tmp_pat
     assert cli.main(["runs", str(tmp_path), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["runs"][0]
     assert row["budget_s"] == 600 and 0 < row["budget_used_s"] < 600 and row["epochs"] == 4
+
+
+# ---- lr-find and --optim.lr auto ----------------------------------------------------------------
+
+def test_lr_find_prints_plots_and_suggests_and_writes_no_work_dir(cifar_root, tmp_path,
+                                                                    monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "curve.png"
+    work = tmp_path / "would-be-run"
+    args = small_run_args(cifar_root, work, "--data.limit-train", "300", "--data.batch-size",
+                          "10")[1:]  # the train options, without `train`
+    assert cli.main(["lr-find", *args, "--lr-find.steps", "30", "--lr-find.out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "suggested --optim.lr " in said and "(valley rule; steepest: " in said
+    assert "30 steps from 1e-07" in said or "(diverged at" in said
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not work.exists() and not (tmp_path / "work_dirs").exists()
+    assert cli.main(["lr-find", *args, "--lr-find.steps", "3"]) == 2
+    assert "invalid --lr-find.steps 3" in capsys.readouterr().err
+
+
+def test_an_auto_lr_run_trains_as_the_run_with_the_found_lr_set_by_hand(cifar_root, tmp_path,
+                                                                         capsys):
+    from support import timeless_records
+
+    auto, by_hand = tmp_path / "auto", tmp_path / "by_hand"
+    common = ("--sched.epochs", "2", "--sched.warmup-epochs", "1", "--data.limit-train", "200",
+              "--data.limit-val", "100", "--data.batch-size", "20", "--log-interval", "2")
+    assert cli.main(small_run_args(cifar_root, auto, *common, "--optim.lr", "auto")) == 0
+    said = capsys.readouterr().out
+    status = json.loads((auto / "status.json").read_text())
+    found = status["lr_found"]
+    assert f"--optim.lr auto: {found['lr']:.2e} from a range test of 10 steps (valley rule" \
+        in said
+    assert json.loads((auto / "config.json").read_text())["optim"]["lr"] == "auto"
+    position = load_state(find_states(auto)[-1])["components"]["run"]
+    assert position["lr_found"] == found
+    assert cli.main(small_run_args(cifar_root, by_hand, *common, "--optim.lr",
+                                   repr(found["lr"]))) == 0
+    assert timeless_records(auto) == timeless_records(by_hand)
+    # resumed: the found LR stays, no second range test
+    from convnext_cifar.training import lr_find
+
+    def no_second_test(*a):
+        raise AssertionError("ran the range test again")
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as m:
+        m.setattr(lr_find, "range_test", no_second_test)
+        assert cli.main(small_run_args(cifar_root, auto, *common, "--optim.lr", "auto",
+                                       "--sched.epochs", "3", "--resume", "auto",
+                                       "--resume-allow-changes")) == 0
+    assert validations(auto) == [1, 2, 3]
+    assert "--optim.lr auto: " in capsys.readouterr().out
+
+
+def test_the_report_and_runs_show_the_found_lr_and_the_budget(cifar_root, tmp_path, capsys,
+                                                               monkeypatch):
+    pytest.importorskip("matplotlib")
+    from convnext_cifar.training import budget
+
+    monkeypatch.setattr(budget, "epochs_within", lambda *a: 1)  # not 5 minutes of epochs
+    work = tmp_path / "run"
+    assert cli.main(small_run_args(cifar_root, work, "--sched.epochs", "1",
+                                   "--sched.warmup-epochs", "0", "--data.limit-train", "100",
+                                   "--data.limit-val", "50", "--optim.lr", "auto",
+                                   "--sched.budget", "5m")) == 0
+    assert cli.main(["report", str(work), "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "Learning rate found by the range test" in page and "Time budget 0:05:00: used" in page
+    capsys.readouterr()
+    assert cli.main(["runs", str(tmp_path), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+    assert row["lr_found"]["rule"] == "valley" and row["budget_s"] == 300
+
+
+def test_a_budgeted_run_that_falls_behind_ends_on_time_with_fewer_epochs(cifar_root, tmp_path,
+                                                                        monkeypatch, capsys):
+    import time
+
+    from convnext_cifar.training import budget
+    from convnext_cifar.training import step as training_step
+
+    monkeypatch.setattr(budget, "epochs_within", lambda *a: 6)  # a plan far too long for 1 s
+    real = training_step.TrainStep.__call__
+
+    def slow_step(self, *a):
+        time.sleep(0.3)  # a machine slower than... anything: 2 steps an epoch, >= 0.6 s each
+        return real(self, *a)
+
+    monkeypatch.setattr(training_step.TrainStep, "__call__", slow_step)
+    work = tmp_path / "run"
+    args = small_run_args(cifar_root, work, *BUDGET[2:], "--sched.budget", "1s")
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "behind the budget's plan after epoch 1 (" in out and "2 epochs instead of 6" in out
+    assert validations(work) == [1, 2]
+    status = json.loads((work / "status.json").read_text())
+    assert status["status"] == "finished" and status["epochs"] == 2
+    plan = load_state(find_states(work)[-1])["components"]["run"]["plan"]
+    assert plan["epochs"] == 2 and plan["shortened"] == [{"after_epoch": 1, "epochs": 2}]
+    assert cli.main(args + ["--resume", "auto"]) == 0
+    assert "is already finished: epoch 2 of 2" in capsys.readouterr().out

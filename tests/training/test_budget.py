@@ -20,12 +20,13 @@ def smoke(**kw) -> TrainConfig:
 def test_the_planned_epochs_fit_the_budget_left_after_the_setup():
     cfg = smoke(val_interval=1, ckpt_interval=10, state_interval=1)
     costs = Costs(step_s=0.5, val_s=4.0, state_s=1.0)
-    # an epoch of 20 steps: 10 s + a validation 4 s + a state 1 s; weights every 10th and last
-    assert epochs_cost(1, 20, costs, cfg) == 10 + 4 + 1 + 1
-    assert epochs_cost(10, 20, costs, cfg) == 100 + 40 + 10 + 1
-    assert epochs_cost(11, 20, costs, cfg) == 110 + 44 + 11 + 2
-    assert epochs_within(600.0, 30.0, 20, costs, cfg) == 37  # 37 cost 562, 38 cost 577 > 570
-    assert epochs_cost(37, 20, costs, cfg) <= 570 < epochs_cost(38, 20, costs, cfg)
+    # an epoch of 20 steps: 10 s + a validation 4 s (and the best weights it may write, 1 s)
+    # + a state 1 s; a weights file every 10th epoch and after the last, 1 s each
+    assert epochs_cost(1, 20, costs, cfg) == 10 + 4 + 1 + 1 + 1
+    assert epochs_cost(10, 20, costs, cfg) == 100 + 50 + 10 + 1
+    assert epochs_cost(11, 20, costs, cfg) == 110 + 55 + 11 + 2
+    assert epochs_within(600.0, 30.0, 20, costs, cfg) == 35  # 35 cost 564, 36 cost 580 > 570
+    assert epochs_cost(35, 20, costs, cfg) <= 570 < epochs_cost(36, 20, costs, cfg)
     assert epochs_within(5.0, 30.0, 20, costs, cfg) == 1  # never less than one epoch
 
 
@@ -70,3 +71,15 @@ def test_the_plan_line_says_epochs_end_and_what_is_left():
         in line
     assert budget.plan_line(plan, cfg, elapsed_s=270.0) == (
         "resumed within budget 10m00s: the plan of 37 epochs stays; 5m00s of it left")
+
+
+def test_a_run_behind_its_plan_is_shortened_never_lengthened():
+    plan = {"budget_s": 100.0}
+    # 4 of 10 epochs done, 10 s each so far, 60 s used: 40 s left fit 4 more
+    assert budget.shortened(plan, 4, 60.0, 40.0, 10) == 8
+    assert budget.shortened(plan, 4, 30.0, 20.0, 10) == 10  # ahead: the plan stands
+    assert budget.shortened(plan, 4, 120.0, 40.0, 10) == 5  # over: one more epoch, the last
+    assert budget.shortened(plan, 0, 99.0, 0.0, 10) == 10  # nothing measured yet
+    line = budget.shortened_line(4, 10, 8, 60.0, 100.0)
+    assert line == ("behind the budget's plan after epoch 4 (1m00s of 1m40s used): 8 epochs "
+                    "instead of 10; the cosine now ends at epoch 8")
