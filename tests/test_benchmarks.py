@@ -222,3 +222,21 @@ def test_the_int8_benchmarks_node_type_choices_are_valid():
         Int8Config(float_ops=float_ops(variant))  # each a valid --int8.float-ops
     assert "Conv" not in float_ops("all but Conv")
     assert VARIANTS["LayerNorm + head float (default)"] == INT8_FLOAT_OPS_DEFAULT
+
+
+@pytest.mark.slow
+def test_the_budget_benchmark_compares_planned_and_cut_off_runs(tmp_path):
+    result = quick_run("benchmarks.budget", tmp_path)
+    (row,) = result["runs"]
+    assert row["budget_s"] == 25 and row["exit"] == 0 and row["planned_epochs"] >= 1
+    assert row["cutoff_schedule_epochs"] >= 2 * row["planned_epochs"]
+    assert row["cutoff_wall_s"] < row["budget_s"] + 20  # SIGTERM at the budget, then a state
+
+
+@pytest.mark.slow
+def test_the_planning_benchmark_runs_the_grid_the_suggestion_and_early_stop(tmp_path):
+    result = quick_run("benchmarks.planning", tmp_path)
+    assert set(result["lr"]["grid"]) == {"0.001", "0.01"}
+    assert result["lr"]["suggestion"] > 0 and result["lr"]["suggested_run"]["epochs"] == 1
+    early = result["early_stop"]
+    assert early["full"]["epochs"] == 4 and early["early"]["epochs"] <= 4

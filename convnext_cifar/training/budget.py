@@ -203,16 +203,18 @@ def _duration(seconds: float) -> str:
 
 
 
-def shortened(plan: dict[str, Any], epoch: int, used_s: float, trained_s: float,
-              epochs: int) -> int:
+def shortened(plan: dict[str, Any], epoch: int, used_s: float, per_epoch_s: float,
+              epochs: int, slack: float = 0.02) -> int:
     """The planned epochs, or fewer when the run has fallen behind its plan (a busier machine
-    than the probe saw): after `epoch` of `epochs` epochs, `used_s` of the budget spent,
-    `trained_s` of it since the first epoch began, the epochs whose average cost so far still
-    fits what is left (at least one more). Never more than planned: the plan is a ceiling."""
-    if epoch >= epochs or epoch == 0:
+    than the probe saw): after `epoch` of `epochs` epochs with `used_s` of the budget spent,
+    the epochs still ahead at `per_epoch_s` each would end more than `slack` past the budget,
+    so only those that fit what is left are kept (at least one more). Never more than
+    planned: the plan is a ceiling."""
+    if epoch >= epochs or per_epoch_s <= 0:
         return epochs
-    per_epoch = trained_s / epoch
-    fit = int((plan["budget_s"] - used_s) // per_epoch) if per_epoch > 0 else epochs
+    if used_s + (epochs - epoch) * per_epoch_s <= plan["budget_s"] * (1 + slack):
+        return epochs
+    fit = int((plan["budget_s"] - used_s) // per_epoch_s)
     return max(epoch + 1, min(epochs, epoch + fit))
 
 

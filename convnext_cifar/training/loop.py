@@ -188,9 +188,6 @@ def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
     """The epochs left, each trained, validated, checkpointed and its state taken as the
     config says; status.json says how they ended, once every state is on disk."""
     cfg, rt, dist, position = run.cfg, run.rt, run.dist, state.position
-    started_s = time.perf_counter()  # this session's first epoch (a budget's pace)
-    if position.plan is not None:
-        position.plan["first_epoch"] = position.epoch
     with RunStatus(run, position) as status, StopSignals() as stop, state.writing():
         while position.epoch < cfg.sched.epochs:
             started = time.perf_counter()
@@ -214,23 +211,25 @@ def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
                 progress.message(early_stop_line(cfg, position))
                 return
             if position.plan is not None and not last:
-                cfg = _keep_to_budget(run, state, progress, started_s)
+                cfg = _keep_to_budget(run, state, progress)
             status.write("running")
 
 
-def _keep_to_budget(run: Run, state: TrainingState, progress: Progress, started_s: float
-                    ) -> TrainConfig:
+def _keep_to_budget(run: Run, state: TrainingState, progress: Progress) -> TrainConfig:
     """A budgeted run that has fallen behind its plan gets fewer epochs (said, recorded in the
-    plan); every rank decides on the same (averaged) timings. Returns the config in force."""
-    position, cfg = state.position, run.cfg
+    plan). The pace is taken from the second epoch of this session on (the first pays one-time
+    costs); every rank decides on the same (averaged) timings. Returns the config in force."""
+    position, cfg, plan = state.position, run.cfg, state.position.plan
     position.tick()
-    plan = position.plan
-    timings = torch.tensor([plan["setup_s"] + position.elapsed_s,
-                            time.perf_counter() - started_s], dtype=torch.float64,
-                           device=run.rt.device)
-    used_s, trained_s = (run.dist.all_reduce_sum(timings) / run.dist.world).tolist()
-    epochs = shortened(plan, position.epoch - plan.get("first_epoch", 0), used_s, trained_s,
-                       cfg.sched.epochs - plan.get("first_epoch", 0)) + plan.get("first_epoch", 0)
+    now = time.perf_counter()
+    if getattr(state, "pace", None) is None:  # the end of this session's first epoch
+        state.pace = (position.epoch, now)
+        return cfg
+    epochs_since, seconds = position.epoch - state.pace[0], now - state.pace[1]
+    timings = torch.tensor([plan["setup_s"] + position.elapsed_s, seconds / epochs_since],
+                           dtype=torch.float64, device=run.rt.device)
+    used_s, per_epoch_s = (run.dist.all_reduce_sum(timings) / run.dist.world).tolist()
+    epochs = shortened(plan, position.epoch, used_s, per_epoch_s, cfg.sched.epochs)
     if epochs >= cfg.sched.epochs:
         return cfg
     progress.message(shortened_line(position.epoch, cfg.sched.epochs, epochs, used_s,

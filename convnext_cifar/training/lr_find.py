@@ -103,7 +103,10 @@ def range_test(run: Run, cfg: LrFindConfig) -> RangeTest:
             set_lr(run.step_fn.optimizer, lr)
             loss, _ = run.step_fn(x, y, n)
             lrs.append(lr)
-            losses.append(float(loss))  # a sync per step: this is a measurement
+            # a sync per step (this is a measurement); under torchrun the ranks' mean, so
+            # every rank sees the same curve and suggests the same LR
+            losses.append(float(run.dist.all_reduce_sum(loss.detach().double().reshape(1))
+                                / run.dist.world))
             smoothed = smooth(losses, cfg.smoothing)
             if not math.isfinite(smoothed[-1]) or smoothed[-1] > cfg.diverge * min(smoothed):
                 stopped = "diverged"

@@ -75,11 +75,13 @@ def test_the_plan_line_says_epochs_end_and_what_is_left():
 
 def test_a_run_behind_its_plan_is_shortened_never_lengthened():
     plan = {"budget_s": 100.0}
-    # 4 of 10 epochs done, 10 s each so far, 60 s used: 40 s left fit 4 more
-    assert budget.shortened(plan, 4, 60.0, 40.0, 10) == 8
-    assert budget.shortened(plan, 4, 30.0, 20.0, 10) == 10  # ahead: the plan stands
-    assert budget.shortened(plan, 4, 120.0, 40.0, 10) == 5  # over: one more epoch, the last
-    assert budget.shortened(plan, 0, 99.0, 0.0, 10) == 10  # nothing measured yet
+    # 4 of 10 epochs done, 60 s used, 10 s an epoch: 6 more would end at 120 s; 4 fit
+    assert budget.shortened(plan, 4, 60.0, 10.0, 10) == 8
+    assert budget.shortened(plan, 4, 40.0, 10.0, 10) == 10  # on time: the plan stands
+    assert budget.shortened(plan, 4, 41.5, 10.0, 10) == 10  # 1.5 % late: within the slack
+    assert budget.shortened(plan, 4, 45.0, 10.0, 10) == 9  # 5 % late: one epoch less
+    assert budget.shortened(plan, 4, 120.0, 10.0, 10) == 5  # over: one more epoch, the last
+    assert budget.shortened(plan, 4, 99.0, 0.0, 10) == 10  # no pace measured
     line = budget.shortened_line(4, 10, 8, 60.0, 100.0)
     assert line == ("behind the budget's plan after epoch 4 (1m00s of 1m40s used): 8 epochs "
                     "instead of 10; the cosine now ends at epoch 8")
