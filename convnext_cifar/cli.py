@@ -499,12 +499,21 @@ def commands(default: TrainConfig) -> dict[str, Callable]:
             "lr-find": _lr_find_command(default)}
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere 0): the budget counts the
+    interpreter's start-up and imports too."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 _STARTED: list[float] = []  # when this command started (time.monotonic()): budgets count from it
 
 
 def main(argv: list[str] | None = None) -> int:
-    from convnext_cifar.runtime import process_age_s
-
     # from the console script, the interpreter's start-up and imports count too
     _STARTED[:] = [time.monotonic() - (process_age_s() if argv is None else 0.0)]
     args = list(sys.argv[1:] if argv is None else argv)

@@ -14,7 +14,6 @@ import random
 import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -198,14 +197,3 @@ def prepare_model(model: torch.nn.Module, rt: Runtime) -> tuple[torch.nn.Module,
     """Move to the device and memory format; return (model, the module to call: maybe compiled)."""
     model = model.to(rt.device, memory_format=rt.memory_format)
     return model, compiled(model, rt)
-
-
-def process_age_s() -> float:
-    """Seconds since this process started (Linux: /proc; elsewhere 0): the budget counts the
-    interpreter's start-up and imports too."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0

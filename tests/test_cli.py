@@ -63,3 +63,8 @@ def test_version_and_print_config(capsys):
     assert cli.main(["train", "--preset", "smoke", "--seed", "5", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["seed"] == 5 and printed["name"] == "convnextv2-atto_cifar10-smoke"
+
+
+def test_the_process_age_is_read_from_proc():
+    age = cli.process_age_s()
+    assert 0.0 < age < 24 * 3600  # this test process started a while ago, not before boot
