@@ -95,7 +95,7 @@ def main(args: Args) -> dict:
         cut_top1, cut_validations = best_top1(cut_dir)
         row = {"budget": budget, "budget_s": seconds, "exit": code, "wall_s": round(wall, 1),
                "off_by_pct": round(100 * (wall - seconds) / seconds, 1),
-               "planned_epochs": status["epochs"], "best_top1": top1,
+               "planned_epochs": status["epochs"], "best_top1": top1,  # after any re-plan
                "cutoff_schedule_epochs": epochs, "cutoff_wall_s": round(cut_wall, 1),
                "cutoff_validations": cut_validations, "cutoff_best_top1": cut_top1}
         print(json.dumps(row), flush=True)

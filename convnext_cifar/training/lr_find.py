@@ -85,9 +85,38 @@ def valley(losses: list[float]) -> int:
     return min(start + int(third) + int(third / 2), n - 1)
 
 
+NO_DESCENT = 0.02  # a smoothed minimum less than 2 % under the start: the loss never fell
+RISE = 1.1  # "the loss starts rising": the raw loss 10 % above its lowest so far
+
+
+def descended(smoothed: list[float]) -> bool:
+    return bool(smoothed) and min(smoothed) < smoothed[0] * (1 - NO_DESCENT)
+
+
+def before_the_rise(lrs: list[float], losses: list[float]) -> float:
+    """A tenth of the LR where the raw loss first rises 10 % above its lowest so far (Smith's
+    rule of thumb: an order of magnitude below where training breaks down)."""
+    lowest = losses[0]
+    for lr, loss in zip(lrs, losses):
+        if not math.isfinite(loss) or loss > RISE * lowest:
+            return lr / 10
+        lowest = min(lowest, loss)
+    return lrs[-1] / 10
+
+
 def suggest(lrs: list[float], smoothed: list[float], rule: str) -> float:
     index = valley(smoothed) if rule == "valley" else steepest(lrs, smoothed)
     return lrs[index]
+
+
+def suggestion(result_lrs: list[float], losses: list[float], smoothed: list[float], rule: str
+               ) -> tuple[float, str]:
+    """(the suggested LR, the rule that gave it): `rule` on a curve that descends; on one that
+    never fell before it rose (a short ramp, a model from scratch), neither valley nor
+    steepest has a descent to read, so a tenth of where the loss starts rising."""
+    if descended(smoothed):
+        return suggest(result_lrs, smoothed, rule), rule
+    return before_the_rise(result_lrs, losses), "rise/10 (no descent)"
 
 
 def range_test(run: Run, cfg: LrFindConfig) -> RangeTest:
@@ -116,8 +145,10 @@ def range_test(run: Run, cfg: LrFindConfig) -> RangeTest:
     kept_lrs, kept = [lrs[i] for i in finite], [smoothed[i] for i in finite]
     if stopped == "diverged" and len(kept) > 1:  # the diverging tail is not a candidate
         kept_lrs, kept = kept_lrs[:-1], kept[:-1]
-    return RangeTest(lrs, losses, smoothed, stopped, cfg.suggest,
-                     suggest(kept_lrs, kept, cfg.suggest) if kept else cfg.start_lr)
+    if not kept:
+        return RangeTest(lrs, losses, smoothed, stopped, cfg.suggest, cfg.start_lr)
+    value, rule = suggestion(kept_lrs, losses[:len(kept)], kept, cfg.suggest)
+    return RangeTest(lrs, losses, smoothed, stopped, rule, value)
 
 
 def plot(result: RangeTest, path: Path, title: str) -> None:

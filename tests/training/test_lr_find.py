@@ -8,7 +8,15 @@ import torch
 
 from convnext_cifar.config import LrFindConfig
 from convnext_cifar.errors import UserError
-from convnext_cifar.training.lr_find import ramp, range_test, smooth, steepest, suggest, valley
+from convnext_cifar.training.lr_find import (
+    ramp,
+    range_test,
+    smooth,
+    steepest,
+    suggest,
+    suggestion,
+    valley,
+)
 
 
 def test_the_ramp_is_exponential_from_start_to_end():
@@ -66,7 +74,7 @@ def test_a_range_test_stops_on_divergence_and_leaves_the_run_as_it_was(tiny_run_
     first = next(run.loader.epoch(0))[0].clone()  # each epoch's draws start from the seed
     result = range_test(run, LrFindConfig(start_lr=1e-5, end_lr=1e4, steps=40, smoothing=0.5))
     assert result.stopped == "diverged" and len(result.lrs) < 40
-    assert result.lrs[0] == pytest.approx(1e-5) and result.suggestion in result.lrs
+    assert result.lrs[0] == pytest.approx(1e-5) and 1e-6 <= result.suggestion <= result.lrs[-1]
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
     assert not run.step_fn.optimizer.state  # the moments were never kept
     assert torch.equal(next(run.loader.epoch(0))[0], first)
@@ -81,3 +89,16 @@ def test_a_range_test_stops_on_divergence_and_leaves_the_run_as_it_was(tiny_run_
 def test_bad_values_are_one_line(kwargs, says):
     with pytest.raises(UserError, match=says):
         LrFindConfig(**kwargs)
+
+
+def test_a_curve_that_never_descends_gets_a_tenth_of_where_it_rises():
+    """A model from scratch on a short ramp: flat, then up. Neither rule has a descent to
+    read (valley would pick noise in the flat part); a tenth of the rise's LR instead."""
+    lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
+    losses = [2.3 + (0.0 if lr < 1e-2 else 5 * (math.log10(lr) + 2.05)) for lr in lrs]
+    value, rule = suggestion(lrs, losses, smooth(losses, 0.9), "valley")
+    first_rise = next(lr for lr, loss in zip(lrs, losses) if loss > 1.1 * 2.3)
+    assert rule == "rise/10 (no descent)" and value == pytest.approx(first_rise / 10)
+    lrs, losses = synthetic()  # a curve that does descend keeps the chosen rule
+    assert suggestion(lrs, losses, losses, "valley") == (suggest(lrs, losses, "valley"),
+                                                          "valley")
