@@ -69,7 +69,7 @@ def export_checkpoint(ckpt_path: Path, out: Path, fmt: str | None = None,
                 "output": "logits (N, classes)", "checkpoint": loaded.path.name,
                 "checkpoint_sha256": file_hash(loaded.path),
                 "epoch": ckpt.epoch, "weights": ckpt.weights, "metrics": ckpt.metrics,
-                "precision": "fp32", "config": to_dict(ckpt.config),
+                "precision": "fp32", "config": _without_paths(to_dict(ckpt.config)),
                 **({"dataset": ckpt.identity} if ckpt.identity is not None else {})}
     if include_preprocessing:
         # uint8 NCHW images at the stored size -> float, normalised, resized -> logits
@@ -118,3 +118,19 @@ def _pt2_bytes(model, example, batch, metadata) -> bytes:
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={METADATA_FILE: json.dumps(metadata)})
     return buf.getvalue()
+
+
+def _without_paths(config: dict) -> dict:
+    """The run's config as a shipped file may carry it: no local path (work dir, data root,
+    cache, weights and teacher files are named by their last part only); `eval` of the file
+    takes the data's place with --data.root."""
+    from convnext_cifar.config import DataConfig
+
+    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    config["work_dir"] = None
+    config["data"]["root"] = str(DataConfig().root)
+    config["data"]["cache_dir"] = None
+    for section, key in (("model", "pretrained"), ("distill", "teacher")):
+        if config.get(section, {}).get(key):
+            config[section][key] = Path(config[section][key]).name
+    return config

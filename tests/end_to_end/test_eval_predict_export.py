@@ -287,7 +287,8 @@ def test_the_first_command_on_a_copy_of_cifar_says_it_is_not_the_official_files(
         assert ("not byte-identical to the official archive" in capsys.readouterr().err) == seen
 
 
-def test_export_int8_then_eval_the_shipped_file(trained, tmp_path, capsys, monkeypatch):
+def test_export_int8_then_eval_the_shipped_file(trained, tmp_path, capsys, monkeypatch,
+                                                cifar_root):
     from convnext_cifar.use import quantize
 
     monkeypatch.setattr(quantize, "SPEED_SECONDS", 0.02)
@@ -298,7 +299,7 @@ def test_export_int8_then_eval_the_shipped_file(trained, tmp_path, capsys, monke
     assert "INT8 against fp32 on 300 held-out" in said and "top-1 agreement" in said
     report = json.loads((tmp_path / "model.parity.json").read_text())
     assert report["settings"]["calibration_images"] == 128
-    assert cli.main(["eval", str(out), "--json"]) == 0
+    assert cli.main(["eval", str(out), "--json", "--data.root", str(cifar_root)]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(report["int8_top1"])
     assert cli.main(["export", str(trained), str(out), "--int8", "--int8.max-drop", "-1"]) == 2
     err = capsys.readouterr().err

@@ -27,14 +27,14 @@ def exported(trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("which", [0, 1])
-def test_eval_of_the_onnx_file_equals_the_checkpoints(trained, exported, which):
+def test_eval_of_the_onnx_file_equals_the_checkpoints(trained, exported, which, cifar_root):
     expected = evaluate_checkpoint(trained, device="cpu", compile=False)
-    got = evaluate_checkpoint(exported[which])
+    got = evaluate_checkpoint(exported[which], cifar_root)
     assert got["num_images"] == expected["num_images"] == 300
     assert got["confusion"] == expected["confusion"] and got["top1"] == expected["top1"]
     assert got["loss"] == pytest.approx(expected["loss"], abs=1e-4)
     assert got["recorded"] == expected["recorded"] and got["epoch"] == expected["epoch"]
-    flipped = evaluate_checkpoint(exported[which], tta="flip")
+    flipped = evaluate_checkpoint(exported[which], cifar_root, tta="flip")
     assert flipped["top1"] == evaluate_checkpoint(trained, device="cpu", tta="flip",
                                                   compile=False)["top1"]
 
@@ -61,7 +61,8 @@ def test_predict_on_the_onnx_file_gives_the_checkpoints_probabilities(trained, e
 def test_the_file_carries_the_checkpoints_config_classes_and_dataset(trained, exported):
     ckpt, module, meta = open_onnx(exported[0])
     original = load_model(trained, "cpu", compile=False).checkpoint
-    assert ckpt.config == original.config and ckpt.classes == original.classes
+    assert ckpt.config.model == original.config.model and ckpt.classes == original.classes
+    assert ckpt.config.work_dir is None and str(original.config.data.root) not in str(ckpt.config)
     assert ckpt.identity == original.identity and meta["precision"] == "fp32"
     assert not module.uint8_input and open_onnx(exported[1])[1].uint8_input
     assert is_onnx(exported[0]) and not is_onnx(trained)

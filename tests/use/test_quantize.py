@@ -28,7 +28,7 @@ def int8_file(trained, tmp_path_factory):
     return out, report
 
 
-def test_the_int8_file_keeps_the_held_out_top1(trained, int8_file):
+def test_the_int8_file_keeps_the_held_out_top1(trained, int8_file, cifar_root):
     out, report = int8_file
     fp32 = evaluate_checkpoint(trained, device="cpu", compile=False)
     assert report["images"] == 300 and report["fp32_top1"] == pytest.approx(fp32["top1"])
@@ -43,7 +43,7 @@ def test_the_int8_file_keeps_the_held_out_top1(trained, int8_file):
         assert report[key] > 0
     assert report["isa"] == cpu_isa() and report["cpu"]
     # eval on the shipped file measures what the report says
-    assert evaluate_checkpoint(out)["top1"] == pytest.approx(report["int8_top1"])
+    assert evaluate_checkpoint(out, cifar_root)["top1"] == pytest.approx(report["int8_top1"])
 
 
 def test_the_int8_file_says_what_it_is_and_keeps_the_float_ops_float(int8_file):
@@ -129,10 +129,10 @@ def test_the_node_types_are_onnx_runtimes_and_bad_values_are_one_line():
 
 
 @pytest.mark.slow
-def test_an_int8_file_with_the_preprocessing_inside_keeps_the_top1(trained, tmp_path):
+def test_an_int8_file_with_the_preprocessing_inside_keeps_the_top1(trained, tmp_path, cifar_root):
     out = tmp_path / "inside.onnx"
     report = export_int8(trained, out, Int8Config(calibration_images=128),
                          include_preprocessing=True, say=lambda _: None)
     assert open_onnx(out)[1].uint8_input
     assert report["fp32_top1"] - report["int8_top1"] <= 0.5 and report["agreement"] >= 97
-    assert evaluate_checkpoint(out)["top1"] == pytest.approx(report["int8_top1"])
+    assert evaluate_checkpoint(out, cifar_root)["top1"] == pytest.approx(report["int8_top1"])
