@@ -137,8 +137,6 @@ def _validation_s(run: Run, clock: Callable[[], float]) -> float:
     return per_image * len(val.images) / run.dist.world * (2 if run.ema is not None else 1)
 
 
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -200,7 +198,6 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(rest, 60)
     return (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes
             else f"{secs}s")
-
 
 
 def shortened(plan: dict[str, Any], epoch: int, used_s: float, per_epoch_s: float,

@@ -130,7 +130,7 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
     first (`started`: when the command started, time.monotonic(); the budget counts from it)."""
     lr_found = found_lr_of(found)
     if run.cfg.optim.lr == "auto" and lr_found is None:  # a fresh run: find it first
-        run, lr_found = resolve_auto_lr(run, run.cfg)
+        run, lr_found = resolve_auto_lr(run)
     plan = plan_of(found)
     if run.cfg.sched.budget and plan is None:  # a fresh run: probe, then plan its epochs
         run, plan = plan_run(run, touched(run), time.monotonic() - (started or time.monotonic()))
@@ -188,6 +188,7 @@ def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
     """The epochs left, each trained, validated, checkpointed and its state taken as the
     config says; status.json says how they ended, once every state is on disk."""
     cfg, rt, dist, position = run.cfg, run.rt, run.dist, state.position
+    pace = None  # (epoch, time) at the end of this session's first epoch: a budget's pace
     with RunStatus(run, position) as status, StopSignals() as stop, state.writing():
         while position.epoch < cfg.sched.epochs:
             started = time.perf_counter()
@@ -202,6 +203,8 @@ def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
             position.stopped_early = bool(metrics) and not last and _plateaued(cfg, position)
             if epoch % cfg.ckpt_interval == 0 or last or position.stopped_early:
                 save_weights_of(run, f"epoch_{epoch}.safetensors", epoch, metrics)
+            if position.plan is not None and not last and not position.stopped_early:
+                cfg, pace = _keep_to_budget(run, state, progress, pace)  # before the state
             stopping = dist.any(stop.requested, rt.device)
             if state.due() or stopping or position.stopped_early:
                 path = _save(state, log, wait=(stopping and not last) or position.stopped_early)
@@ -210,28 +213,27 @@ def _epochs(run: Run, state: TrainingState, log: MetricsLog, progress: Progress,
             if position.stopped_early:
                 progress.message(early_stop_line(cfg, position))
                 return
-            if position.plan is not None and not last:
-                cfg = _keep_to_budget(run, state, progress)
             status.write("running")
 
 
-def _keep_to_budget(run: Run, state: TrainingState, progress: Progress) -> TrainConfig:
+def _keep_to_budget(run: Run, state: TrainingState, progress: Progress,
+                    pace: tuple[int, float] | None) -> tuple[TrainConfig, tuple[int, float]]:
     """A budgeted run that has fallen behind its plan gets fewer epochs (said, recorded in the
     plan). The pace is taken from the second epoch of this session on (the first pays one-time
-    costs); every rank decides on the same (averaged) timings. Returns the config in force."""
+    costs); every rank decides on the same (averaged) timings. Returns the config in force and
+    the pace's start. Called before the epoch's state is taken, so the state holds the plan."""
     position, cfg, plan = state.position, run.cfg, state.position.plan
     position.tick()
     now = time.perf_counter()
-    if getattr(state, "pace", None) is None:  # the end of this session's first epoch
-        state.pace = (position.epoch, now)
-        return cfg
-    epochs_since, seconds = position.epoch - state.pace[0], now - state.pace[1]
+    if pace is None:  # the end of this session's first epoch
+        return cfg, (position.epoch, now)
+    epochs_since, seconds = position.epoch - pace[0], now - pace[1]
     timings = torch.tensor([plan["setup_s"] + position.elapsed_s, seconds / epochs_since],
                            dtype=torch.float64, device=run.rt.device)
     used_s, per_epoch_s = (run.dist.all_reduce_sum(timings) / run.dist.world).tolist()
     epochs = shortened(plan, position.epoch, used_s, per_epoch_s, cfg.sched.epochs)
     if epochs >= cfg.sched.epochs:
-        return cfg
+        return cfg, pace
     progress.message(shortened_line(position.epoch, cfg.sched.epochs, epochs, used_s,
                                     plan["budget_s"]))
     plan["epochs"], plan["warmup_epochs"] = epochs, min(cfg.sched.warmup_epochs, epochs - 1)
@@ -239,7 +241,7 @@ def _keep_to_budget(run: Run, state: TrainingState, progress: Progress) -> Train
     cfg = with_plan(cfg, plan)
     run.cfg = state.cfg = cfg
     progress.epochs = progress.clock.epochs = epochs
-    return cfg
+    return cfg, pace
 
 
 def _plateaued(cfg: TrainConfig, position: Position) -> bool:

@@ -246,14 +246,14 @@ def found_lr_of(state: tuple | None) -> dict | None:
     return None if state is None else state[1]["components"]["run"].get("lr_found")
 
 
-def resolve_auto_lr(run: Run, cfg: TrainConfig) -> tuple[Run, dict]:
+def resolve_auto_lr(run: Run) -> tuple[Run, dict]:
     """`--optim.lr auto` on a fresh run: the range test (defaults of `lr-find`), the run with
     the suggestion as its LR, and what to record."""
     lr_cfg = LrFindConfig()
     result = range_test(run, lr_cfg)
     found = {"lr": result.suggestion, "rule": result.rule, "steps": len(result.lrs),
              "stopped": result.stopped}
-    return dataclasses.replace(run, cfg=with_found_lr(cfg, found)), found
+    return dataclasses.replace(run, cfg=with_found_lr(run.cfg, found)), found
 
 
 def found_line(found: dict) -> str:

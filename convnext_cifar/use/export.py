@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from convnext_cifar.config import to_dict
+from convnext_cifar.config import DataConfig, to_dict
 from convnext_cifar.data.loader import Normalize
 from convnext_cifar.errors import UserError, need_extra
 from convnext_cifar.files import file_hash, write_file
@@ -124,8 +124,6 @@ def _without_paths(config: dict) -> dict:
     """The run's config as a shipped file may carry it: no local path (work dir, data root,
     cache, weights and teacher files are named by their last part only); `eval` of the file
     takes the data's place with --data.root."""
-    from convnext_cifar.config import DataConfig
-
     config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
     config["work_dir"] = None
     config["data"]["root"] = str(DataConfig().root)

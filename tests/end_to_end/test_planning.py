@@ -220,7 +220,7 @@ def test_lr_find_prints_plots_and_suggests_and_writes_no_work_dir(cifar_root, tm
 
 
 def test_an_auto_lr_run_trains_as_the_run_with_the_found_lr_set_by_hand(cifar_root, tmp_path,
-                                                                         capsys):
+                                                                         capsys, monkeypatch):
     from support import timeless_records
 
     auto, by_hand = tmp_path / "auto", tmp_path / "by_hand"
@@ -244,13 +244,10 @@ def test_an_auto_lr_run_trains_as_the_run_with_the_found_lr_set_by_hand(cifar_ro
     def no_second_test(*a):
         raise AssertionError("ran the range test again")
 
-    import pytest as _pytest
-
-    with _pytest.MonkeyPatch.context() as m:
-        m.setattr(lr_find, "range_test", no_second_test)
-        assert cli.main(small_run_args(cifar_root, auto, *common, "--optim.lr", "auto",
-                                       "--sched.epochs", "3", "--resume", "auto",
-                                       "--resume-allow-changes")) == 0
+    monkeypatch.setattr(lr_find, "range_test", no_second_test)
+    assert cli.main(small_run_args(cifar_root, auto, *common, "--optim.lr", "auto",
+                                   "--sched.epochs", "3", "--resume", "auto",
+                                   "--resume-allow-changes")) == 0
     assert validations(auto) == [1, 2, 3]
     assert "--optim.lr auto: " in capsys.readouterr().out
 
