@@ -143,7 +143,8 @@ def _eager(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def main(args: Args) -> dict:
     from benchmarks.distill import write_data
-    from convnext_cifar.use.quantize import cpu_isa, cpu_name
+    from convnext_cifar.runtime import cpu_name
+    from convnext_cifar.use.quantize import cpu_isa
 
     if args.quick:
         args = replace(args, train_images=400, val_images=200, atto_epochs=1, tiny_epochs=1,

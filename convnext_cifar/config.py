@@ -123,8 +123,12 @@ class DataConfig:
     """Download the official archive (checksum verified) when the data is missing."""
     batch_size: int = 128
     """Global training batch: split over the processes (torchrun) and accumulation steps."""
+    micro_batch: int | Literal["auto"] = 0
+    """Images per forward/backward of a process (0: per --optim.accum-steps; auto: what fits)."""
+    micro_batch_memory: float = 0.0
+    """GiB a step may take for --data.micro-batch auto (0: CPU half the free memory, GPU 90 %)."""
     eval_batch_size: int = 256
-    """Evaluation batch size."""
+    """Evaluation batch size (halved on its own where it runs out of memory)."""
     padding: int = 4
     """Zero padding on each side before the random crop (0 turns the crop off)."""
     flip_prob: float = 0.5
@@ -163,6 +167,14 @@ class DataConfig:
                "must be in (0, 1]")
         _check(self.decode_processes >= 0, "data.decode_processes", self.decode_processes,
                "must be >= 0")
+        _check(self.micro_batch == "auto" or 0 <= self.micro_batch <= self.batch_size,
+               "data.micro_batch", self.micro_batch,
+               f"must be auto, 0 (off) or at most --data.batch-size {self.batch_size}")
+        _check(self.micro_batch in ("auto", 0) or self.batch_size % self.micro_batch == 0,
+               "data.micro_batch", self.micro_batch,
+               f"must divide --data.batch-size {self.batch_size}")
+        _check(0 <= self.micro_batch_memory <= 2**20, "data.micro_batch_memory",
+               self.micro_batch_memory, "must be in [0, 1048576] GiB (0: what the device has)")
         _at_most(self, "data.", {"batch_size": 2**20, "eval_batch_size": 2**20,
                                  "padding": 1024, "image_size": 1024, "limit_train": 2**40,
                                  "limit_val": 2**40, "decode_processes": 1024,
@@ -633,6 +645,16 @@ class TrainConfig:
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _check(self.data.batch_size % self.optim.accum_steps == 0, "optim.accum_steps",
                self.optim.accum_steps, f"must divide --data.batch-size {self.data.batch_size}")
+        _check(self.data.micro_batch == 0 or self.optim.accum_steps == 1, "optim.accum_steps",
+               self.optim.accum_steps, "set it or --data.micro-batch, not both (--data.micro-batch "
+               f"{self.data.micro_batch} sets the accumulation steps)")
+
+    def accum_steps(self, world: int = 1) -> int:
+        """Micro-batches each process splits its share of a batch into: --optim.accum-steps, or
+        what --data.micro-batch N makes of it (auto, until chosen: 1, the whole share)."""
+        if self.data.micro_batch in ("auto", 0):
+            return self.optim.accum_steps
+        return max(self.data.batch_size // world // self.data.micro_batch, 1)
 
     @property
     def run_name(self) -> str:

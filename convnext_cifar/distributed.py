@@ -50,6 +50,11 @@ class Dist:
             tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+        return tensor
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when it is True on any (a collective: call it on all ranks)."""
         if not self.enabled:

@@ -9,11 +9,14 @@ there.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import platform
 import random
 import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -108,10 +111,11 @@ def resolve_runtime(cfg: TrainConfig, dist: Dist | None = None) -> Runtime:
             precision = "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "fp32"
     rt = Runtime(device, precision, _compile_on(cfg, device), cfg.channels_last,
                  cfg.compile_mode, cfg.deterministic)
-    if rt.cuda_graphs and cfg.optim.accum_steps > 1:
+    if rt.cuda_graphs and cfg.accum_steps(dist.world if dist is not None else 1) > 1:
         raise UserError(f"--compile-mode {cfg.compile_mode} replays CUDA graphs, which cannot "
-                        f"accumulate gradients over --optim.accum-steps {cfg.optim.accum_steps}; "
-                        "use --compile-mode default, or --optim.accum-steps 1")
+                        "accumulate gradients over micro-batches (--optim.accum-steps "
+                        f"{cfg.optim.accum_steps}, --data.micro-batch {cfg.data.micro_batch}); use "
+                        "--compile-mode default, or one step per batch")
     return rt
 
 
@@ -129,6 +133,17 @@ def cpu_has_bf16_units(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
             return any(line.startswith("flags") and " amx_bf16" in line for line in f)
     except OSError:
         return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def configure_backends(rt: Runtime) -> None:
@@ -197,3 +212,25 @@ def prepare_model(model: torch.nn.Module, rt: Runtime) -> tuple[torch.nn.Module,
     """Move to the device and memory format; return (model, the module to call: maybe compiled)."""
     model = model.to(rt.device, memory_format=rt.memory_format)
     return model, compiled(model, rt)
+
+
+# ---- running out of memory ----------------------------------------------------------------------
+
+CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory",
+                     "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: a GPU's out-of-memory error, or the CPU
+    allocator's refusal (a RuntimeError there; an allocation the kernel lets through and
+    later kills the process for is beyond any catching)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in CPU_OUT_OF_MEMORY))
+
+
+def release_cached(device: torch.device) -> None:
+    """Give back what an interrupted step left cached (after its exception is gone, so the
+    tensors its frames held are freed)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

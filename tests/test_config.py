@@ -42,10 +42,22 @@ def test_configs_are_frozen():
     (lambda: TrainConfig(log_interval=0), "--log-interval"),
     (lambda: TrainConfig(device="tpu"), "--device"),
     (lambda: TrainConfig(name="{modle}_x"), "--name"),
+    (lambda: DataConfig(batch_size=64, micro_batch=48), "--data.micro-batch 48: must divide"),
+    (lambda: DataConfig(batch_size=64, micro_batch=128), "--data.micro-batch 128: must be auto"),
+    (lambda: DataConfig(micro_batch_memory=-1.0), "--data.micro-batch-memory"),
+    (lambda: TrainConfig(data=DataConfig(micro_batch="auto"), optim=OptimConfig(accum_steps=2)),
+     "--optim.accum-steps 2: set it or --data.micro-batch, not both"),
 ])
 def test_invalid_values_are_rejected_naming_the_option(build, flag):
     with pytest.raises(UserError, match=flag):
         build()
+
+
+def test_the_accumulation_steps_follow_the_micro_batch_or_the_option():
+    assert TrainConfig(optim=OptimConfig(accum_steps=4)).accum_steps() == 4
+    by_micro = TrainConfig(data=DataConfig(batch_size=128, micro_batch=16))
+    assert by_micro.accum_steps() == 8 and by_micro.accum_steps(world=2) == 4
+    assert TrainConfig(data=DataConfig(micro_batch="auto")).accum_steps() == 1  # until chosen
 
 
 def test_json_round_trip_keeps_every_value():

@@ -47,3 +47,4 @@ def test_one_process_runs_the_work_itself_and_raises_its_error():
         distributed.from_main(d, fails)
     t = torch.tensor([1.0, 2.0])
     assert d.all_reduce_sum(t) is t and d.any(True, torch.device("cpu"))
+    assert d.all_reduce_max(t) is t and t.tolist() == [1.0, 2.0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from convnext_cifar import runtime
-from convnext_cifar.config import OptimConfig, TrainConfig
+from convnext_cifar.config import DataConfig, OptimConfig, TrainConfig
 from convnext_cifar.errors import UserError
 from convnext_cifar.runtime import Runtime, resolve_runtime
 
@@ -61,9 +61,13 @@ def test_cuda_graphs_refuse_gradient_accumulation(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     accumulating = TrainConfig(device="cuda", compile_mode="reduce-overhead",
                                optim=OptimConfig(accum_steps=2))
-    with pytest.raises(UserError, match="reduce-overhead replays CUDA graphs, which cannot "
-                                        "accumulate gradients over --optim.accum-steps 2"):
+    with pytest.raises(UserError, match=r"reduce-overhead replays CUDA graphs, which cannot "
+                                        r"accumulate gradients over micro-batches "
+                                        r"\(--optim.accum-steps 2, --data.micro-batch 0\)"):
         resolve_runtime(accumulating)
+    with pytest.raises(UserError, match=r"--data.micro-batch 32\)"):  # 4 micro-batches of 32
+        resolve_runtime(TrainConfig(device="cuda", compile_mode="reduce-overhead",
+                                    data=DataConfig(micro_batch=32)))
     assert resolve_runtime(TrainConfig(device="cuda", compile_mode="reduce-overhead")).cuda_graphs
     assert not resolve_runtime(TrainConfig(device="cpu", compile_mode="reduce-overhead",
                                            optim=OptimConfig(accum_steps=2))).cuda_graphs
@@ -106,3 +110,18 @@ def test_the_runs_gpu_is_made_the_current_device_once(monkeypatch):
     runtime.configure_backends(Runtime(torch.device("cuda", 1), "bf16", False, True))
     runtime.configure_backends(Runtime(torch.device("cpu"), "fp32", False, True))
     assert made == [torch.device("cuda", 1)]
+
+
+def test_running_out_of_memory_is_told_apart_from_other_errors():
+    from convnext_cifar.runtime import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_out_of_memory(RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 70368744177664 bytes. Error code 12"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("DefaultCPUAllocator: can't allocate memory"))
+    try:  # what this machine's allocator raises for an impossible size
+        torch.empty(2**62, dtype=torch.uint8)
+    except Exception as e:  # noqa: BLE001
+        assert is_out_of_memory(e), repr(e)

@@ -72,13 +72,14 @@ def build_run(cfg: TrainConfig, rt: Runtime, dist: Dist | None = None,
         weights = torch.tensor(cfg.loss.weights(counts), device=rt.device)
     loss_fn = cross_entropy_sum(cfg.model.label_smoothing, weights)
     loader = training_loader(cfg, data, rt.device, rt.channels_last, dist)
-    rows = cfg.data.batch_size // dist.world // cfg.optim.accum_steps
+    accum_steps = cfg.accum_steps(dist.world)
+    rows = cfg.data.batch_size // dist.world // accum_steps
     teacher = None
     if cfg.distill.on:
         teacher = load_teacher(cfg, rt, data, loader.normalize, rows)
         loss_fn = distillation_loss(loss_fn, cfg.distill)
     step_fn = TrainStep(train_forward, optimizer, rt, loss_fn,
-                        cfg.optim.clip_grad_norm, cfg.optim.accum_steps, ddp, dist.world,
+                        cfg.optim.clip_grad_norm, accum_steps, ddp, dist.world,
                         eager=ddp or model, compiled_rows=rows, teacher=teacher)
     ema = None
     decay, warmup = ema_schedule(cfg.ema.decay, cfg.ema.warmup_steps,

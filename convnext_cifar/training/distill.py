@@ -30,7 +30,7 @@ from convnext_cifar.model.checkpoints import FORMAT, Checkpoint, weights_in
 from convnext_cifar.model.formats import infer_variant, load_source
 from convnext_cifar.runtime import Runtime, prepare_model
 from convnext_cifar.training.step import LossFn
-from convnext_cifar.use.evaluate import LoadedModel, load_model, predict_logits
+from convnext_cifar.use.evaluate import BackOff, LoadedModel, load_model
 
 
 def distillation_loss(base: LossFn, cfg: DistillConfig) -> LossFn:
@@ -106,9 +106,9 @@ class Teacher:
         normalize = Normalize(*self.loaded.normalisation, self.size, self.scale.device,
                               self.memory_format == torch.channels_last)
         parts, hits = [], torch.zeros((), dtype=torch.int64, device=self.scale.device)
+        batches = BackOff(batch_size, self.loaded.forward, self.loaded.rt, eager=self.loaded.model)
         for x, y in eval_batches(split.images, split.labels, batch_size, normalize, lo, hi):
-            forward = self.loaded.forward if len(x) == batch_size else self.loaded.model
-            logits = predict_logits(forward, x, self.loaded.rt)
+            logits = batches.logits(x)
             parts.append(logits.log_softmax(dim=1))
             hits += (logits.argmax(dim=1) == y).sum()
         width = len(self.classes)

@@ -63,6 +63,11 @@ from convnext_cifar.training.lr_find import (
     resolve_auto_lr,
     with_found_lr,
 )
+from convnext_cifar.training.micro_batch import (
+    micro_batch_of,
+    resolve_auto_micro_batch,
+    with_micro_batch,
+)
 from convnext_cifar.training.probe import touched
 from convnext_cifar.training.signals import StopSignals
 from convnext_cifar.training.state import (
@@ -126,27 +131,23 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
           started: float | None = None) -> dict[str, Any]:
     """The epochs of a built run (continuing the training state `found`); returns the best.
     `on_validation(epoch, record)` (a tuner's) sees every validation record; when it returns
-    True the run stops there, as pruned. With --sched.budget a fresh run plans its epochs
-    first (`started`: when the command started, time.monotonic(); the budget counts from it)."""
-    lr_found = found_lr_of(found)
-    if run.cfg.optim.lr == "auto" and lr_found is None:  # a fresh run: find it first
-        run, lr_found = resolve_auto_lr(run)
-    plan = plan_of(found)
-    if run.cfg.sched.budget and plan is None:  # a fresh run: probe, then plan its epochs
-        run, plan = plan_run(run, touched(run), time.monotonic() - (started or time.monotonic()))
+    True the run stops there, as pruned. A fresh run first finds what it is asked to
+    (_self_planned): its micro-batch, LR and epochs (`started`: when the command started,
+    time.monotonic(); a --sched.budget counts from it)."""
+    run, chosen, micro_line = _self_planned(run, found, started)
     cfg, rt, dist, steps = run.cfg, run.rt, run.dist, len(run.loader)
     clock = RunClock(cfg.sched.epochs, steps, cfg.data.batch_size, cfg.val_interval)
     progress = Progress(cfg.sched.epochs, live_progress, is_main=dist.is_main, clock=clock)
     if run.teacher is not None:  # its held-out predictions, once: every validation compares
         run.teacher.measure(run.data.val, cfg.data.eval_batch_size, dist)
-    for line in start_lines(run):
+    for line in start_lines(run) + ([micro_line] if micro_line else []):
         progress.message(line)
     for note in run.data.notes:
         progress.warning(note)
     if run.ema is not None and cfg.ema.decay != "auto" and (
             lag := ema_lag_warning(run.ema.decay, cfg.sched.epochs * steps)):
         progress.warning(lag)
-    position = Position(best_metric=cfg.eval.best_metric, plan=plan, lr_found=lr_found)
+    position = Position(best_metric=cfg.eval.best_metric, **chosen)
     window = Window(rt.device)
     guard = Guard(rt.device, patience=50 if rt.precision == "fp16" else 1)
     log = MetricsLog(sinks(cfg, progress, position, steps) if dist.is_main else [])
@@ -158,6 +159,7 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
         **({"ema": run.ema} if run.ema is not None else {})},
         optional=("dataset", "tracking", "wandb", "teacher"))
     _start_or_resume(state, found, log, progress)
+    position.micro_batch = chosen["micro_batch"]  # chosen again on another device: the new one
     for line in _planning_lines(cfg, position, resumed=found is not None):
         progress.message(line)
     try:
@@ -174,6 +176,22 @@ def train(run: Run, found: tuple[Path, dict[str, Any]] | None = None,
                      f"{position.best_epoch}: {cfg.run_dir / BEST_FILE}")
     return {"best": position.best, "best_metric": position.best_metric,
             "best_epoch": position.best_epoch, "work_dir": str(cfg.run_dir)}
+
+
+def _self_planned(run: Run, found: tuple[Path, dict[str, Any]] | None, started: float | None
+                  ) -> tuple[Run, dict[str, Any], str]:
+    """What a run finds for itself, on a fresh start (a resume: as recorded): the micro-batch
+    (--data.micro-batch auto; chosen again on another device), the LR (--optim.lr auto), the
+    epochs (--sched.budget), in this order, each measured with the ones before. Returns the
+    run, what to record (Position's fields), and the micro-batch's line."""
+    run, micro_batch, micro_line = resolve_auto_micro_batch(run, micro_batch_of(found))
+    lr_found = found_lr_of(found)
+    if run.cfg.optim.lr == "auto" and lr_found is None:  # a fresh run: find it first
+        run, lr_found = resolve_auto_lr(run)
+    plan = plan_of(found)
+    if run.cfg.sched.budget and plan is None:  # a fresh run: probe, then plan its epochs
+        run, plan = plan_run(run, touched(run), time.monotonic() - (started or time.monotonic()))
+    return run, {"micro_batch": micro_batch, "lr_found": lr_found, "plan": plan}, micro_line
 
 
 def _planning_lines(cfg: TrainConfig, position: Position, resumed: bool) -> list[str]:
@@ -281,8 +299,9 @@ def start_lines(run: Run) -> list[str]:
     (or config) class it started from."""
     cfg, rt, dist, data = run.cfg, run.rt, run.dist, run.data
     params = sum(p.numel() for p in run.model.parameters())
-    per_process = cfg.data.batch_size // (dist.world * cfg.optim.accum_steps)
-    accum = f" x {cfg.optim.accum_steps} steps" if cfg.optim.accum_steps > 1 else ""
+    accum_steps = run.step_fn.accum_steps  # --data.micro-batch auto: as chosen
+    per_process = cfg.data.batch_size // (dist.world * accum_steps)
+    accum = f" x {accum_steps} steps" if accum_steps > 1 else ""
     lines = [f"run {cfg.run_name} -> {cfg.run_dir}: {cfg.data.dataset} {len(data.train or []):,} "
              f"train / {len(data.val):,} held-out images, {data.num_classes} classes; "
              f"{cfg.model.name} ({params / 1e6:.1f} M parameters); {rt.device}, {rt.precision}, "
@@ -403,7 +422,9 @@ class RunStatus:
                 "pid": os.getpid(),
                 **({"budget_s": p.plan["budget_s"], "setup_s": p.plan["setup_s"]}
                    if p.plan else {}),
-                **({"lr_found": p.lr_found} if p.lr_found else {})})
+                **({"lr_found": p.lr_found} if p.lr_found else {}),
+                **({"micro_batch": p.micro_batch["micro_batch"],
+                    "accum_steps": p.micro_batch["accum_steps"]} if p.micro_batch else {})})
 
     def __enter__(self) -> RunStatus:
         self.write("running")
@@ -495,11 +516,16 @@ def preflight(cfg: TrainConfig, dist: distributed.Dist | None = None) -> Runtime
     with them, and `tune` runs them on every value it may draw before the first trial."""
     world = dist.world if dist is not None else 1
     rt = resolve_runtime(cfg, dist)
-    per_step = world * cfg.optim.accum_steps
-    if cfg.data.batch_size % per_step:
+    accum_steps = cfg.accum_steps(world)
+    per_step = world * accum_steps
+    if cfg.data.batch_size % per_step or (
+            cfg.data.micro_batch not in ("auto", 0) and per_step * cfg.data.micro_batch
+            != cfg.data.batch_size):
+        split = (f"micro-batches of --data.micro-batch {cfg.data.micro_batch}"
+                 if cfg.data.micro_batch not in ("auto", 0) else
+                 f"{accum_steps} accumulation steps (a multiple of {per_step})")
         raise UserError(f"--data.batch-size {cfg.data.batch_size} is the global batch; it must "
-                        f"split evenly over {world} processes x {cfg.optim.accum_steps} "
-                        f"accumulation steps (a multiple of {per_step})")
+                        f"split evenly over {world} processes x {split}")
     return rt
 
 
@@ -545,8 +571,10 @@ def _fit(cfg: TrainConfig, dist: distributed.Dist, console_log: ConsoleLog | Non
         data = distributed.together(dist, lambda: load_dataset(cfg.data, rt.device))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, mean=data.mean, std=data.std))  # recorded in config.json
-        # a budgeted run resumes with its plan, --optim.lr auto with the LR it found
-        planned = with_found_lr(with_plan(cfg, plan_of(found)), found_lr_of(found))
+        # a budgeted run resumes with its plan, --optim.lr auto with the LR it found,
+        # --data.micro-batch auto with its choice (made again on another device)
+        planned = with_micro_batch(with_found_lr(with_plan(cfg, plan_of(found)),
+                                                 found_lr_of(found)), micro_batch_of(found))
         if found is not None and not allow_changes:
             distributed.together(dist, lambda: refuse_changes(found, planned, data.identity,
                                                               rt.device))

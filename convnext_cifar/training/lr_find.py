@@ -26,6 +26,7 @@ from convnext_cifar.model.optim import set_lr
 from convnext_cifar.outputs.workdir import check_output
 from convnext_cifar.runtime import configure_backends, resolve_runtime
 from convnext_cifar.training.build import Run, build_run
+from convnext_cifar.training.micro_batch import resolve_auto_micro_batch
 from convnext_cifar.training.probe import restored, touched
 
 
@@ -187,6 +188,9 @@ def find_lr(cfg: TrainConfig, lr_cfg: LrFindConfig, say=print) -> RangeTest:
     configure_backends(rt)
     prepare_dataset(cfg.data)
     run = build_run(cfg, rt, data=load_dataset(cfg.data, rt.device))
+    run, _, chosen = resolve_auto_micro_batch(run, None)  # --data.micro-batch auto
+    if chosen:
+        say(chosen)
     result = range_test(run, lr_cfg)
     for line in summary_lines(result, lr_cfg):
         say(line)

@@ -66,6 +66,7 @@ class Position:
     stopped_early: bool = False  # the run ended by --sched.early-stop
     plan: dict[str, Any] | None = None  # --sched.budget's plan (training/budget.py)
     lr_found: dict[str, Any] | None = None  # --optim.lr auto's range test (training/lr_find.py)
+    micro_batch: dict[str, Any] | None = None  # --data.micro-batch auto's choice (micro_batch.py)
 
     def __post_init__(self) -> None:
         self._since = time.monotonic()

@@ -28,7 +28,9 @@ from convnext_cifar.runtime import (
     Runtime,
     configure_backends,
     device_problem,
+    is_out_of_memory,
     prepare_model,
+    release_cached,
     resolve_runtime,
 )
 from convnext_cifar.terminal import warn
@@ -68,9 +70,8 @@ class LoadedModel:
         """Softmax over the classes for uint8 images at the stored size, batched on the
         device; (N, classes) on the CPU."""
         self.forward.eval()
-        out = [predict_logits(self.forward if len(chunk) == batch_size else self.model,
-                              self.normalize(chunk.to(self.rt.device)), self.rt,
-                              self.tta).softmax(1).cpu()
+        batches = BackOff(batch_size, self.forward, self.rt, self.tta, self.model)
+        out = [batches.logits(self.normalize(chunk.to(self.rt.device))).softmax(1).cpu()
                for chunk in images.split(batch_size)]
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
@@ -181,6 +182,47 @@ def predict_logits(forward: torch.nn.Module, x: torch.Tensor, rt: Runtime,
     return probs.log()
 
 
+class BackOff:
+    """Evaluation batches that halve where they run out of memory: the batch that failed is
+    run again in parts, and the smaller size holds for the rest of the pass (said once per
+    process). The counts are per image, so the result is the full batches' result. A batch of
+    another size than `batch_size` runs through `eager` (when given), not a second graph."""
+
+    said: set[tuple[str, int, int]] = set()
+
+    def __init__(self, batch_size: int, forward: torch.nn.Module, rt: Runtime,
+                 tta: str = "none", eager: torch.nn.Module | None = None):
+        self.full = self.rows = batch_size
+        self.forward, self.rt, self.tta, self.eager = forward, rt, tta, eager
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """predict_logits of `x`, in parts of at most `rows` images."""
+        parts, done = [], 0
+        while done < len(x):
+            part = x[done:done + self.rows]
+            forward = self.eager if self.eager is not None and len(part) != self.full \
+                else self.forward
+            try:
+                parts.append(predict_logits(forward, part, self.rt, self.tta))
+                done += len(part)
+                continue
+            except Exception as e:  # noqa: BLE001 - only running out of memory is retried
+                if not is_out_of_memory(e) or len(part) == 1:
+                    raise
+            self.rows = len(part) // 2  # the error (and what its frames held) is gone here
+            release_cached(self.rt.device)
+            self._say()
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _say(self) -> None:
+        key = (str(self.rt.device), self.full, self.rows)
+        if key not in BackOff.said:
+            BackOff.said.add(key)
+            warn(f"evaluation ran out of memory on {self.rt.device} at {self.full} images a "
+                 f"batch; it goes on in batches of {self.rows} (--data.eval-batch-size "
+                 f"{self.rows} saves the retries)")
+
+
 @torch.inference_mode()
 def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int, normalize: Normalize, rt: Runtime, num_classes: int,
@@ -191,9 +233,10 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 
     Under DDP each rank takes a contiguous share of the images and the counts are added across
     ranks, so every image is counted once and every rank gets the same result. A last, smaller
-    batch runs through `eager` (the uncompiled module), when given, not a second graph.
-    `reference` (log-probabilities of this rank's share, e.g. a teacher's) adds how often the
-    top classes agree and the mean KL divergence from it.
+    batch runs through `eager` (the uncompiled module), when given, not a second graph; a batch
+    that runs out of memory is redone in halves (BackOff). `reference` (log-probabilities of
+    this rank's share, e.g. a teacher's) adds how often the top classes agree and the mean KL
+    divergence from it.
     """
     forward.eval()
     dist = dist or Dist()
@@ -207,9 +250,9 @@ def evaluate(forward: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     agree = torch.zeros((), dtype=torch.int64, device=dev)
     kl_sum = torch.zeros((), dtype=torch.float64, device=dev)
     k, done = min(5, num_classes), 0
+    batches = BackOff(batch_size, forward, rt, tta, eager)
     for x, y in eval_batches(images, labels, batch_size, normalize, lo, hi):
-        tail = eager is not None and len(x) != batch_size
-        logits = predict_logits(eager if tail else forward, x, rt, tta)
+        logits = batches.logits(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         topk = logits.topk(k, dim=1).indices
         if reference is not None:

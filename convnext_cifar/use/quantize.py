@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -33,7 +32,7 @@ from convnext_cifar.data.dataset import identity_difference
 from convnext_cifar.data.loader import eval_batches
 from convnext_cifar.errors import UserError, need_extra
 from convnext_cifar.files import write_file
-from convnext_cifar.runtime import Runtime
+from convnext_cifar.runtime import Runtime, cpu_name
 from convnext_cifar.use.evaluate import LoadedModel, load_held_out, load_model
 from convnext_cifar.use.export import export_checkpoint
 from convnext_cifar.use.onnx_file import OnnxModule, RawImages
@@ -218,16 +217,6 @@ def cpu_isa(cpuinfo: str | None = None) -> str:
         if flag in flags:
             return name
     return torch.backends.cpu.get_cpu_capability()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ort_version() -> str:

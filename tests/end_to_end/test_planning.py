@@ -318,3 +318,147 @@ def test_two_processes_find_the_same_lr_as_one(cifar_root, tmp_path):
     found = [json.loads((w / "status.json").read_text())["lr_found"] for w in (one, two)]
     assert found[0]["steps"] == found[1]["steps"] == 10
     assert found[0]["lr"] == pytest.approx(found[1]["lr"], rel=1e-6)
+
+
+# ---- --data.micro-batch auto -------------------------------------------------------------------
+
+MICRO = ("--sched.epochs", "2", "--sched.warmup-epochs", "1", "--data.limit-train", "200",
+         "--data.limit-val", "100", "--data.batch-size", "50", "--data.eval-batch-size", "50",
+         "--log-interval", "2", "--aug.randaugment", "rand-m9-n2", "--model.drop-path-rate",
+         "0.1")
+
+
+def out_of_memory_above(monkeypatch, train_rows: int, eval_rows: int):
+    """A device that runs out of memory (as a GPU's allocator says it) for training forwards of
+    more than `train_rows` images and evaluation forwards of more than `eval_rows`."""
+    import torch
+
+    real = torch.nn.Module.__call__  # Conv2d's own, whatever a test put on Conv2d before
+
+    def call(self, x, *args, **kwargs):
+        if len(x) > (train_rows if self.training else eval_rows):
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {len(x)} images)")
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "__call__", call)
+
+
+
+def final_weights(work):
+    return load_state(find_states(work)[-1])["components"]["model"]
+
+
+def test_auto_micro_batch_with_an_injected_oom_equals_the_hand_set_micro_batch(
+        cifar_root, tmp_path, monkeypatch, capsys):
+    """The trial steps leave no trace and evaluation backs off on its own: the auto run equals
+    the run with the chosen micro-batch set by hand, bit for bit (records and weights)."""
+    from support import timeless_records
+
+    out_of_memory_above(monkeypatch, train_rows=10, eval_rows=20)
+    auto, by_hand = tmp_path / "auto", tmp_path / "by_hand"
+    assert cli.main(small_run_args(cifar_root, auto, *MICRO, "--data.micro-batch", "auto")) == 0
+    out, err = capsys.readouterr()
+    assert ("--data.micro-batch auto: 10 images a step, 5 accumulation step(s) per process for "
+            "the batch of 50, on cpu ") in out
+    assert "; 50, 25 did not fit (out of memory)" in out
+    assert "batch 50 (1 process(es) x 10 x 5 steps)" in out
+    assert ("evaluation ran out of memory on cpu at 50 images a batch; it goes on in batches "
+            "of 25") in err
+    status = json.loads((auto / "status.json").read_text())
+    assert (status["micro_batch"], status["accum_steps"]) == (10, 5)
+    assert json.loads((auto / "config.json").read_text())["data"]["micro_batch"] == "auto"
+    choice = load_state(find_states(auto)[-1])["components"]["run"]["micro_batch"]
+    assert [t["micro_batch"] for t in choice["tried"]] == [50, 25, 10]
+    assert cli.main(small_run_args(cifar_root, by_hand, *MICRO, "--data.micro-batch", "10")) == 0
+    assert timeless_records(auto) == timeless_records(by_hand)
+    a, b = final_weights(auto), final_weights(by_hand)
+    assert all(torch_equal(a[k], b[k]) for k in a)
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_an_auto_micro_batch_keeps_its_choice_on_resume_and_chooses_again_elsewhere(
+        cifar_root, tmp_path, monkeypatch, capsys):
+    from support import signal_at_step
+
+    from convnext_cifar.training import micro_batch
+
+    out_of_memory_above(monkeypatch, train_rows=10, eval_rows=100)
+    work = tmp_path / "run"
+    args = small_run_args(cifar_root, work, *MICRO, "--data.micro-batch", "auto")
+    # the trials: 2 steps of 50 (out of memory at the first), of 25 (too), of 10; then 6 steps
+    restore = signal_at_step(monkeypatch, 2 + 6)
+    assert cli.main(args) == 143
+    restore()
+    capsys.readouterr()
+    real_choose = micro_batch.choose
+    monkeypatch.setattr(micro_batch, "choose", lambda run: pytest.fail("chose again"))
+    straight = tmp_path / "straight"
+    assert cli.main(args + ["--resume", "auto"]) == 0  # the same device: the choice stays
+    assert "--data.micro-batch auto: 10 images a step" in capsys.readouterr().out
+    monkeypatch.setattr(micro_batch, "choose", real_choose)
+    assert cli.main(small_run_args(cifar_root, straight, *MICRO, "--data.micro-batch",
+                                   "auto")) == 0
+    from support import timeless_records
+
+    assert timeless_records(work) == timeless_records(straight)  # the resume is bit-exact
+    capsys.readouterr()
+    # on another device (a bigger one: 25 images fit) the choice is made again, the batch stays
+    monkeypatch.setattr(micro_batch, "device_name", lambda run: "another device")
+    out_of_memory_above(monkeypatch, train_rows=25, eval_rows=100)
+    assert cli.main(args + ["--sched.epochs", "3", "--resume", "auto",
+                            "--resume-allow-changes"]) == 0
+    out = capsys.readouterr().out
+    assert ("--data.micro-batch auto: 25 images a step, 2 accumulation step(s) per process for "
+            "the batch of 50, on another device; 50 did not fit (out of memory); chosen again: "
+            "the run chose 10 on ") in out
+    assert validations(work) == [1, 2, 3]
+    position = load_state(find_states(work)[-1])["components"]["run"]
+    assert position["micro_batch"]["micro_batch"] == 25
+    assert json.loads((work / "status.json").read_text())["accum_steps"] == 2
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--data.micro-batch", "7", "invalid --data.micro-batch 7: must divide --data.batch-size 50"),
+    ("--data.micro-batch", "-1", "invalid --data.micro-batch -1: must be auto, 0 (off) or at most"),
+    ("--data.micro-batch", "some", "--data.micro-batch"),
+    ("--data.micro-batch-memory", "-2", "invalid --data.micro-batch-memory -2.0: must be in"),
+])
+def test_bad_micro_batch_values_are_one_line(cifar_root, tmp_path, capsys, option, value, says):
+    assert cli.main(small_run_args(cifar_root, tmp_path / "w", option, value)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err
+
+
+def test_micro_batch_and_accum_steps_together_are_refused(cifar_root, tmp_path, capsys):
+    assert cli.main(small_run_args(cifar_root, tmp_path / "w", "--data.micro-batch", "auto",
+                                   "--optim.accum-steps", "2")) == 2
+    assert "set it or --data.micro-batch, not both" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_choose_a_micro_batch_together_and_stop_together_when_none_fits(
+        cifar_root, tmp_path):
+    args = ("--sched.epochs", "1", "--sched.warmup-epochs", "0", "--data.limit-train", "200",
+            "--data.limit-val", "100", "--data.batch-size", "20", "--data.micro-batch", "auto")
+
+    def torchrun(work, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc-per-node", "2", "-m", "convnext_cifar",
+                               *small_run_args(cifar_root, work, *args, *extra)],
+                              capture_output=True, text=True, timeout=300)
+
+    proc = torchrun(tmp_path / "fits")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--data.micro-batch auto: 10 images a step, 1 accumulation step(s) per process for " \
+           "the batch of 20, on cpu " in proc.stdout
+    assert "x 2 process(es)" in proc.stdout
+    proc = torchrun(tmp_path / "none", "--data.micro-batch-memory", "0.00001")  # 10 KiB
+    assert proc.returncode != 0
+    # every rank stops (no rank left waiting in a collective), the main one says why
+    assert "--data.micro-batch auto: not even 1 image a step fits cpu (an estimated " \
+           in proc.stderr

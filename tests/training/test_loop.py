@@ -133,3 +133,12 @@ def test_preflight_checks_the_batch_against_the_processes_and_returns_the_runtim
     assert preflight(cfg).device.type == "cpu"
     with pytest.raises(UserError, match="must split evenly over 3 processes x 1 accumulation"):
         preflight(cfg, Dist(rank=0, world=3, local_rank=0))
+
+
+def test_preflight_checks_a_micro_batch_against_each_process_share():
+    cfg = TrainConfig(device="cpu", compile="off", data=DataConfig(batch_size=60, micro_batch=10))
+    assert preflight(cfg, Dist(rank=0, world=2, local_rank=0)).device.type == "cpu"  # 3 x 10
+    with pytest.raises(UserError, match=r"--data.batch-size 60 is the global batch; it must "
+                                        r"split evenly over 4 processes x micro-batches of "
+                                        r"--data.micro-batch 10"):
+        preflight(cfg, Dist(rank=0, world=4, local_rank=0))  # 15 images each

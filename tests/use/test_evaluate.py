@@ -90,3 +90,56 @@ def test_balanced_accuracy_and_macro_f1_against_a_hand_computation():
     f1_1 = 2 * 1 / (3 + 3)  # precision 1/3, recall 1/3
     assert res.macro_f1 == pytest.approx(100 * (f1_0 + f1_1) / 2)
     assert EvalResult(2, 0, 0, 0, [[0, 1], [1, 0]]).macro_f1 == 0.0  # nothing right
+
+
+class RunsOutOfMemoryAbove(torch.nn.Module):
+    """A model whose device runs out of memory for batches of more than `rows` images."""
+
+    def __init__(self, model, rows, error=None):
+        super().__init__()
+        self.model, self.rows, self.error, self.calls = model, rows, error, []
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        if len(x) > self.rows:
+            raise self.error or torch.OutOfMemoryError(f"CUDA out of memory ({len(x)} images)")
+        return self.model(x)
+
+
+def test_evaluation_backs_off_where_it_runs_out_of_memory_and_counts_the_same(capsys):
+    from convnext_cifar.use import evaluate as evaluation
+    from convnext_cifar.use.evaluate import evaluate
+
+    model, _ = prepare_model(tiny_model(), CPU)
+    model.eval()
+    images = torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (37,))
+    norm = Normalize(CIFAR10.mean, CIFAR10.std, 32, "cpu", True)
+    whole = evaluate(model, images, labels, 16, norm, CPU, 10)
+    evaluation.BackOff.said.clear()
+    small = RunsOutOfMemoryAbove(model, 5)
+    backed_off = evaluate(small, images, labels, 16, norm, CPU, 10)
+    assert backed_off.confusion == whole.confusion and backed_off.top1 == whole.top1
+    assert backed_off.loss == pytest.approx(whole.loss, rel=1e-6)
+    # 16 fails, 8 fails, 4 fits; the smaller size holds for the rest of the pass
+    assert small.calls[:3] == [16, 8, 4] and set(small.calls[3:]) <= {4, 1}
+    assert sum(n for n in small.calls if n <= 5) == 37
+    err = capsys.readouterr().err
+    assert err.count("evaluation ran out of memory on cpu at 16 images a batch; it goes on in "
+                     "batches of 4 (--data.eval-batch-size 4 saves the retries)") == 1
+    evaluate(small, images, labels, 16, norm, CPU, 10)
+    assert "evaluation ran out of memory" not in capsys.readouterr().err  # said once
+
+
+def test_evaluation_does_not_back_off_from_other_errors_or_below_one_image():
+    from convnext_cifar.use.evaluate import evaluate
+
+    model, _ = prepare_model(tiny_model(), CPU)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (8,))
+    norm = Normalize(CIFAR10.mean, CIFAR10.std, 32, "cpu", True)
+    with pytest.raises(RuntimeError, match="shape"):
+        evaluate(RunsOutOfMemoryAbove(model, 2, RuntimeError("shape")), images, labels, 8, norm,
+                 CPU, 10)
+    with pytest.raises(torch.OutOfMemoryError):
+        evaluate(RunsOutOfMemoryAbove(model, 0), images, labels, 8, norm, CPU, 10)
