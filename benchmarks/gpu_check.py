@@ -23,6 +23,8 @@ first: the first training step compiles the graphs the later ones reuse.
   eval, throughput_b1024, profile   eval alone; batch 1024; torch.profiler's kernels of a step
   host_memory        one epoch with the images forced into pinned host memory
   torchrun           one process under torchrun (NCCL on a GPU, gloo with --dry)
+  micro_batch_auto   `train --data.micro-batch auto` on a batch too large for the GPU (Tiny at
+                     224 px): the micro-batch chosen, what did not fit, evaluation's back-off
   resume_exact       `--deterministic`: a run stopped by SIGTERM and resumed against one that
                      was not, compared weight for weight (the largest difference is reported)
   recipe, placement  the official-recipe preset; benchmarks/placement.py (device, host, disk)
@@ -274,6 +276,29 @@ def torchrun(check: Check) -> dict:
             **({} if ok else check.tail(out))}
 
 
+def micro_batch_auto(check: Check) -> dict:
+    """`train --data.micro-batch auto` with a batch too large for the GPU (Tiny at 224 px, 2048
+    a batch) and evaluation batches too large too: the micro-batch chosen, what did not fit,
+    and evaluation's back-off (dry: the CPU's byte budget, 0.06 GiB: atto takes 5 of 20)."""
+    check.ensure_data()
+    work = check.work / "micro_batch"
+    extra = (["--data.micro-batch-memory", "0.06"] if check.dry else
+             ["--data.image-size", "224", "--data.batch-size", "2048", "--data.eval-batch-size",
+              "8192", "--data.limit-train", "4096", "--compile", "off"])
+    out = check.run("micro_batch_auto", [sys.executable, "-m", "convnext_cifar",
+                                         *check.train_args(work, 1), "--data.micro-batch",
+                                         "auto", *extra], cap=300)
+    chosen = [line for line in out.stdout.splitlines()
+              if line.startswith("--data.micro-batch auto: ")]
+    backed_off = [line.strip() for line in out.stderr.splitlines()
+                  if "evaluation ran out of memory" in line]
+    status = _read_json(work / "status.json") or {}
+    ok = out.returncode == 0 and bool(chosen) and "micro_batch" in status
+    return {"ok": ok, "returncode": out.returncode, "chosen": chosen[-1] if chosen else None,
+            "micro_batch": status.get("micro_batch"), "accum_steps": status.get("accum_steps"),
+            "eval_backed_off": backed_off, **({} if ok else check.tail(out))}
+
+
 def throughput(name: str, *extra: str, baseline: bool = False, cap: float = 240):
     """A step: benchmarks/throughput.py for one configuration, in its own process, at most
     `cap` seconds."""
@@ -337,6 +362,7 @@ STEPS = [  # (name, step, seconds it needs at the least to be worth starting)
     ("profile", profile, 20),
     ("host_memory", host_memory, 20),
     ("torchrun", torchrun, 20),
+    ("micro_batch_auto", micro_batch_auto, 40),
     ("resume_exact", resume_exact, 40),
     ("recipe", throughput("recipe", "--batch-size", "128", "--preset",
                           "cifar10-official-recipe"), 30),

@@ -240,3 +240,17 @@ def test_the_planning_benchmark_runs_the_grid_the_suggestion_and_early_stop(tmp_
     assert result["lr"]["suggestion"] > 0 and result["lr"]["suggested_run"]["epochs"] == 1
     early = result["early_stop"]
     assert early["full"]["epochs"] == 4 and early["early"]["epochs"] <= 4
+
+
+@pytest.mark.slow
+def test_the_micro_batch_benchmark_sets_the_estimate_beside_the_measured_peak(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.micro_batch", "--quick", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["micro_batch"], r["accum_steps"]) for r in rows] == [(16, 1), (8, 2)]
+    for row in rows:
+        assert 0 < row["estimate_bytes"] and 0 < row["peak_bytes"] and row["img_per_s"] > 0
+        assert row["estimate_bytes"] == (row["fixed_bytes"]
+                                         + row["per_image_bytes"] * row["micro_batch"])

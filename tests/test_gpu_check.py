@@ -11,7 +11,8 @@ from support import ROOT
 
 ORDER = ["environment", "cuda_tests", "throughput_b128", "train_resume_eval",
          "throughput_b128_reduce_overhead", "train_reduce_overhead", "eval", "throughput_b1024",
-         "profile", "host_memory", "torchrun", "resume_exact", "recipe", "placement"]
+         "profile", "host_memory", "torchrun", "micro_batch_auto", "resume_exact", "recipe",
+         "placement"]
 
 
 def gpu_check(out, work, *args, timeout=900):
@@ -43,6 +44,9 @@ def test_gpu_check_dry_runs_every_step_and_writes_only_its_reports(tmp_path):
     assert "Projected 100-epoch reference" in (tmp_path / "out" / "gpu_check.md").read_text()
     assert steps["resume_exact"]["bit_exact"] and steps["resume_exact"]["max_abs_weight_diff"] == 0
     assert steps["train_reduce_overhead"]["resume_exit"] == 0
+    micro = steps["micro_batch_auto"]  # 0.06 GiB: the CPU's budget splits the batch
+    assert micro["chosen"].startswith(f"--data.micro-batch auto: {micro['micro_batch']} images")
+    assert micro["micro_batch"] * micro["accum_steps"] == 20
     assert steps["environment"]["nvidia_smi"]  # "not found" here, its lines on a GPU machine
     rows = {name: steps[name]["rows"] for name in ORDER if "throughput" in name or name in (
         "eval", "recipe")}

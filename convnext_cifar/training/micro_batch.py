@@ -46,6 +46,11 @@ CPU_SHARE = 0.5  # of the host memory available at the start, by default
 GIB = 2**30
 
 
+def size(n: float) -> str:
+    """Bytes in words: GiB from one on, MiB below."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
 def candidates(share: int) -> list[int]:
     """The micro-batches a process's share of `share` images splits into evenly, largest first."""
     return [share // k for k in range(1, share + 1) if share % k == 0]
@@ -98,16 +103,16 @@ def step_estimate(run: Run, x: torch.Tensor) -> tuple[int, int]:
     """(fixed bytes, bytes per image) of a training step: the weights with their gradients
     and two AdamW moments, the EMA's and teacher's weights, the batch `x`; and what a forward
     keeps per image (measured at 1 and 2 images; its constant part goes to the fixed bytes)."""
-    def size(module: torch.nn.Module) -> int:
+    def nbytes(module: torch.nn.Module) -> int:
         return sum(t.numel() * t.element_size()
                    for t in (*module.parameters(), *module.buffers()))
 
     one, two = kept_bytes(run.model, x[:1], run.rt), kept_bytes(run.model, x[:2], run.rt)
-    fixed = 4 * size(run.model) + x.numel() * x.element_size() + (2 * one - two)
+    fixed = 4 * nbytes(run.model) + x.numel() * x.element_size() + (2 * one - two)
     if run.ema is not None:
-        fixed += size(run.ema.module)
+        fixed += nbytes(run.ema.module)
     if run.teacher is not None:
-        fixed += size(run.teacher.loaded.model)
+        fixed += nbytes(run.teacher.loaded.model)
     return fixed, max(two - one, 1)
 
 
@@ -133,7 +138,7 @@ def trial(step: TrainStep, x: torch.Tensor, y: torch.Tensor, n: int, cap: int
     if failed:
         return False, "out of memory"
     if device.type == "cuda" and (peak := torch.cuda.max_memory_allocated(device)) > cap:
-        return False, f"a peak of {peak / GIB:.2f} GiB, over the {cap / GIB:.2f} GiB cap"
+        return False, f"a peak of {size(peak)}, over the {size(cap)} cap"
     return True, ""
 
 
@@ -179,8 +184,7 @@ def _search(run: Run, share: int, cap: int) -> tuple[int, list[dict[str, Any]]]:
     for rows in candidates(share):
         if estimate is not None and (need := estimate[0] + estimate[1] * rows) > cap:
             tried.append({"micro_batch": rows, "fits": False,
-                          "why": f"an estimated {need / GIB:.2f} GiB, over the "
-                                 f"{cap / GIB:.2f} GiB budget"})
+                          "why": f"an estimated {size(need)}, over the {size(cap)} budget"})
             continue
         step = TrainStep(run.model, run.step_fn.optimizer, run.rt, run.step_fn.loss_fn,
                          run.cfg.optim.clip_grad_norm, share // rows, teacher=run.teacher)
@@ -229,8 +233,9 @@ def resolve_auto_micro_batch(run: Run, recorded: dict[str, Any] | None
                              ) -> tuple[Run, dict[str, Any] | None, str]:
     """--data.micro-batch auto: the recorded choice where it was made on this device (the run's
     config already holds it), else a new one. Returns the run, the choice, and what to say."""
-    if recorded is None and run.cfg.data.micro_batch != "auto":
-        return run, None, ""
+    asked = run.cfg.data.micro_batch  # auto, or the recorded choice with_micro_batch put there
+    if asked != "auto" and (recorded is None or asked != recorded["micro_batch"]):
+        return run, None, ""  # not auto (a resume may set the micro-batch by hand)
     here = device_name(run)
     elsewhere = recorded is not None and run.dist.any(recorded["device"] != here, run.rt.device)
     if recorded is not None and not elsewhere:

@@ -354,6 +354,7 @@ RESUMABLE_CHANGES = ("name", "work_dir", "distill.teacher", "device", "precision
                      "keep_last", "keep_states", "keep_set_aside", "data.root", "data.download",
                      "data.eval_batch_size", "data.workers", "data.decode_processes",
                      "data.memory_share", "data.placement", "data.cache_dir",
+                     "data.micro_batch_memory",
                      "model.pretrained", "model.pretrained_format", "model.pretrained_prefix",
                      "model.pretrained_weights", "model.head_init_scale",  # (only the start)
                      "sched.early_stop", "sched.early_stop_delta")

@@ -322,8 +322,8 @@ def test_two_processes_find_the_same_lr_as_one(cifar_root, tmp_path):
 
 # ---- --data.micro-batch auto -------------------------------------------------------------------
 
-MICRO = ("--sched.epochs", "2", "--sched.warmup-epochs", "1", "--data.limit-train", "200",
-         "--data.limit-val", "100", "--data.batch-size", "50", "--data.eval-batch-size", "50",
+MICRO = ("--sched.epochs", "2", "--sched.warmup-epochs", "1", "--data.limit-train", "100",
+         "--data.limit-val", "50", "--data.batch-size", "50", "--data.eval-batch-size", "50",
          "--log-interval", "2", "--aug.randaugment", "rand-m9-n2", "--model.drop-path-rate",
          "0.1")
 
@@ -381,6 +381,7 @@ def torch_equal(a, b):
     return torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_an_auto_micro_batch_keeps_its_choice_on_resume_and_chooses_again_elsewhere(
         cifar_root, tmp_path, monkeypatch, capsys):
     from support import signal_at_step
@@ -390,8 +391,8 @@ def test_an_auto_micro_batch_keeps_its_choice_on_resume_and_chooses_again_elsewh
     out_of_memory_above(monkeypatch, train_rows=10, eval_rows=100)
     work = tmp_path / "run"
     args = small_run_args(cifar_root, work, *MICRO, "--data.micro-batch", "auto")
-    # the trials: 2 steps of 50 (out of memory at the first), of 25 (too), of 10; then 6 steps
-    restore = signal_at_step(monkeypatch, 2 + 6)
+    # the trials: a step of 50 (out of memory), of 25 (too), 2 of 10; then 3 of the run
+    restore = signal_at_step(monkeypatch, 2 + 3)
     assert cli.main(args) == 143
     restore()
     capsys.readouterr()

@@ -155,6 +155,9 @@ def test_a_recorded_choice_is_kept_on_its_device_and_made_again_elsewhere(monkey
 def test_no_auto_no_choice():
     run = tiny_run(CPU, *random_images(32), TrainConfig(data=DataConfig(batch_size=16)))
     assert resolve_auto_micro_batch(run, None) == (run, None, "")
+    # an auto run resumed with the micro-batch set by hand (--resume-allow-changes): by hand
+    recorded = {"micro_batch": 4, "accum_steps": 4, "device": micro_batch.device_name(run)}
+    assert resolve_auto_micro_batch(run, recorded) == (run, None, "")
 
 
 def test_the_choice_read_back_from_a_state_sets_the_config():
