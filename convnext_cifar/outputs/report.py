@@ -485,6 +485,10 @@ def single_run_page(run: RunData, device: str, batch_size: int | None,
         parts.append(f"<p>Learning rate found by the range test (<code>--optim.lr auto</code>): "
                      f"{found['lr']:.2e}, {html.escape(str(found.get('rule')))} rule, "
                      f"{found.get('steps')} steps.</p>")
+    if s.get("micro_batch") is not None:
+        parts.append(f"<p>Micro-batch chosen (<code>--data.micro-batch auto</code>): "
+                     f"{s['micro_batch']} images a step, {s['accum_steps']} accumulation "
+                     "step(s) per process.</p>")
     if s.get("budget_s") is not None:
         parts.append(f"<p>Time budget {wall_clock(s['budget_s'])}: used "
                      f"{wall_clock(s['budget_used_s'])} (planned epochs: {s['epochs']}).</p>")

@@ -103,6 +103,8 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         "wall_s": status["elapsed_s"] if _number(status.get("elapsed_s")) else None,
         **_budget(status),
         "lr_found": status.get("lr_found") if isinstance(status.get("lr_found"), dict) else None,
+        **{k: status[k] if isinstance(status.get(k), int) else None  # --data.micro-batch auto
+           for k in ("micro_batch", "accum_steps")},
         "status": status["status"],
         "size_bytes": folder_bytes(run_dir),
         "set_aside_lines": len(set_aside_lines(run_dir)),

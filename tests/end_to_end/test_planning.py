@@ -369,6 +369,13 @@ def test_auto_micro_batch_with_an_injected_oom_equals_the_hand_set_micro_batch(
     assert json.loads((auto / "config.json").read_text())["data"]["micro_batch"] == "auto"
     choice = load_state(find_states(auto)[-1])["components"]["run"]["micro_batch"]
     assert [t["micro_batch"] for t in choice["tried"]] == [50, 25, 10]
+    capsys.readouterr()
+    assert cli.main(["runs", str(auto), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+    assert (row["micro_batch"], row["accum_steps"]) == (10, 5)
+    assert cli.main(["report", str(auto), "--out", str(tmp_path / "r.html")]) == 0
+    assert ("Micro-batch chosen (<code>--data.micro-batch auto</code>): 10 images a step, 5 "
+            "accumulation step(s) per process.") in (tmp_path / "r.html").read_text()
     assert cli.main(small_run_args(cifar_root, by_hand, *MICRO, "--data.micro-batch", "10")) == 0
     assert timeless_records(auto) == timeless_records(by_hand)
     a, b = final_weights(auto), final_weights(by_hand)
