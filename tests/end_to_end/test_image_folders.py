@@ -127,6 +127,7 @@ def test_links_in_a_folder_never_loop_nor_cross_classes(tmp_path, capsys):
         f"train/b/extra/{i:04d}.png" for i in range(3)]
 
 
+@pytest.mark.slow  # writes and decodes 600 images of 160 px in a subprocess: ~11 s
 def test_the_cache_is_streamed_and_takes_one_copy_of_memory(tmp_path):
     count, size = 600, 160  # 46 MB decoded
     folder = tmp_path / "big" / "train" / "a"

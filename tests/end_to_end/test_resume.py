@@ -577,6 +577,7 @@ def test_a_resume_that_turns_channels_last_off_continues_as_a_state_in_that_layo
     assert_same_run(first, second)
 
 
+@pytest.mark.slow  # a run and four rollbacks: ~13 s
 def test_only_the_newest_set_aside_lines_stay_and_runs_shows_their_size(cifar_root, tmp_path,
                                                                           capsys):
     args = small_run_args(cifar_root, tmp_path, *SHORT, "--keep-states")  # older states stay
