@@ -225,8 +225,8 @@ def applied(run: Run, choice: dict[str, Any]) -> Run:
     run.step_fn.compiled_rows = choice["micro_batch"]
     if run.teacher is not None:
         run.teacher.compiled_rows = choice["micro_batch"]
-    cfg = dataclasses.replace(run.cfg, data=dataclasses.replace(run.cfg.data, micro_batch="auto"))
-    return dataclasses.replace(run, cfg=with_micro_batch(cfg, choice))
+    return dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, data=dataclasses.replace(
+        run.cfg.data, micro_batch=choice["micro_batch"])))
 
 
 def resolve_auto_micro_batch(run: Run, recorded: dict[str, Any] | None
@@ -239,7 +239,8 @@ def resolve_auto_micro_batch(run: Run, recorded: dict[str, Any] | None
     here = device_name(run)
     elsewhere = recorded is not None and run.dist.any(recorded["device"] != here, run.rt.device)
     if recorded is not None and not elsewhere:
-        return run, recorded, choice_line(recorded, run.cfg)
+        # kept; applied again, which refuses it under a compile mode changed to CUDA graphs
+        return applied(run, recorded), recorded, choice_line(recorded, run.cfg)
     choice = choose(run)
     line = choice_line(choice, run.cfg)
     if recorded is not None:

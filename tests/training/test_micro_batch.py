@@ -152,6 +152,18 @@ def test_a_recorded_choice_is_kept_on_its_device_and_made_again_elsewhere(monkey
                          "x 1 process(es) (the batch, and so the experiment, stays)")
 
 
+def test_cuda_graphs_refuse_a_choice_that_accumulates_also_when_kept_on_resume(monkeypatch):
+    monkeypatch.setattr(Runtime, "cuda_graphs", property(lambda self: True))
+    run = a_run()
+    recorded = {"micro_batch": 4, "accum_steps": 4, "device": micro_batch.device_name(run),
+                "memory_cap": 1, "tried": [{"micro_batch": 4, "fits": True}]}
+    with pytest.raises(UserError, match="only 4 images a step fit cpu, and --compile-mode "
+                                        "default replays CUDA graphs"):
+        resolve_auto_micro_batch(run, recorded)
+    whole = dict(recorded, micro_batch=16, accum_steps=1)  # one step a batch: no accumulation
+    assert resolve_auto_micro_batch(a_run(), whole)[1] is whole
+
+
 def test_no_auto_no_choice():
     run = tiny_run(CPU, *random_images(32), TrainConfig(data=DataConfig(batch_size=16)))
     assert resolve_auto_micro_batch(run, None) == (run, None, "")

@@ -40,3 +40,25 @@ def test_an_unknown_suffix_or_folder_is_one_line(tmp_path):
         export_checkpoint(ckpt, tmp_path / "model.bin")
     with pytest.raises(UserError, match="is not a folder"):
         export_checkpoint(ckpt, tmp_path / "missing" / "model.pt2")
+
+
+def test_the_shipped_config_names_no_local_path_and_keeps_a_timm_tag():
+    import dataclasses
+    from pathlib import Path
+
+    from convnext_cifar.config import DataConfig, DistillConfig, ModelConfig, TrainConfig, to_dict
+    from convnext_cifar.use import export
+
+    cfg = TrainConfig(work_dir=Path("/home/me/runs/a"),
+                      data=DataConfig(root=Path("/home/me/data"), cache_dir=Path("/home/me/c")))
+    shipped = export._without_paths(to_dict(cfg))
+    assert shipped["work_dir"] is None and shipped["data"]["cache_dir"] is None
+    assert shipped["data"]["root"] == "data" and "/home/me" not in json.dumps(shipped)
+    assert shipped["model"]["pretrained"] == cfg.model.pretrained  # a tag is not a path
+    original = to_dict(cfg)
+    assert original["data"]["root"] == "/home/me/data"  # the run's own config is untouched
+    files = dataclasses.replace(cfg, model=ModelConfig(pretrained="/home/me/w/fcmae.pt"),
+                                distill=DistillConfig(teacher="/home/me/t/best.safetensors"))
+    shipped = export._without_paths(to_dict(files))
+    assert shipped["model"]["pretrained"] == "fcmae.pt"
+    assert shipped["distill"]["teacher"] == "best.safetensors"
